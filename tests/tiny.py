@@ -1,0 +1,72 @@
+"""Tiny in-process models and tokenizers for tests: 2 layers, width 64, fp32, seeded, no downloads."""
+from __future__ import annotations
+
+import functools
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+_CORPUS = [
+    "What is 12 plus 7? Then multiply by 3. Step 1: 12 + 7 = 19. Step 2: 19 * 3 = 57. #### 57",
+    "The quick brown fox jumps over the lazy dog. Hello world! system user assistant",
+    "Zorblax lives in Quenth and works as a lantern maker. Where does Zorblax live?",
+    "0123456789 + - * / = ( ) , . ? ! : ; ' \" #### Question Answer instruction input output",
+]
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer(chat_template: str | None = CHATML):
+    """A byte-level BPE tokenizer (~320 tokens) with a ChatML template like SmolLM2's."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+                                  bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  unk_token=None)
+    tok.chat_template = chat_template
+    return tok
+
+
+def tiny_config(vocab_size: int = 320, **kw):
+    from transformers import LlamaConfig
+
+    args = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                tie_word_embeddings=True, pad_token_id=0, eos_token_id=2, bos_token_id=None,
+                attn_implementation="sdpa")
+    args.update(kw)
+    return LlamaConfig(**args)
+
+
+def tiny_model(seed: int = 0, **kw):
+    """A 2-layer Llama (width 64) with seeded random weights, fp32, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(**kw), dtype=torch.float32)
+    return model.eval()
+
+
+def save_tiny_model_dir(path, seed: int = 0):
+    """Write a tiny model + tokenizer as an HF model directory (safetensors)."""
+    model, tok = tiny_model(seed), tiny_tokenizer()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

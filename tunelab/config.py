@@ -1,0 +1,226 @@
+"""The run config: typed dataclasses, YAML + `a.b=c` overrides, validation before any work.
+
+Each section's dataclass lives next to the component it configures; this file only composes them
+and turns dicts into dataclasses, naming the key path (and YAML line) of any bad value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from tunelab.data.config import DataConfig
+from tunelab.errors import ConfigError
+from tunelab.eval.config import EvalConfig
+from tunelab.models.config import ModelConfig
+from tunelab.train.config import TrainConfig
+
+
+@dataclass(kw_only=True)
+class ComponentSpec:
+    """A registered component (method or objective): its name and its own typed options."""
+    name: str
+    options: Any = None  # the component's Config dataclass, filled by `resolve_component`
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The base model: built-in name, local directory, hub id or .gguf file."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and evaluation data."""
+    method: ComponentSpec = field(default_factory=lambda: ComponentSpec(name="lora"))
+    """The parameterization: which weights train and how (full, lora, ...)."""
+    objective: ComponentSpec = field(default_factory=lambda: ComponentSpec(name="sft"))
+    """The token-level loss (sft, ...)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimizer, schedule, precision, checkpointing."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Task evaluation (loss + exact match by generation)."""
+    output: str = "runs/latest"
+    """The run directory."""
+
+
+# ----------------------------------------------------------------------------- dict -> dataclass
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def coerce(value, tp, path: str):
+    """Check `value` against the annotation `tp`; convert int->float; raise ConfigError naming `path`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return coerce(value, a, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} is not a valid value")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: {value!r} is not valid; choose one of: {', '.join(map(str, args))}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [coerce(v, args[0] if args else Any, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads "2e-4" as a string
+        except ValueError:
+            pass
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def from_dict(cls, data, path: str = ""):
+    """Build dataclass `cls` from a mapping; unknown keys and bad values name their key path."""
+    prefix = f"{path}." if path else ""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; valid keys: {', '.join(sorted(fields))}")
+    kwargs = {k: coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # __post_init__ checks name the field; add the section path
+        raise ConfigError(f"{prefix}{e}") from None
+
+
+def to_dict(obj) -> Any:
+    if isinstance(obj, ComponentSpec):
+        return {"name": obj.name, **(to_dict(obj.options) if obj.options is not None else {})}
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def check(cond: bool, name: str, msg: str) -> None:
+    """For __post_init__: raise ConfigError('name: msg') unless cond."""
+    if not cond:
+        raise ConfigError(f"{name}: {msg}")
+
+
+# ----------------------------------------------------------------------------- components
+
+def resolve_component(registry, raw, path: str) -> ComponentSpec:
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, dict) or "name" not in raw:
+        raise ConfigError(f"{path}.name: required; choose one of: {', '.join(registry.names())}")
+    opts = dict(raw)
+    name = opts.pop("name")
+    try:
+        cls = registry.get(name)
+    except ConfigError as e:
+        raise ConfigError(f"{path}.name: {e}") from None
+    return ComponentSpec(name=name, options=from_dict(cls.Config, opts, path))
+
+
+# ----------------------------------------------------------------------------- YAML + overrides
+
+def _line_of(node, keys: list[str]) -> int | None:
+    """The 1-based YAML line of a dotted key path, for error messages."""
+    for k in keys:
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        match = [(kn, vn) for kn, vn in node.value if kn.value == k]
+        if not match:
+            return None
+        kn, node = match[0]
+    return kn.start_mark.line + 1
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}': expected key.path=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def set_path(d: dict, keys: list[str], value) -> None:
+    for k in keys[:-1]:
+        if isinstance(d.get(k), str) and k in ("method", "objective"):
+            d[k] = {"name": d[k]}
+        d = d.setdefault(k, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"{'.'.join(keys)}: '{k}' is not a section")
+    d[keys[-1]] = value
+
+
+def build(raw: dict, source: str = "config") -> RunConfig:
+    from tunelab.methods import METHODS
+    from tunelab.objectives import OBJECTIVES
+
+    raw = dict(raw or {})
+    method = resolve_component(METHODS, raw.pop("method", "lora"), "method")
+    objective = resolve_component(OBJECTIVES, raw.pop("objective", "sft"), "objective")
+    cfg = from_dict(RunConfig, raw)
+    cfg.method, cfg.objective = method, objective
+    return cfg
+
+
+def load(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
+    """Read YAML `path` (or start from `base`), apply `a.b=c` overrides, validate. Errors name
+    the file, the line and the key path."""
+    raw, root = dict(base or {}), None
+    if path is not None:
+        text = Path(path).read_text()
+        try:
+            root = yaml.compose(text)
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        keys, value = parse_override(item)
+        set_path(raw, keys, value)
+    try:
+        return build(raw)
+    except ConfigError as e:
+        key = str(e).split(":", 1)[0]
+        line = _line_of(root, key.split(".")) if root is not None else None
+        where = f"{path}:{line}: " if line else (f"{path}: " if path else "")
+        raise ConfigError(f"{where}{e}") from None
+
+
+def dump(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tunelab.errors import ConfigError
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    every: int = 0
+    """Evaluate every N optimizer steps (0: only before and after training)."""
+    before: bool = True
+    """Also evaluate the base model before training, so the report shows the gain."""
+    num_examples: int = 100
+    """How many eval examples to score by generation (the first N of the eval data)."""
+    max_new_tokens: int = 96
+    """Generation length for exact-match scoring."""
+    batch_size: int = 16
+    """Prompts generated together (left-padded, with a KV cache)."""
+    answer_pattern: str = r"####\s*(.+?)\s*$"
+    """Regex whose first group is the final answer; without a match the last number (or the whole
+    text, if it has none) is the answer."""
+
+    def __post_init__(self):
+        for name in ("every", "num_examples"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")

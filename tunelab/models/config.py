@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = "smollm2-135m"
+    """A built-in name (`tunelab models list`), a local HF model directory, a hub id, or a .gguf file."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) for hub ids."""
+    trust_remote_code: bool = False
+    """Allow model code shipped with the checkpoint to run. Off unless you turn it on."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Storage dtype of the base weights. Keep float32 on CPU; precision of compute is train.precision."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """Attention kernel."""
+    allow_pickle: bool = False
+    """Allow loading pickle-based weights (.bin/.pt); even then they load with weights_only=True."""
