@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from tunelab.errors import ConfigError
 
@@ -17,6 +18,9 @@ class EvalConfig:
     """Generation length for exact-match scoring."""
     batch_size: int = 16
     """Prompts generated together (left-padded, with a KV cache)."""
+    metric: Literal["exact_match", "contains"] = "exact_match"
+    """exact_match: the extracted final answer equals the reference; contains: the reference
+    appears in the generated text (for short factual answers)."""
     answer_pattern: str = r"####\s*(.+?)\s*$"
     """Regex whose first group is the final answer; without a match the last number (or the whole
     text, if it has none) is the answer."""

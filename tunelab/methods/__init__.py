@@ -1,0 +1,93 @@
+"""Parameterization methods: what trains and how. Each module in this package registers one.
+
+Public surface: `Method` (the base class), `METHODS` (the registry), `register`.
+The loop, checkpointing, export and eval only call the hooks of `Method`; they never name a method.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Iterator
+
+from tunelab.registry import Registry
+
+METHODS: Registry["Method"] = Registry("method", __name__)
+register = METHODS.register
+
+
+@dataclass(kw_only=True)
+class NoOptions:
+    """This method takes no options."""
+
+
+class Method:
+    """Base class. A method transforms a model in place (`apply`) and then answers, through hooks,
+    what trains (`trainable_state`, `param_groups`), what to do each step (`on_step`), how to save
+    what it trained in a form the Hugging Face ecosystem loads (`save`/`load`), how to fold it into
+    a plain model (`merge`) and how to run the base model again (`disabled`)."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type] = NoOptions
+    supports_disable: ClassVar[bool] = True
+    """Whether `disabled()` can recover the base model's function."""
+
+    def __init__(self, cfg: Any = None):
+        self.cfg = cfg if cfg is not None else self.Config()
+
+    # -- set-up ---------------------------------------------------------------------------
+    def apply(self, model):
+        """Transform `model` in place for training and set requires_grad; return it."""
+        raise NotImplementedError
+
+    def param_groups(self, model, weight_decay: float) -> list[dict]:
+        """Optimizer groups: decay on matrices, none on vectors (norms, biases)."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        rest = [p for p in params if p.ndim < 2]
+        return [g for g in ({"params": decay, "weight_decay": weight_decay},
+                            {"params": rest, "weight_decay": 0.0}) if g["params"]]
+
+    def on_step(self, model, step: int, optimizer) -> None:
+        """Called after each optimizer step (re-selection, pruning, ...)."""
+
+    # -- state ----------------------------------------------------------------------------
+    def trainable_state(self, model) -> dict[str, Any]:
+        """Everything this method trains, by parameter name (for checkpoints)."""
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, model, state: dict[str, Any]) -> None:
+        params = dict(model.named_parameters())
+        missing = sorted(set(self.trainable_state(model)) - set(state))
+        unexpected = sorted(set(state) - set(params))
+        if missing or unexpected:
+            raise ValueError(f"trainable state mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        with torch_no_grad():
+            for n, t in state.items():
+                if params[n].shape != t.shape:
+                    raise ValueError(f"shape mismatch for {n}: checkpoint {tuple(t.shape)}, model {tuple(params[n].shape)}")
+                params[n].copy_(t)
+
+    # -- output ---------------------------------------------------------------------------
+    def save(self, model, tokenizer, out_dir: Path, base_name: str) -> None:
+        """Write what was trained so that the HF ecosystem loads it (adapter or full model)."""
+        raise NotImplementedError
+
+    def load(self, model, out_dir: Path) -> None:
+        """Load what `save` wrote into an `apply`-ed model."""
+        raise NotImplementedError
+
+    def merge(self, model):
+        """Return a plain HF model with the trained change folded in (may reuse `model`)."""
+        return model
+
+    @contextmanager
+    def disabled(self, model) -> Iterator[None]:
+        """Within this context the model computes the base model's function."""
+        raise NotImplementedError(f"method '{self.name}' cannot be disabled")
+        yield
+
+
+def torch_no_grad():
+    import torch
+    return torch.no_grad()

@@ -41,11 +41,15 @@ class TrainConfig:
     """How many step checkpoints to keep."""
     tensorboard: bool = False
     """Also log to TensorBoard (needs the `tensorboard` extra)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train; auto picks cuda when available."""
+    max_bad_steps: int = 5
+    """Steps with a non-finite loss or gradient are skipped; after this many in a row the run stops."""
     progress: bool = True
     """Show a progress bar with loss, tokens/s and ETA."""
 
     def __post_init__(self):
-        for name in ("steps", "micro_batch_size", "grad_accum", "log_every"):
+        for name in ("steps", "micro_batch_size", "grad_accum", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "save_every", "keep_checkpoints", "weight_decay", "max_grad_norm"):

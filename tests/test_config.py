@@ -1,0 +1,61 @@
+"""Config: YAML + overrides into typed dataclasses; bad input names the key path (and line)."""
+import pytest
+
+from tunelab import config as C
+from tunelab.errors import ConfigError
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_overrides(tmp_path):
+    p = write(tmp_path, "method:\n  name: lora\n  r: 8\ntrain:\n  steps: 10\n")
+    cfg = C.load(p, ["train.steps=50", "output=runs/x", "method.rslora=true", "train.lr=1e-3"])
+    assert cfg.train.steps == 50 and cfg.output == "runs/x" and cfg.train.lr == 1e-3
+    assert cfg.method.name == "lora" and cfg.method.options.r == 8 and cfg.method.options.rslora
+    assert cfg.objective.name == "sft"
+
+
+def test_round_trip(tmp_path):
+    cfg = C.load(write(tmp_path, "train:\n  steps: 7\nmethod: full\n"))
+    C.dump(cfg, tmp_path / "out.yaml")
+    assert C.to_dict(C.load(tmp_path / "out.yaml")) == C.to_dict(cfg)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("train:\n  stepz: 3\n", "train.stepz"),
+    ("train:\n  steps: -1\n", "train.steps"),
+    ("train:\n  steps: ten\n", "train.steps"),
+    ("train:\n  lr: 0\n", "train.lr"),
+    ("train:\n  precision: fp8\n", "train.precision"),
+    ("method:\n  name: lorax\n", "method.name"),
+    ("method:\n  name: lora\n  r: 0\n", "method.r"),
+    ("method:\n  name: lora\n  rank: 4\n", "method.rank"),
+    ("data:\n  packing: maybe\n", "data.packing"),
+    ("bogus: 1\n", "bogus"),
+])
+def test_bad_values_name_key_and_line(tmp_path, text, key):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        C.load(p)
+    msg = str(e.value)
+    assert key in msg and str(p) in msg
+    line = next(i + 1 for i, ln in enumerate(text.splitlines()) if key.split(".")[-1] + ":" in ln)
+    assert f"{p}:{line}:" in msg
+
+
+def test_bad_override_names_key():
+    with pytest.raises(ConfigError, match="train.steps"):
+        C.load(None, ["train.steps=abc"])
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        C.load(None, ["train.steps"])
+
+
+def test_choices_are_listed():
+    with pytest.raises(ConfigError, match="fp32, bf16"):
+        C.load(None, ["train.precision=fp16"])
+    with pytest.raises(ConfigError, match="full.*lora"):
+        C.load(None, ["method.name=nope"])

@@ -1,0 +1,153 @@
+"""The shared method table: every parameterization method must pass every test here.
+
+Add a method by adding a row to METHOD_ROWS (name, options, what must train)."""
+import copy
+
+import pytest
+import torch
+
+from tunelab.config import from_dict
+from tunelab.data import collate
+from tunelab.data.records import Example
+from tunelab.methods import METHODS
+from tunelab.objectives import OBJECTIVES
+
+# (id, method name, options, predicate on parameter names that must train)
+METHOD_ROWS = [
+    ("full", "full", {}, lambda n: True),
+    ("lora", "lora", {"r": 4, "alpha": 8}, lambda n: ".lora_" in n),
+    ("rslora-qv", "lora", {"r": 4, "alpha": 8, "rslora": True, "target_modules": ["q_proj", "v_proj"]},
+     lambda n: ".lora_" in n and ("q_proj" in n or "v_proj" in n)),
+    ("lora-regex", "lora", {"r": 2, "target_modules": [r"model\.layers\.1\.mlp\..*"]},
+     lambda n: ".lora_" in n and "layers.1.mlp" in n),
+]
+
+
+def make(name, options):
+    cls = METHODS.get(name)
+    return cls(from_dict(cls.Config, options, "method"))
+
+
+def batch(seed=0, n=3, vocab=320):
+    g = torch.Generator().manual_seed(seed)
+    exs = []
+    for i in range(n):
+        ids = torch.randint(3, vocab, (7 + 3 * i,), generator=g).tolist()
+        exs.append(Example(ids, [-100] * 3 + ids[3:]))
+    return collate(exs, packing=False, pad_id=0)
+
+
+def logits(model, b):
+    with torch.no_grad():
+        return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+
+
+def train_steps(model, method, steps=2, lr=1e-2):
+    obj = OBJECTIVES.get("sft")()
+    opt = torch.optim.AdamW(method.param_groups(model, 0.0), lr=lr)
+    model.train()
+    for s in range(steps):
+        out = obj.loss(model, batch(s))
+        (out.loss_sum / out.num_tokens).backward()
+        assert torch.isfinite(out.loss_sum)
+        opt.step()
+        opt.zero_grad()
+        method.on_step(model, s + 1, opt)
+    return model.eval()
+
+
+@pytest.fixture(params=METHOD_ROWS, ids=[r[0] for r in METHOD_ROWS])
+def row(request):
+    return request.param
+
+
+@pytest.fixture
+def trained(row, model):
+    _, name, options, _ = row
+    base = copy.deepcopy(model)
+    method = make(name, options)
+    tuned = train_steps(method.apply(model), method)
+    return base, method, tuned
+
+
+def test_only_intended_parameters_change(row, model):
+    """Checked on the weights after real optimizer steps, not on requires_grad."""
+    _, name, options, must_train = row
+    method = make(name, options)
+    tuned = method.apply(model)
+    before = {n: p.detach().clone() for n, p in tuned.named_parameters()}
+    train_steps(tuned, method)
+    changed = {n for n, p in tuned.named_parameters() if not torch.equal(p, before[n])}
+    intended = {n for n in before if must_train(n)}
+    assert changed == intended
+    assert set(method.trainable_state(tuned)) == intended
+
+
+def test_save_load_identical(trained, tmp_path):
+    base, method, tuned = trained
+    method.save(tuned, None, tmp_path, "tiny")
+    fresh = method.__class__(method.cfg)
+    reloaded = fresh.apply(copy.deepcopy(base))
+    fresh.load(reloaded, tmp_path)
+    b = batch(7)
+    assert torch.equal(logits(reloaded.eval(), b), logits(tuned, b))
+
+
+def test_merge_equals_unmerged(trained):
+    _, method, tuned = trained
+    b = batch(8)
+    expected = logits(tuned, b)
+    merged = method.merge(copy.deepcopy(tuned))
+    assert all(type(m).__module__.startswith(("transformers", "torch")) for m in merged.modules())
+    torch.testing.assert_close(logits(merged.eval(), b), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_merged_export_loads_with_transformers(trained, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _, method, tuned = trained
+    b = batch(9)
+    method.merge(copy.deepcopy(tuned)).save_pretrained(tmp_path, safe_serialization=True)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    torch.testing.assert_close(logits(loaded, b), logits(tuned, b), atol=1e-5, rtol=1e-5)
+
+
+def test_disable_recovers_base(trained):
+    base, method, tuned = trained
+    if not method.supports_disable:
+        pytest.skip(f"{method.name} has no in-process base to fall back to")
+    b = batch(10)
+    assert not torch.allclose(logits(tuned, b), logits(base, b))
+    with method.disabled(tuned):
+        assert torch.equal(logits(tuned, b), logits(base, b))
+
+
+def test_peft_loads_adapter_with_same_logits(trained, tmp_path):
+    """Methods that write a PEFT adapter: PeftModel.from_pretrained gives our logits."""
+    from peft import PeftModel
+
+    base, method, tuned = trained
+    method.save(tuned, None, tmp_path, "tiny")
+    if not (tmp_path / "adapter_config.json").exists():
+        pytest.skip(f"{method.name} writes a full model, not a PEFT adapter")
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    b = batch(11)
+    torch.testing.assert_close(logits(peft_model, b), logits(tuned, b), atol=1e-6, rtol=1e-6)
+
+
+def test_lora_starts_at_base(model):
+    base = copy.deepcopy(model)
+    method = make("lora", {"r": 4})
+    b = batch(3)
+    assert torch.equal(logits(method.apply(model).eval(), b), logits(base, b))
+
+
+def test_rslora_scaling():
+    assert make("lora", {"r": 16, "alpha": 32, "rslora": True}).cfg.scaling == pytest.approx(8.0)
+    assert make("lora", {"r": 16, "alpha": 32}).cfg.scaling == pytest.approx(2.0)
+
+
+def test_target_pattern_matching_nothing_fails(model):
+    from tunelab.errors import ConfigError
+    with pytest.warns(UserWarning, match="nope"), pytest.raises(ConfigError, match="target_modules"):
+        make("lora", {"target_modules": ["nope"]}).apply(model)

@@ -1,0 +1,26 @@
+"""tunelab: fine-tuning methods for LLMs, made real, composable and comparable.
+
+Public surface (imports are lazy so that `tunelab --help` stays fast):
+    tunelab.train(config, *overrides) -> Path    train (or resume) a run, return its directory
+    tunelab.load_run(run_dir)                    (cfg, model, tokenizer, method) of a trained run
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+__version__ = "0.1.0"
+
+
+def train(config, *overrides: str) -> Path:
+    """Train from a YAML path, a dict, a RunConfig, or an existing run directory (resumes).
+    `overrides` are `key.path=value` strings. Returns the run directory."""
+    from tunelab.train.loop import train as _train
+    from tunelab.train.run import resolve
+
+    cfg, run_dir = resolve(config, list(overrides))
+    return _train(cfg, run_dir)
+
+
+def load_run(run_dir):
+    from tunelab.train.run import load_trained
+    return load_trained(run_dir)

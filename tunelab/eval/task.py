@@ -1,0 +1,88 @@
+"""Task evaluation: teacher-forced loss on the eval data, and answer accuracy by batched greedy
+generation (left padding + KV cache), scored by exact match of the final answer."""
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+
+import torch
+
+from tunelab.data.records import Example, Record
+from tunelab.eval.config import EvalConfig
+from tunelab.objectives import IGNORE, model_inputs, token_cross_entropy
+
+
+def autocast(precision: str, device: torch.device | str = "cpu"):
+    """bf16 autocast for `precision == 'bf16'` (fp32 master weights stay untouched)."""
+    if precision != "bf16":
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def eval_loss(model, examples: list[Example], *, batch_size: int, pad_id: int, precision: str = "fp32") -> float:
+    """Mean CE over every trained token of `examples`."""
+    from tunelab.data import collate
+
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i:i + batch_size], packing=False, pad_id=pad_id)
+        with autocast(precision):
+            logits = model(**model_inputs(batch)).logits
+        total += float(token_cross_entropy(logits, batch["targets"]).sum())
+        count += int((batch["targets"] != IGNORE).sum())
+    return total / max(count, 1)
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """End-of-turn ids: eos plus the chat template's end marker when the vocabulary has one."""
+    ids = {tokenizer.eos_token_id}
+    for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
+             precision: str = "fp32") -> list[str]:
+    """Greedy completions of token-id prompts, `batch_size` at a time, left-padded, KV-cached."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    outs: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        with autocast(precision):
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=pad, eos_token_id=stop_token_ids(tokenizer),
+                                 use_cache=True)
+        outs += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+    return outs
+
+
+def answer_accuracy(model, tokenizer, records: list[Record], cfg: EvalConfig, precision: str = "fp32") -> dict:
+    """Score the first `cfg.num_examples` chat records by generating their last assistant turn."""
+    from tunelab.data import encode_prompt, reference_answer
+    from tunelab.eval.metrics import contains_match, exact_match
+
+    chat = [r for r in records if r.messages][: cfg.num_examples]
+    if not chat:
+        return {}
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    preds = generate(model, tokenizer, [encode_prompt(r, tokenizer) for r in chat],
+                     max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, precision=precision)
+    seconds = time.perf_counter() - t0
+    model.train(was_training)
+    refs = [reference_answer(r) for r in chat]
+    score = {"exact_match": lambda p, r: exact_match(p, r, cfg.answer_pattern),
+             "contains": contains_match}[cfg.metric]
+    hits = [bool(score(p, r)) for p, r in zip(preds, refs)]
+    return {"accuracy": sum(hits) / len(hits), "num_examples": len(hits),
+            "examples_per_s": len(hits) / seconds,
+            "samples": [{"source": r.source, "reference": ref, "prediction": p, "correct": h}
+                        for r, ref, p, h in list(zip(chat, refs, preds, hits))[:5]]}

@@ -1,0 +1,179 @@
+"""LoRA (Hu et al., 2021) and rsLoRA (Kalajdzievski, 2023).
+
+A frozen linear layer W gets a trainable low-rank update:  y = W x + s * B A dropout(x),
+A: (r, in) Kaiming-uniform, B: (out, r) zeros, so training starts at the base model.
+s = alpha / r, or alpha / sqrt(r) with rsLoRA (keeps the update's scale stable as r grows).
+
+The method is a converter (as in torchtitan): it swaps matching nn.Linear modules for `LoRALinear`;
+no model file knows LoRA exists. Parameter names mirror PEFT's (`<path>.base_layer`, `.lora_A`,
+`.lora_B`), so the saved adapter is a PEFT adapter: `PeftModel.from_pretrained(base, dir)` loads it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tunelab.errors import ConfigError
+from tunelab.methods import Method, register
+
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(kw_only=True)
+class LoRAConfig:
+    r: int = 16
+    """Rank of the update."""
+    alpha: float = 32.0
+    """Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with rslora)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA branch's input."""
+    target_modules: list[str] = ("all-linear",)
+    """Linear layers to adapt: 'all-linear' (every nn.Linear but the output head), leaf names
+    ('q_proj'), dotted suffixes ('self_attn.q_proj') or regexes matched against the full name."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ConfigError(f"r: must be >= 1, got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
+        self.target_modules = list(self.target_modules)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a low-rank trainable branch."""
+
+    def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, dtype=base.weight.dtype, device=base.weight.device)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, dtype=base.weight.dtype, device=base.weight.device)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = scaling
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if not self.enabled:
+            return y
+        return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    def merged_linear(self) -> nn.Linear:
+        """The base layer with W += s * B A folded in (in the base weight's dtype)."""
+        base = self.base_layer
+        delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        with torch.no_grad():
+            base.weight.add_(delta.to(base.weight.dtype))
+        return base
+
+
+def _matches(name: str, pattern: str) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return pattern == leaf or name.endswith("." + pattern) or re.fullmatch(pattern, name) is not None
+
+
+def select_linears(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Names of the nn.Linear modules matched by `patterns` (never the output head)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    if "all-linear" in patterns:
+        return linears
+    for p in patterns:
+        if not any(_matches(n, p) for n in linears):
+            warnings.warn(f"method.target_modules: pattern '{p}' matches no linear layer")
+    return [n for n in linears if any(_matches(n, p) for p in patterns)]
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def _lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@register("lora")
+class LoRA(Method):
+    """LoRA / rsLoRA on the selected linear layers; everything else frozen."""
+
+    Config = LoRAConfig
+
+    def apply(self, model):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self._all_linear_names = select_linears(model, ["all-linear"])
+        names = select_linears(model, self.cfg.target_modules)
+        if not names:
+            raise ConfigError(f"method.target_modules: {self.cfg.target_modules} matches no linear layer")
+        for n in names:
+            base = model.get_submodule(n)
+            _set_module(model, n, LoRALinear(base, self.cfg.r, self.cfg.scaling, self.cfg.dropout))
+        self.target_names = names
+        return model
+
+    def trainable_state(self, model):
+        return {n: p.detach() for n, p in model.named_parameters() if ".lora_" in n}
+
+    # -- PEFT-format output -----------------------------------------------------------------
+    def _peft_config(self, base_name: str) -> dict:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in self.target_names})
+        return {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
+            "r": self.cfg.r, "lora_alpha": self.cfg.alpha, "lora_dropout": self.cfg.dropout,
+            "use_rslora": self.cfg.rslora, "bias": "none", "fan_in_fan_out": False,
+            "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+            "target_modules": self._peft_targets(leaves),
+        }
+
+    def _peft_targets(self, leaves: list[str]):
+        """Leaf names when they select exactly our layers; otherwise an exact-name regex."""
+        return leaves if len(self.target_names) == len(self._all_with_leaves(leaves)) else \
+            "^(" + "|".join(re.escape(n) for n in self.target_names) + ")$"
+
+    def _all_with_leaves(self, leaves):
+        return [n for n in self._all_linear_names if n.rsplit(".", 1)[-1] in leaves]
+
+    def save(self, model, tokenizer, out_dir: Path, base_name: str) -> None:
+        from safetensors.torch import save_file
+
+        state = {PEFT_PREFIX + n: t.contiguous() for n, t in self.trainable_state(model).items()}
+        save_file(state, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (out_dir / "adapter_config.json").write_text(json.dumps(self._peft_config(base_name), indent=2))
+
+    def load(self, model, out_dir: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(out_dir / "adapter_model.safetensors"))
+        self.load_trainable_state(model, {k.removeprefix(PEFT_PREFIX): v for k, v in state.items()})
+
+    def merge(self, model):
+        for n, m in _lora_modules(model).items():
+            _set_module(model, n, m.merged_linear())
+        return model
+
+    @contextmanager
+    def disabled(self, model):
+        mods = list(_lora_modules(model).values())
+        for m in mods:
+            m.enabled = False
+        try:
+            yield
+        finally:
+            for m in mods:
+                m.enabled = True

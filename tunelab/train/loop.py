@@ -1,0 +1,182 @@
+"""The training loop: one function, read top to bottom. It never asks which method or objective
+is active; it calls their hooks."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from tunelab import config as C
+from tunelab.errors import TunelabError
+from tunelab.eval.task import answer_accuracy, autocast, eval_loss
+from tunelab.train import checkpoint as ckpt
+from tunelab.train.batches import BatchStream
+from tunelab.train.optim import build_optimizer
+from tunelab.train.progress import Progress
+from tunelab.train.run import MetricsLog, RunLock
+
+
+def pick_device(name: str) -> torch.device:
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
+                        ("cpu" if name == "auto" else name))
+
+
+def load_examples(cfg: C.RunConfig, tokenizer):
+    from tunelab.data import encode, load_records
+
+    train_records = load_records(cfg.data.train, cfg.data)
+    eval_records = load_records(cfg.data.eval, cfg.data) if cfg.data.eval else []
+    return encode(train_records, tokenizer, cfg.data), eval_records, encode(eval_records, tokenizer, cfg.data)
+
+
+def evaluate(model, tok, eval_records, eval_examples, cfg: C.RunConfig) -> dict:
+    if not eval_records:
+        return {}
+    pad = tok.pad_token_id
+    out = {"eval_loss": eval_loss(model, eval_examples, batch_size=cfg.eval.batch_size, pad_id=pad,
+                                  precision=cfg.train.precision)}
+    return out | answer_accuracy(model, tok, eval_records, cfg.eval, precision=cfg.train.precision)
+
+
+def save_final(run_dir: Path, model, tok, method, cfg: C.RunConfig) -> None:
+    def fill(tmp: Path) -> None:
+        method.save(model, tok, tmp, cfg.model.name)
+        tok.save_pretrained(tmp)
+        (tmp / "tunelab.json").write_text(json.dumps({"method": cfg.method.name, "base_model": cfg.model.name,
+                                                      "steps": cfg.train.steps}))
+    ckpt.atomic_dir(run_dir / "final", fill)
+
+
+def train(cfg: C.RunConfig, run_dir: Path) -> Path:
+    """Train `cfg` in `run_dir`, resuming from its newest valid checkpoint if there is one."""
+    from tunelab.methods import METHODS
+    from tunelab.models import load_model
+    from tunelab.objectives import OBJECTIVES
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir):
+        C.dump(cfg, run_dir / "config.yaml")
+        t_start = time.perf_counter()
+        tc = cfg.train
+        torch.manual_seed(tc.seed)
+        random.seed(tc.seed)
+        device = pick_device(tc.device)
+
+        # ---- model, method, objective, data
+        model, tok = load_model(cfg.model)
+        method = METHODS.get(cfg.method.name)(cfg.method.options)
+        model = method.apply(model).to(device)
+        if tc.grad_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        objective = OBJECTIVES.get(cfg.objective.name)(cfg.objective.options)
+        objective.setup(model, tok)
+        train_ex, eval_records, eval_ex = load_examples(cfg, tok)
+        opt, sched = build_optimizer(method.param_groups(model, tc.weight_decay), tc)
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_total = sum(p.numel() for p in model.parameters())
+
+        # ---- resume
+        log = MetricsLog(run_dir / "metrics.jsonl")
+        start, data_pos = 0, {"epoch": 0, "pos": 0}
+        if (last := ckpt.latest_valid(run_dir / "checkpoints")) is not None:
+            saved = ckpt.load_checkpoint(last)
+            method.load_trainable_state(model, saved["trainable"])
+            ckpt.optimizer_from_flat(opt, saved["optimizer_tensors"], saved["state"]["optimizer"])
+            sched.load_state_dict(saved["state"]["scheduler"])
+            ckpt.set_rng_state(saved["rng_tensors"], saved["state"]["rng"])
+            start, data_pos = saved["state"]["step"], saved["state"]["data"]
+            print(f"resuming {run_dir} from {last.name}")
+        log.truncate_after(start)
+        stream = BatchStream(train_ex, tc.micro_batch_size, seed=tc.seed, packing=cfg.data.packing,
+                             pad_id=tok.pad_token_id, **data_pos)
+
+        if _is_complete(run_dir, tc.steps, start):
+            print(f"{run_dir} is already trained to step {start}; nothing to do")
+            return run_dir
+        results_path = run_dir / "eval.json"
+        results = json.loads(results_path.read_text()) if results_path.exists() and start > 0 else {}
+        if start == 0:
+            log.write({"step": 0, "kind": "setup", "trainable_params": n_train, "total_params": n_total,
+                       "train_examples": len(train_ex), "startup_s": time.perf_counter() - t_start})
+            if cfg.eval.before and eval_records:
+                results["before"] = evaluate(model, tok, eval_records, eval_ex, cfg)
+                _report("before", results["before"])
+                ckpt.atomic_write_text(results_path, json.dumps(results, indent=1))
+
+        # ---- steps
+        model.train()
+        bad_in_a_row = 0
+        bar = Progress(total=tc.steps, initial=start, enabled=tc.progress)
+        for step in range(start, tc.steps):
+            t0 = time.perf_counter()
+            micro = [{k: v.to(device) for k, v in next(stream).items()} for _ in range(tc.grad_accum)]
+            denom = max(1, sum(objective.count(b) for b in micro))  # the step's trained tokens
+            loss_sum, metrics = 0.0, {}
+            for batch in micro:
+                with autocast(tc.precision, device):
+                    out = objective.loss(model, batch)
+                (out.loss_sum / denom).backward()
+                loss_sum += float(out.loss_sum.detach())
+                metrics.update(out.metrics)
+            params = [p for g in opt.param_groups for p in g["params"]]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or float("inf")))
+            loss = loss_sum / denom
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                opt.zero_grad(set_to_none=True)
+                bad_in_a_row += 1
+                log.write({"step": step + 1, "kind": "skipped", "loss": loss, "grad_norm": grad_norm})
+                if bad_in_a_row >= tc.max_bad_steps:
+                    raise TunelabError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient "
+                                       f"(last at step {step + 1}); the last good checkpoint is intact in "
+                                       f"{run_dir / 'checkpoints'}. Lower train.lr or check the data.")
+                continue
+            bad_in_a_row = 0
+            lr = opt.param_groups[0]["lr"]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            method.on_step(model, step + 1, opt)
+
+            dt = time.perf_counter() - t0
+            tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                         for b in micro)
+            bar.update(loss=loss, tokens=tokens, seconds=dt)
+            if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
+                log.write({"step": step + 1, "kind": "train", "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                           "tokens": tokens, "trained_tokens": denom, "tokens_per_s": tokens / dt,
+                           "step_s": dt, **metrics})
+            if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < tc.steps and eval_records:
+                ev = evaluate(model, tok, eval_records, eval_ex, cfg)
+                log.write({"step": step + 1, "kind": "eval", **{k: v for k, v in ev.items() if k != "samples"}})
+                model.train()
+            if (tc.save_every and (step + 1) % tc.save_every == 0) or step + 1 == tc.steps:
+                ckpt.save_checkpoint(run_dir / "checkpoints" / f"step-{step + 1}",
+                                     trainable=method.trainable_state(model), optimizer=opt, scheduler=sched,
+                                     extra={"step": step + 1, "data": stream.state()})
+                ckpt.prune(run_dir / "checkpoints", tc.keep_checkpoints)
+        bar.close()
+
+        # ---- final output and evaluation
+        model.eval()
+        save_final(run_dir, model, tok, method, cfg)
+        if eval_records:
+            results["after"] = evaluate(model, tok, eval_records, eval_ex, cfg)
+            _report("after", results["after"])
+            ckpt.atomic_write_text(results_path, json.dumps(results, indent=1))
+        return run_dir
+
+
+def _is_complete(run_dir: Path, steps: int, start: int) -> bool:
+    meta = run_dir / "final" / "tunelab.json"
+    return start == steps and meta.exists() and json.loads(meta.read_text()).get("steps") == steps \
+        and (run_dir / "eval.json").exists()
+
+
+def _report(when: str, res: dict) -> None:
+    if "accuracy" in res:
+        print(f"eval {when}: accuracy {res['accuracy']:.3f} on {res['num_examples']} held-out examples, "
+              f"loss {res['eval_loss']:.4f}")

@@ -1,0 +1,32 @@
+"""AdamW and the learning-rate schedule (linear warm-up, then constant / linear / cosine to 0)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tunelab.train.config import TrainConfig
+
+
+# Decay after warm-up, as a function of progress in [0, 1].
+SCHEDULES = {
+    "constant": lambda p: 1.0,
+    "linear": lambda p: max(0.0, 1.0 - p),
+    "cosine": lambda p: 0.5 * (1.0 + math.cos(math.pi * min(1.0, p))),
+}
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak lr for optimizer step `step` (0-based)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / (cfg.warmup_steps + 1)
+    return SCHEDULES[cfg.schedule]((step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+
+
+def build_optimizer(groups: list[dict], cfg: TrainConfig):
+    if not any(g["params"] for g in groups):
+        raise ValueError("the method left no parameter to train")
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                            foreach=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    return opt, sched
