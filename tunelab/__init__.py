@@ -14,13 +14,13 @@ __version__ = "0.1.0"
 def train(config, *overrides: str) -> Path:
     """Train from a YAML path, a dict, a RunConfig, or an existing run directory (resumes).
     `overrides` are `key.path=value` strings. Returns the run directory."""
-    from tunelab.train.loop import train as _train
-    from tunelab.train.run import resolve
+    from tunelab.training.loop import train as _train
+    from tunelab.training.run import resolve
 
     cfg, run_dir = resolve(config, list(overrides))
     return _train(cfg, run_dir)
 
 
 def load_run(run_dir):
-    from tunelab.train.run import load_trained
+    from tunelab.training.run import load_trained
     return load_trained(run_dir)

@@ -13,8 +13,8 @@ def cmd_train(a) -> None:
 
 
 def cmd_eval(a) -> None:
-    from tunelab.train.loop import evaluate, load_examples
-    from tunelab.train.run import load_trained
+    from tunelab.training.loop import evaluate, load_examples
+    from tunelab.training.run import load_trained
 
     cfg, model, tok, _ = load_trained(a.run)
     if a.num_examples is not None:
@@ -28,7 +28,7 @@ def cmd_generate(a) -> None:
     from tunelab.data.records import Record
     from tunelab.data import encode_prompt
     from tunelab.eval.task import generate
-    from tunelab.train.run import load_trained
+    from tunelab.training.run import load_trained
 
     cfg, model, tok, _ = load_trained(a.run)
     rec = Record(messages=[{"role": "user", "content": a.prompt}, {"role": "assistant", "content": "."}])

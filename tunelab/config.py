@@ -18,7 +18,7 @@ from tunelab.data.config import DataConfig
 from tunelab.errors import ConfigError
 from tunelab.eval.config import EvalConfig
 from tunelab.models.config import ModelConfig
-from tunelab.train.config import TrainConfig
+from tunelab.training.config import TrainConfig
 
 
 @dataclass(kw_only=True)

@@ -9,7 +9,7 @@ from tunelab.errors import TunelabError
 
 
 def export(run_dir, out, merge: bool = False) -> Path:
-    from tunelab.train.run import load_trained
+    from tunelab.training.run import load_trained
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):

@@ -13,11 +13,11 @@ import torch
 from tunelab import config as C
 from tunelab.errors import TunelabError
 from tunelab.eval.task import answer_accuracy, autocast, eval_loss
-from tunelab.train import checkpoint as ckpt
-from tunelab.train.batches import BatchStream
-from tunelab.train.optim import build_optimizer
-from tunelab.train.progress import Progress
-from tunelab.train.run import MetricsLog, RunLock
+from tunelab.training import checkpoint as ckpt
+from tunelab.training.batches import BatchStream
+from tunelab.training.optim import build_optimizer
+from tunelab.training.progress import Progress
+from tunelab.training.run import MetricsLog, RunLock
 
 
 def pick_device(name: str) -> torch.device:

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from tunelab.train.config import TrainConfig
+from tunelab.training.config import TrainConfig
 
 
 # Decay after warm-up, as a function of progress in [0, 1].

@@ -71,7 +71,7 @@ def load_trained(run_dir: str | Path, device: str = "cpu"):
     newest valid checkpoint). Returns (cfg, model, tokenizer, method)."""
     from tunelab.methods import METHODS
     from tunelab.models import load_model
-    from tunelab.train.checkpoint import latest_valid, load_checkpoint
+    from tunelab.training.checkpoint import latest_valid, load_checkpoint
 
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):

@@ -1,0 +1,151 @@
+"""The training loop end to end on a tiny model: run directory, exact resume, accumulation and
+packing invariance, PEFT-loadable output, export."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tunelab
+
+
+def chat_rows(n=24, seed=0):
+    import random
+    rnd = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rnd.randint(1, 50), rnd.randint(1, 50)
+        rows.append({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                                  {"role": "assistant", "content": f"Step 1: {a} + {b} = {a + b}\n#### {a + b}"}]})
+    return rows
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    p = tmp_path / "train.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in chat_rows()))
+    return p
+
+
+def base_cfg(tiny_dir, data_file, out, **train):
+    return {
+        "model": {"name": str(tiny_dir)},
+        "data": {"train": str(data_file), "eval": str(data_file), "max_length": 64},
+        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
+        "train": {"steps": 6, "micro_batch_size": 2, "grad_accum": 2, "lr": 5e-3, "warmup_steps": 2,
+                  "save_every": 2, "keep_checkpoints": 5, "progress": False, **train},
+        "eval": {"num_examples": 4, "max_new_tokens": 6, "batch_size": 4},
+        "output": str(out),
+    }
+
+
+def losses(run):
+    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"]
+
+
+def test_run_directory_layout(tiny_dir, data_file, tmp_path):
+    run = tunelab.train(base_cfg(tiny_dir, data_file, tmp_path / "run"))
+    for f in ("config.yaml", "metrics.jsonl", "eval.json", "final/adapter_model.safetensors",
+              "final/adapter_config.json", "final/tokenizer.json", "final/manifest.json"):
+        assert (run / f).exists(), f
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-4", "step-6"]
+    res = json.loads((run / "eval.json").read_text())
+    assert set(res) == {"before", "after"} and 0 <= res["after"]["accuracy"] <= 1
+    assert len(losses(run)) == 6 and all(map(torch.isfinite, torch.tensor(losses(run))))
+
+
+def test_resume_equals_uninterrupted(tiny_dir, data_file, tmp_path):
+    """A run that crashed after its step-2 checkpoint, resumed, has the same loss curve and final
+    weights as one that never stopped (fp32, dropout on, accumulation on)."""
+    full = tunelab.train(base_cfg(tiny_dir, data_file, tmp_path / "a"))
+    crashed = tmp_path / "b"
+    shutil.copytree(full, crashed)
+    for p in ("final", "eval.json", "checkpoints/step-4", "checkpoints/step-6"):
+        shutil.rmtree(crashed / p) if (crashed / p).is_dir() else (crashed / p).unlink()
+    lines = (crashed / "metrics.jsonl").read_text().splitlines()
+    (crashed / "metrics.jsonl").write_text("\n".join(lines[:4]) + "\n")  # the crash lost later lines
+    tunelab.train(str(crashed))
+    assert losses(crashed) == pytest.approx(losses(full), abs=1e-6)
+    a, b = (load_file(str(r / "final/adapter_model.safetensors")) for r in (full, crashed))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_resume_of_finished_run_is_a_no_op(tiny_dir, data_file, tmp_path):
+    run = tunelab.train(base_cfg(tiny_dir, data_file, tmp_path / "r", steps=2))
+    before = (run / "metrics.jsonl").read_text()
+    tunelab.train(str(run))
+    assert (run / "metrics.jsonl").read_text() == before
+
+
+def test_extending_a_run_continues(tiny_dir, data_file, tmp_path):
+    run = tunelab.train(base_cfg(tiny_dir, data_file, tmp_path / "r", steps=2))
+    tunelab.train(str(run), "train.steps=4")
+    assert len(losses(run)) == 4
+
+
+@pytest.mark.parametrize("micro, accum", [(4, 1), (2, 2), (1, 4)])
+def test_accumulation_split_invariance(tiny_dir, data_file, tmp_path, micro, accum):
+    """One optimizer step over the same 4 examples, split 3 ways: the same update."""
+    cfg = base_cfg(tiny_dir, data_file, tmp_path / f"r{micro}", steps=1, micro_batch_size=micro,
+                   grad_accum=accum, warmup_steps=0, schedule="constant")
+    cfg["method"]["dropout"] = 0.0
+    run = tunelab.train(cfg)
+    ref = tmp_path / "r4/final/adapter_model.safetensors"
+    if micro != 4:
+        ref_cfg = dict(cfg, output=str(tmp_path / "r4"))
+        ref_cfg["train"] = dict(cfg["train"], micro_batch_size=4, grad_accum=1)
+        tunelab.train(ref_cfg)
+    a, b = load_file(str(ref)), load_file(str(run / "final/adapter_model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_packed_and_padded_training_agree(tiny_dir, data_file, tmp_path):
+    runs = {}
+    for packing in (True, False):
+        cfg = base_cfg(tiny_dir, data_file, tmp_path / f"p{packing}", steps=3)
+        cfg["data"]["packing"] = packing
+        cfg["method"]["dropout"] = 0.0
+        runs[packing] = tunelab.train(cfg)
+    assert losses(runs[True]) == pytest.approx(losses(runs[False]), abs=1e-5)
+
+
+def test_full_finetuning_output_loads_with_transformers(tiny_dir, data_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = base_cfg(tiny_dir, data_file, tmp_path / "full", steps=2)
+    cfg["method"] = {"name": "full"}
+    run = tunelab.train(cfg)
+    _, model, _, _ = tunelab.load_run(run)
+    loaded = AutoModelForCausalLM.from_pretrained(run / "final").eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_export_merge_and_peft(tiny_dir, data_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.export import export
+
+    run = tunelab.train(base_cfg(tiny_dir, data_file, tmp_path / "r", steps=3))
+    _, ours, _, _ = tunelab.load_run(run)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        expected = ours(ids).logits
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), run / "final").eval()
+        torch.testing.assert_close(peft(ids).logits, expected, atol=1e-6, rtol=1e-6)
+        merged = AutoModelForCausalLM.from_pretrained(export(run, tmp_path / "merged", merge=True)).eval()
+        torch.testing.assert_close(merged(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_second_process_on_same_run_is_refused(tiny_dir, data_file, tmp_path):
+    from tunelab.errors import TunelabError
+    from tunelab.training.run import RunLock
+
+    run = tmp_path / "locked"
+    run.mkdir()
+    with RunLock(run), pytest.raises(TunelabError, match="another tunelab process"):
+        tunelab.train(base_cfg(tiny_dir, data_file, run))
