@@ -1,0 +1,180 @@
+"""Load a model and tokenizer from a built-in name, a local HF directory, a .gguf file or a hub id.
+
+Each kind of `model.name` is a `_Strategy` in `_STRATEGIES`, tried in order: the first whose
+`matches` accepts the name resolves it to a `_Source` that says what to hand `from_pretrained`.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+from tunelab.models.builtin import BUILTIN_MODELS, pull
+from tunelab.models.config import ModelConfig
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+@dataclass(frozen=True)
+class _Source:
+    """What `from_pretrained` gets: a dir or hub id, and optionally a GGUF file inside the dir."""
+
+    path: str
+    gguf_file: str | None = None
+    hub: bool = False
+
+
+@dataclass(frozen=True)
+class _Strategy:
+    kind: str
+    matches: Callable[[str], bool]
+    resolve: Callable[[str, ModelConfig], _Source]
+
+
+def _builtin(name: str, cfg: ModelConfig) -> _Source:
+    return _Source(str(pull(name)))
+
+
+def _gguf(name: str, cfg: ModelConfig) -> _Source:
+    path = Path(name).expanduser().resolve()
+    if not path.is_file():
+        raise TunelabError(f"GGUF file not found: {name}")
+    return _Source(str(path.parent), gguf_file=path.name)
+
+
+def _local(name: str, cfg: ModelConfig) -> _Source:
+    path = Path(name).expanduser().resolve()
+    _check_local_dir(path, cfg)
+    return _Source(str(path))
+
+
+def _hub(name: str, cfg: ModelConfig) -> _Source:
+    from transformers import PretrainedConfig
+
+    src = _Source(name, hub=True)
+    # transformers would quietly swap a known model_type's auto_map for its own class; we refuse instead.
+    config, _ = _call(PretrainedConfig.get_config_dict, src, {"revision": cfg.revision})
+    _check_remote_code(config, name, cfg)
+    return src
+
+
+_STRATEGIES: tuple[_Strategy, ...] = (
+    _Strategy("built-in", lambda n: n in BUILTIN_MODELS, _builtin),
+    _Strategy("gguf", lambda n: n.lower().endswith(".gguf"), _gguf),
+    _Strategy("local", lambda n: Path(n).expanduser().exists(), _local),
+    _Strategy("hub", lambda n: bool(_HUB_ID.match(n)), _hub),
+)
+
+
+def _resolve(cfg: ModelConfig) -> _Source:
+    for strategy in _STRATEGIES:
+        if strategy.matches(cfg.name):
+            return strategy.resolve(cfg.name, cfg)
+    raise TunelabError(f"model.name '{cfg.name}' is not a built-in name ({', '.join(sorted(BUILTIN_MODELS))}), "
+                       "an existing local directory, a .gguf file or a hub id like org/name")
+
+
+def resolve_model_path(name: str) -> str:
+    """The directory, .gguf path or hub id that `name` loads from (pulls a built-in if needed)."""
+    src = _resolve(ModelConfig(name=name, allow_pickle=True, trust_remote_code=True))
+    return str(Path(src.path) / src.gguf_file) if src.gguf_file else src.path
+
+
+def _check_local_dir(path: Path, cfg: ModelConfig) -> None:
+    """Refuse, with a message naming `path`, what from_pretrained would fail on or run unsafely."""
+    if not (path / "config.json").is_file():
+        raise TunelabError(f"{path} is not a model directory: it has no config.json")
+    has_safetensors = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()
+    pickles = [p.name for pattern in _PICKLE_WEIGHTS for p in path.glob(pattern)]
+    if not has_safetensors and pickles and not cfg.allow_pickle:
+        raise TunelabError(
+            f"{path} has only pickle weights ({', '.join(sorted(pickles))}), which can run code when loaded. "
+            "Convert them to safetensors, or set model.allow_pickle: true to load them with "
+            "torch.load(weights_only=True).")
+    _check_remote_code(json.loads((path / "config.json").read_text()), str(path), cfg)
+
+
+def _check_remote_code(config: dict, where: str, cfg: ModelConfig) -> None:
+    if config.get("auto_map") and not cfg.trust_remote_code:
+        raise _remote_code_error(where)
+
+
+def _remote_code_error(where: str) -> TunelabError:
+    return TunelabError(f"{where} needs custom model code shipped with the checkpoint (auto_map). "
+                        "Set model.trust_remote_code: true if you trust its source.")
+
+
+def _common_kwargs(src: _Source, cfg: ModelConfig) -> dict:
+    kw: dict = {"trust_remote_code": cfg.trust_remote_code}
+    if src.gguf_file:
+        kw["gguf_file"] = src.gguf_file
+    if src.hub:
+        kw["revision"] = cfg.revision
+    return kw
+
+
+def _model_kwargs(src: _Source, cfg: ModelConfig) -> dict:
+    import torch
+
+    kw = _common_kwargs(src, cfg)
+    kw.update(dtype=getattr(torch, cfg.dtype), attn_implementation=cfg.attn_implementation)
+    if src.gguf_file:
+        pass  # the GGUF itself is the weights file; use_safetensors would look for another
+    elif cfg.allow_pickle:
+        kw["weights_only"] = True  # transformers' default in v5 too; explicit so it can never drift
+    else:
+        kw["use_safetensors"] = True
+    return kw
+
+
+def _call(loader: Callable, src: _Source, kwargs: dict):
+    """Run `loader(src.path, **kwargs)`, turning known failures into one clear TunelabError."""
+    try:
+        return loader(src.path, **kwargs)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise _remote_code_error(src.path) from e
+        raise
+    except OSError as e:
+        if src.hub:
+            raise TunelabError(
+                f"could not load hub model '{src.path}' (revision {kwargs.get('revision') or 'main'}): "
+                "the Hugging Face hub is unreachable or offline and it is not in the local HF cache. "
+                f"Use a local model directory or a built-in name ({', '.join(sorted(BUILTIN_MODELS))}).") from e
+        raise TunelabError(f"could not load model from {src.path}: {e}") from e
+
+
+def load_tokenizer(cfg: ModelConfig, padding_side: str = "right"):
+    """The tokenizer for `cfg.name`, with a pad token (eos if it has none) and `padding_side`."""
+    return _load_tokenizer(_resolve(cfg), cfg, padding_side)
+
+
+def _load_tokenizer(src: _Source, cfg: ModelConfig, padding_side: str):
+    from transformers import AutoTokenizer
+
+    tok = _call(AutoTokenizer.from_pretrained, src, _common_kwargs(src, cfg))
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise TunelabError(f"tokenizer of {cfg.name} has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_model(cfg: ModelConfig, padding_side: str = "right"):
+    """`(model, tokenizer)` for `cfg`; the model is in eval mode, its generation config knows pad/eos."""
+    from transformers import AutoModelForCausalLM
+
+    src = _resolve(cfg)
+    model = _call(AutoModelForCausalLM.from_pretrained, src, _model_kwargs(src, cfg))
+    tok = _load_tokenizer(src, cfg, padding_side)
+    gen = model.generation_config
+    if gen.pad_token_id is None:
+        gen.pad_token_id = tok.pad_token_id
+    if gen.eos_token_id is None:
+        gen.eos_token_id = tok.eos_token_id
+    return model.eval(), tok
