@@ -5,7 +5,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.models import BUILTIN_MODELS, ModelConfig, load_model, load_tokenizer, pull, tunelab_home
-from tunelab.models import builtin, load
+from tunelab.models import builtin
 
 _IDS = torch.tensor([[5, 17, 42, 7, 99, 3]])
 _HASH = "0123456789abcdef0123456789abcdef01234567"

@@ -19,6 +19,7 @@ from tunelab.registry import Registry
 
 OBJECTIVES: Registry["Objective"] = Registry("objective", __name__)
 register = OBJECTIVES.register
+__all__ = ["IGNORE", "OBJECTIVES", "LossOutput", "Objective", "model_inputs", "register", "token_cross_entropy"]
 
 
 @dataclass
