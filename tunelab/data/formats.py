@@ -1,0 +1,242 @@
+"""Row formats -> Records. Each format is one entry in `FORMATS`: the fields that identify it
+and a function that turns one raw row into a Record (chat `messages` or raw `text`).
+
+Validation is strict because a silently malformed conversation trains the wrong thing: every
+problem raises a DataError naming file, line and a field path such as `messages[2].role`.
+
+Formats:
+- `messages`: {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+- `prompt_completion`: {"prompt": str | messages, "completion": str | messages}
+- `alpaca`: {"instruction": str, "input": str (optional), "output": str, "system": str (optional)}
+- `sharegpt`: {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}
+- `text`: {"text": str}
+Any row may carry an `answer` (str or number), the reference answer for exact-match eval.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tunelab.data.readers import Row
+from tunelab.data.records import Record
+from tunelab.errors import DataError
+
+
+class RowError(Exception):
+    """A problem in one row, before the file and line are known (the loader adds them)."""
+
+    def __init__(self, field: str | None, message: str):
+        super().__init__(message)
+        self.field, self.message = field, message
+
+
+class Records(list):
+    """The list of Records from one source, plus what happened while loading it."""
+
+    def __init__(self, records: Sequence[Record] = (), *, format: str = "", num_skipped: int = 0):
+        super().__init__(records)
+        self.format = format
+        """The format used (detected or configured); `builtin` for builtin sources."""
+        self.num_skipped = num_skipped
+        """Rows skipped as malformed (only with on_bad_rows=skip)."""
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One message with where it came from, so structural errors can name the source field."""
+    role: str
+    content: str
+    where: str
+    """Field path of the message, e.g. `conversations[3]`."""
+    role_key: str = "role"
+    """The source's name for the role field; empty for a plain-string prompt or completion."""
+
+
+# ---------------------------------------------------------------- field checks
+
+def _field(row: dict, key: str, where: str = "") -> Any:
+    """row[key], or a 'missing field' error."""
+    if key not in row or row[key] is None:
+        raise RowError(where + key, "missing field")
+    return row[key]
+
+
+def _text(value: Any, field: str, allow_empty: bool = False) -> str:
+    """A string that is not empty or whitespace-only (unless allowed)."""
+    if not isinstance(value, str):
+        raise RowError(field, f"expected a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise RowError(field, "is empty" if not value else "is whitespace only")
+    return value
+
+
+def _list(value: Any, field: str) -> list:
+    """A non-empty list."""
+    if not isinstance(value, list):
+        raise RowError(field, f"expected a list of messages, got {type(value).__name__}")
+    if not value:
+        raise RowError(field, "is an empty list")
+    return value
+
+
+def _turns(value: Any, field: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[Turn]:
+    """Parse a message list whose items are {role_key: <source role>, content_key: str}; source
+    roles are mapped through `roles` (e.g. sharegpt's human -> user)."""
+    turns = []
+    for i, item in enumerate(_list(value, field)):
+        where = f"{field}[{i}]"
+        if not isinstance(item, dict):
+            raise RowError(where, f"expected an object, got {type(item).__name__}")
+        role = _text(_field(item, role_key, where + "."), f"{where}.{role_key}")
+        if role not in roles:
+            raise RowError(f"{where}.{role_key}", f"unknown role '{role}'; expected one of {sorted(roles)}")
+        content = _text(_field(item, content_key, where + "."), f"{where}.{content_key}")
+        turns.append(Turn(roles[role], content, where, role_key))
+    return turns
+
+
+def _check_order(turns: list[Turn], field: str) -> None:
+    """An optional leading system turn, then user/assistant alternating, starting with user
+    and ending with assistant (the turn that trains)."""
+    body = turns[1:] if turns and turns[0].role == "system" else turns
+    if not body:
+        raise RowError(field, "has no user or assistant turn")
+    for i, turn in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if turn.role != expected:
+            why = "system turn only allowed first" if turn.role == "system" else "turns must alternate"
+            raise RowError(turn.where + (f".{turn.role_key}" if turn.role_key else ""),
+                           f"expected a {expected} turn, got {turn.role} ({why}: system?, user, assistant, user, ...)")
+    if body[-1].role != "assistant":
+        raise RowError(field, "the conversation must end with an assistant turn")
+
+
+def _messages(turns: list[Turn]) -> list[dict[str, str]]:
+    return [{"role": t.role, "content": t.content} for t in turns]
+
+
+# ---------------------------------------------------------------- formats
+
+CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant"}
+
+
+def _from_messages(row: dict) -> Record:
+    turns = _turns(_field(row, "messages"), "messages", "role", "content", CHAT_ROLES)
+    _check_order(turns, "messages")
+    return Record(messages=_messages(turns))
+
+
+def _from_sharegpt(row: dict) -> Record:
+    turns = _turns(_field(row, "conversations"), "conversations", "from", "value", SHAREGPT_ROLES)
+    _check_order(turns, "conversations")
+    return Record(messages=_messages(turns))
+
+
+def _side(row: dict, key: str, role: str) -> list[Turn]:
+    """`prompt` or `completion`: a plain string (one `role` turn) or a message list."""
+    value = _field(row, key)
+    if isinstance(value, list):
+        return _turns(value, key, "role", "content", CHAT_ROLES)
+    return [Turn(role, _text(value, key), key, role_key="")]
+
+
+def _from_prompt_completion(row: dict) -> Record:
+    turns = _side(row, "prompt", "user") + _side(row, "completion", "assistant")
+    _check_order(turns, "completion")
+    return Record(messages=_messages(turns))
+
+
+def _from_alpaca(row: dict) -> Record:
+    instruction = _text(_field(row, "instruction"), "instruction")
+    extra = _text(row.get("input") or "", "input", allow_empty=True)
+    system = _text(row.get("system") or "", "system", allow_empty=True)
+    output = _text(_field(row, "output"), "output")
+    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    messages = [{"role": "system", "content": system}] if system.strip() else []
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    return Record(messages=messages)
+
+
+def _from_text(row: dict) -> Record:
+    return Record(text=_text(_field(row, "text"), "text"))
+
+
+@dataclass(frozen=True)
+class Format:
+    """A row format: its required fields (the first one identifies it) and its row -> Record function."""
+    keys: tuple[str, ...]
+    parse: Callable[[dict], Record]
+
+
+FORMATS: dict[str, Format] = {
+    "messages": Format(("messages",), _from_messages),
+    "sharegpt": Format(("conversations",), _from_sharegpt),
+    "alpaca": Format(("instruction", "output"), _from_alpaca),
+    "prompt_completion": Format(("prompt", "completion"), _from_prompt_completion),
+    "text": Format(("text",), _from_text),
+}
+"""Formats in detection order: the first whose identifying (first) key is in the first row wins,
+so a row with `instruction` but no `output` reports the missing `output` rather than no format."""
+
+
+def detect_format(row: Any) -> str | None:
+    """The name of the first format whose identifying field is in `row`, else None."""
+    if not isinstance(row, dict):
+        return None
+    return next((name for name, f in FORMATS.items() if f.keys[0] in row), None)
+
+
+def _answer(row: dict) -> str | None:
+    """The optional `answer` field as a string (numbers are accepted: GSM-style data has them)."""
+    value = row.get("answer")
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise RowError("answer", f"expected a string or number, got {type(value).__name__}")
+
+
+def parse_row(row: Any, fmt: str) -> Record:
+    """One raw row -> Record in format `fmt`; raises RowError (no file/line yet)."""
+    if not isinstance(row, dict):
+        raise RowError(None, f"expected an object with fields, got {type(row).__name__}")
+    record = FORMATS[fmt].parse(row)
+    record.answer = _answer(row)
+    return record
+
+
+def to_records(rows: list[Row], file: str, fmt: str = "auto", skip_bad: bool = False) -> Records:
+    """Normalise raw (line, row) pairs from `file` into Records. `fmt="auto"` detects the format
+    from the first row; malformed rows raise DataError(file, line, field), or with `skip_bad`
+    are counted in `num_skipped`."""
+    if fmt == "auto":
+        fmt = _detect(rows, file)
+    if fmt not in FORMATS:
+        raise DataError(f"unknown format '{fmt}'; expected auto or one of {sorted(FORMATS)}", file=file)
+    out = Records(format=fmt)
+    for line, row in rows:
+        try:
+            record = parse_row(row, fmt)
+        except RowError as e:
+            if not skip_bad:
+                raise DataError(e.message, file=file, line=line, field=e.field) from None
+            out.num_skipped += 1
+            continue
+        record.source = f"{file}:{line}"
+        out.append(record)
+    return out
+
+
+def _detect(rows: list[Row], file: str) -> str:
+    """The format of the first row, or an error naming its fields."""
+    line, row = rows[0]
+    fmt = detect_format(row)
+    if fmt is None:
+        fields = sorted(row) if isinstance(row, dict) else type(row).__name__
+        known = "; ".join(f"{n}: {'+'.join(f.keys)}" for n, f in FORMATS.items())
+        raise DataError(f"cannot detect the format from fields {fields} (known: {known}); "
+                        "set data.format", file=file, line=line)
+    return fmt

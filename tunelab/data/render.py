@@ -1,0 +1,166 @@
+"""Records -> Examples (token ids + labels) through the tokenizer's own chat template.
+
+Loss mask, by default: only assistant turns train, each one's content plus the end-of-turn
+marker that closes it (`<|im_end|>` for ChatML), so the model learns to stop. System and user
+turns and the assistant header (`<|im_start|>assistant\\n`) get label -100. With
+`train_on_prompt` every token trains. Text records train on every token plus an appended eos.
+
+How the assistant spans are found, template-agnostically: render the whole conversation once;
+for assistant turn i, render `messages[:i]` with the generation prompt and `messages[:i+1]`;
+when both are string prefixes of the full render (true for ChatML, Llama-3, Gemma, ...), the
+characters between them are that turn's content + end marker (trailing whitespace after the
+marker is not trained). Otherwise the content is searched for in the render. The full string is
+tokenized once with offsets, and a token trains when its first character lies in a span.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from tunelab.data.config import DataConfig
+from tunelab.data.records import Example, Record
+from tunelab.errors import DataError, TunelabError
+
+IGNORE = -100
+"""Label of a token that carries no loss (PyTorch's cross-entropy ignore_index)."""
+
+Span = tuple[int, int]
+"""Half-open character range [start, end) of a rendered string."""
+
+
+class Examples(list):
+    """The encoded Examples plus counts of what encoding did to them."""
+
+    def __init__(self, examples: Sequence[Example] = (), *, num_dropped: int = 0):
+        super().__init__(examples)
+        self.num_dropped = num_dropped
+        """Examples dropped because no token trained after truncation."""
+
+    @property
+    def num_truncated(self) -> int:
+        """Kept examples that were cut at max_length."""
+        return sum(ex.truncated for ex in self)
+
+
+def encode(records: Sequence[Record], tokenizer: Any, cfg: DataConfig) -> Examples:
+    """Tokenize records with their loss labels, truncated to `cfg.max_length`. Examples left
+    with no trained target (e.g. the answer was cut off) are dropped and counted."""
+    out = Examples()
+    for record in records:
+        ex = encode_one(record, tokenizer, cfg.train_on_prompt)
+        ex = _truncate(ex, cfg.max_length)
+        if num_trained(ex) == 0:
+            out.num_dropped += 1
+            continue
+        out.append(ex)
+    return out
+
+
+def encode_one(record: Record, tokenizer: Any, train_on_prompt: bool = False) -> Example:
+    """One untruncated Example from a chat or text record."""
+    if record.messages is not None:
+        text = render_chat(record.messages, tokenizer)
+        spans = [(0, len(text))] if train_on_prompt else assistant_spans(record, text, tokenizer)
+        ids, labels = _tokenize_spans(text, spans, tokenizer)
+    elif record.text is not None:
+        ids = tokenizer(record.text, add_special_tokens=True)["input_ids"]
+        if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+            ids = ids + [tokenizer.eos_token_id]
+        labels = list(ids)
+    else:
+        raise DataError("record has neither messages nor text", file=record.source or "<records>")
+    return Example(input_ids=ids, labels=labels, source=record.source)
+
+
+def num_trained(ex: Example) -> int:
+    """Tokens that are a training target once labels are shifted: the first token of an example
+    is never predicted, so a label on it alone trains nothing."""
+    return sum(label != IGNORE for label in ex.labels[1:])
+
+
+def _truncate(ex: Example, max_length: int) -> Example:
+    if len(ex) <= max_length:
+        return ex
+    return Example(ex.input_ids[:max_length], ex.labels[:max_length], ex.source, truncated=True)
+
+
+def render_chat(messages: list[dict[str, str]], tokenizer: Any, add_generation_prompt: bool = False) -> str:
+    """The conversation as the tokenizer's chat template renders it, as a string."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise TunelabError("the tokenizer has no chat template, so chat data cannot be rendered; "
+                           "use a tokenizer (model) with a chat template, or `text` data")
+    return tokenizer.apply_chat_template(messages, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+def assistant_spans(record: Record, text: str, tokenizer: Any) -> list[Span]:
+    """Character spans of each assistant turn's content + end-of-turn marker in `text`."""
+    messages = record.messages or []
+    spans: list[Span] = []
+    cursor = 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        span = _prefix_span(messages, i, text, tokenizer) or _search_span(message, text, cursor, tokenizer)
+        if span is None:
+            raise DataError("cannot locate this assistant turn in the chat-template rendering",
+                            file=record.source or "<records>", field=f"messages[{i}].content")
+        spans.append(span)
+        cursor = span[1]
+    return spans
+
+
+def _prefix_span(messages: list[dict[str, str]], i: int, text: str, tokenizer: Any) -> Span | None:
+    """The span of assistant turn i by rendering prefixes, if the template is prefix-stable."""
+    before = render_chat(messages[:i], tokenizer, add_generation_prompt=True) if i else ""
+    upto = render_chat(messages[: i + 1], tokenizer)
+    if not (text.startswith(upto) and upto.startswith(before)):
+        return None
+    end = max(len(upto.rstrip()), len(before) + 1)  # keep the end marker, not the newline after it
+    return (len(before), min(end, len(upto)))
+
+
+def _search_span(message: dict[str, str], text: str, cursor: int, tokenizer: Any) -> Span | None:
+    """Fallback: find the content after `cursor`; extend over an eos marker right after it."""
+    start = text.find(message["content"], cursor)
+    if start < 0:
+        return None
+    end = start + len(message["content"])
+    eos = tokenizer.eos_token or ""
+    if eos and text.startswith(eos, end):
+        end += len(eos)
+    return (start, end)
+
+
+def _tokenize_spans(text: str, spans: list[Span], tokenizer: Any) -> tuple[list[int], list[int]]:
+    """Tokenize `text` once; a token is labelled when its first character is inside a span."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = enc["input_ids"]
+    labels = [tid if _inside(start, spans) else IGNORE
+              for tid, (start, _end) in zip(ids, enc["offset_mapping"])]
+    return ids, labels
+
+
+def _inside(pos: int, spans: list[Span]) -> bool:
+    return any(start <= pos < end for start, end in spans)
+
+
+def encode_prompt(record: Record, tokenizer: Any) -> list[int]:
+    """The prompt for generation-based eval: every message before the last assistant turn,
+    rendered with the generation prompt (so the model's next tokens are the answer)."""
+    messages = record.messages
+    if not messages:
+        raise TunelabError(f"{record.source or 'record'}: a text record has no prompt to generate from")
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
+    text = render_chat(messages[:last], tokenizer, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def reference_answer(record: Record) -> str:
+    """The answer generation is scored against: `record.answer`, else the last assistant turn."""
+    if record.answer is not None:
+        return record.answer
+    for message in reversed(record.messages or []):
+        if message["role"] == "assistant":
+            return message["content"]
+    raise TunelabError(f"{record.source or 'record'}: no answer field and no assistant turn")
