@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 
 import pytest
 from hypothesis import given, strategies as st

@@ -3,20 +3,12 @@ generation (left padding + KV cache), scored by exact match of the final answer.
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
-
 import torch
 
 from tunelab.data.records import Example, Record
 from tunelab.eval.config import EvalConfig
 from tunelab.objectives import IGNORE, model_inputs, token_cross_entropy
-
-
-def autocast(precision: str, device: torch.device | str = "cpu"):
-    """bf16 autocast for `precision == 'bf16'` (fp32 master weights stay untouched)."""
-    if precision != "bf16":
-        return nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+from tunelab.training.precision import autocast
 
 
 @torch.no_grad()

@@ -19,7 +19,8 @@ from tunelab.registry import Registry
 
 OBJECTIVES: Registry["Objective"] = Registry("objective", __name__)
 register = OBJECTIVES.register
-__all__ = ["IGNORE", "OBJECTIVES", "LossOutput", "Objective", "model_inputs", "register", "token_cross_entropy"]
+__all__ = ["IGNORE", "OBJECTIVES", "LossOutput", "Objective", "model_inputs", "register", "token_cross_entropy",
+           "trained_logits"]
 
 
 @dataclass
@@ -53,6 +54,26 @@ class Objective:
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> LossOutput:
         raise NotImplementedError
+
+
+def _head_is_plain(model) -> bool:
+    """True when logits are exactly lm_head(final hidden state): no soft-capping or scaling."""
+    cfg = model.config
+    return not any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+
+
+def trained_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the positions that carry a target only, and those targets: (N, V), (N,).
+
+    The output head is the largest matmul of a small model and the fp32 logits its largest tensor;
+    prompt positions have no target, so projecting only trained positions saves both. Falls back to
+    the full forward for heads that transform the logits."""
+    targets = batch["targets"]
+    keep = targets != IGNORE  # (B, T)
+    if not _head_is_plain(model):
+        return model(**model_inputs(batch)).logits[keep], targets[keep]
+    hidden = model.get_decoder()(**model_inputs(batch)).last_hidden_state  # (B, T, d)
+    return model.get_output_embeddings()(hidden[keep]), targets[keep]  # (N, V), (N,)
 
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

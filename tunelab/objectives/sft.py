@@ -1,7 +1,9 @@
 """Supervised fine-tuning: mean cross-entropy over the trained (assistant/completion) tokens."""
 from __future__ import annotations
 
-from tunelab.objectives import IGNORE, LossOutput, Objective, model_inputs, register, token_cross_entropy
+import torch.nn.functional as F
+
+from tunelab.objectives import LossOutput, Objective, register, trained_logits
 
 
 @register("sft")
@@ -10,7 +12,5 @@ class SFT(Objective):
     tokens in the optimizer step."""
 
     def loss(self, model, batch):
-        logits = model(**model_inputs(batch)).logits  # (B, T, V)
-        ce = token_cross_entropy(logits, batch["targets"])
-        n = int((batch["targets"] != IGNORE).sum())
-        return LossOutput(ce.sum(), n)
+        logits, targets = trained_logits(model, batch)  # (N, V), (N,)
+        return LossOutput(F.cross_entropy(logits.float(), targets, reduction="sum"), targets.numel())

@@ -27,8 +27,10 @@ class TrainConfig:
     """Learning-rate decay after warm-up (to 0 at the last step for linear and cosine)."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm (0: no clipping)."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """Compute precision: bf16 autocast keeps fp32 master weights and optimizer state."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Compute precision: bf16 autocast keeps fp32 master weights and optimizer state. `auto` picks
+    bf16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX) and
+    fp32 elsewhere: on a CPU without them, bf16 matmuls run several times slower than fp32."""
     grad_checkpointing: bool = False
     """Recompute activations in backward to save memory (slower)."""
     seed: int = 0

@@ -12,10 +12,11 @@ import torch
 
 from tunelab import config as C
 from tunelab.errors import TunelabError
-from tunelab.eval.task import answer_accuracy, autocast, eval_loss
+from tunelab.eval.task import answer_accuracy, eval_loss
 from tunelab.training import checkpoint as ckpt
 from tunelab.training.batches import BatchStream
 from tunelab.training.optim import build_optimizer
+from tunelab.training.precision import autocast, resolve_precision
 from tunelab.training.progress import Progress
 from tunelab.training.run import MetricsLog, RunLock
 
@@ -37,7 +38,8 @@ def evaluate(model, tok, eval_records, eval_examples, cfg: C.RunConfig) -> dict:
     if not eval_records:
         return {}
     pad = tok.pad_token_id
-    out = {"eval_loss": eval_loss(model, eval_examples, batch_size=cfg.eval.batch_size, pad_id=pad,
+    n = cfg.eval.num_examples
+    out = {"eval_loss": eval_loss(model, eval_examples[:n], batch_size=cfg.eval.batch_size, pad_id=pad,
                                   precision=cfg.train.precision)}
     return out | answer_accuracy(model, tok, eval_records, cfg.eval, precision=cfg.train.precision)
 
@@ -65,6 +67,7 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
         torch.manual_seed(tc.seed)
         random.seed(tc.seed)
         device = pick_device(tc.device)
+        print(f"device {device}, precision {resolve_precision(tc.precision, device)}")
 
         # ---- model, method, objective, data
         model, tok = load_model(cfg.model)

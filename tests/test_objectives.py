@@ -1,0 +1,56 @@
+"""Objectives: shared properties (the table grows with each objective) and SFT's reference check."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunelab.data import collate
+from tunelab.data.records import Example
+from tunelab.objectives import OBJECTIVES, trained_logits
+
+OBJECTIVE_ROWS = ["sft"]
+
+
+def examples(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ids = torch.randint(3, 320, (6 + 4 * i,), generator=g).tolist()
+        out.append(Example(ids, [-100] * 4 + ids[4:]))
+    return out
+
+
+@pytest.mark.parametrize("name", OBJECTIVE_ROWS)
+@pytest.mark.parametrize("packing", [True, False])
+@pytest.mark.parametrize("size", [1, 3])
+def test_finite_loss_and_gradients_only_where_trained(name, packing, size, model):
+    for n, p in model.named_parameters():
+        p.requires_grad_("layers.1" in n)
+    out = OBJECTIVES.get(name)().loss(model.train(), collate(examples(size), packing=packing, pad_id=0))
+    (out.loss_sum / out.num_tokens).backward()
+    assert torch.isfinite(out.loss_sum) and out.num_tokens > 0
+    for n, p in model.named_parameters():
+        assert (p.grad is not None) == ("layers.1" in n), n
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_sft_equals_reference_cross_entropy(model, packing):
+    """SFT (head applied to trained positions only) equals HF's full-logits shifted CE."""
+    exs = examples()
+    out = OBJECTIVES.get("sft")().loss(model, collate(exs, packing=packing, pad_id=0))
+    total, count = 0.0, 0
+    for ex in exs:
+        logits = model(torch.tensor([ex.input_ids])).logits[0, :-1]
+        labels = torch.tensor(ex.labels[1:])
+        total += F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+        count += int((labels != -100).sum())
+    assert out.num_tokens == count
+    torch.testing.assert_close(out.loss_sum, total, rtol=1e-5, atol=1e-5)
+
+
+def test_trained_logits_match_full_forward(model):
+    batch = collate(examples(), packing=False, pad_id=0)
+    logits, targets = trained_logits(model, batch)
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    keep = batch["targets"] != -100
+    torch.testing.assert_close(logits, full[keep], rtol=1e-5, atol=1e-5)
+    assert torch.equal(targets, batch["targets"][keep])
