@@ -149,3 +149,21 @@ def test_second_process_on_same_run_is_refused(tiny_dir, data_file, tmp_path):
     run.mkdir()
     with RunLock(run), pytest.raises(TunelabError, match="another tunelab process"):
         tunelab.train(base_cfg(tiny_dir, data_file, run))
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tiny_dir, data_file, tmp_path):
+    runs = {}
+    for gc in (False, True):
+        cfg = base_cfg(tiny_dir, data_file, tmp_path / f"gc{gc}", steps=3, grad_checkpointing=gc)
+        cfg["method"]["dropout"] = 0.0
+        runs[gc] = tunelab.train(cfg)
+    assert losses(runs[True]) == pytest.approx(losses(runs[False]), abs=1e-5)
+
+
+def test_metrics_lines_carry_throughput(tiny_dir, data_file, tmp_path):
+    run = tunelab.train(base_cfg(tiny_dir, data_file, tmp_path / "m", steps=2))
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    setup = lines[0]
+    assert setup["kind"] == "setup" and 0 < setup["trainable_params"] < setup["total_params"]
+    for r in (x for x in lines if x["kind"] == "train"):
+        assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and 0 < r["trained_tokens"] <= r["tokens"]

@@ -83,7 +83,7 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
         n_total = sum(p.numel() for p in model.parameters())
 
         # ---- resume
-        log = MetricsLog(run_dir / "metrics.jsonl")
+        log = MetricsLog(run_dir / "metrics.jsonl", tensorboard=tc.tensorboard)
         start, data_pos = 0, {"epoch": 0, "pos": 0}
         if (last := ckpt.latest_valid(run_dir / "checkpoints")) is not None:
             saved = ckpt.load_checkpoint(last)

@@ -90,10 +90,18 @@ def load_trained(run_dir: str | Path, device: str = "cpu"):
 
 
 class MetricsLog:
-    """Append-only metrics.jsonl; on resume, lines after the checkpoint's step are dropped."""
+    """Append-only metrics.jsonl (and TensorBoard scalars if asked); on resume, lines after the
+    checkpoint's step are dropped."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, tensorboard: bool = False):
+        self.path, self.tb = path, None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise TunelabError("train.tensorboard: needs the tensorboard package; "
+                                   "pip install 'tunelab[tensorboard]'") from None
+            self.tb = SummaryWriter(str(path.parent / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
         if not self.path.exists():
@@ -106,6 +114,11 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, record["step"])
+            self.tb.flush()
 
     def read(self) -> list[dict]:
         if not self.path.exists():
