@@ -24,8 +24,7 @@ from typing import Any
 import torch
 
 from tunelab.data.records import Example
-
-IGNORE = -100
+from tunelab.data.render import IGNORE
 
 
 def shifted_targets(labels: Sequence[int]) -> list[int]:

@@ -104,7 +104,8 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
         results = json.loads(results_path.read_text()) if results_path.exists() and start > 0 else {}
         if start == 0:
             log.write({"step": 0, "kind": "setup", "trainable_params": n_train, "total_params": n_total,
-                       "train_examples": len(train_ex), "startup_s": time.perf_counter() - t_start})
+                       "train_examples": len(train_ex), "truncated": train_ex.num_truncated,
+                       "dropped": train_ex.num_dropped, "startup_s": time.perf_counter() - t_start})
             if cfg.eval.before and eval_records:
                 results["before"] = evaluate(model, tok, eval_records, eval_ex, cfg)
                 _report("before", results["before"])
