@@ -46,14 +46,27 @@ class Objective:
         self.cfg = cfg if cfg is not None else self.Config()
 
     def setup(self, model, tokenizer) -> None:
-        """Called once before training (e.g. to read token ids from the tokenizer)."""
-
-    def count(self, batch: dict[str, torch.Tensor]) -> int:
-        """Tokens this objective will count in `batch` (known before the forward pass)."""
-        return int((batch["targets"] != IGNORE).sum())
+        """Called once before training, after the method was applied and the model moved to its
+        device (e.g. to read token ids, or to build auxiliary heads next to the model)."""
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> LossOutput:
         raise NotImplementedError
+
+    # -- objectives that train parameters of their own (e.g. auxiliary heads) ----------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The objective's own trainable tensors, by name (checkpointed with the method's)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"objective '{self.name}' has no state, got {sorted(state)[:3]}")
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Optimizer groups for the objective's own parameters (none by default)."""
+        return []
+
+    def save(self, out_dir) -> None:
+        """Write the objective's own trained tensors into the run's final/ directory."""
 
 
 def _head_is_plain(model) -> bool:

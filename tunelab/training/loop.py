@@ -44,9 +44,42 @@ def evaluate(model, tok, eval_records, eval_examples, cfg: C.RunConfig) -> dict:
     return out | answer_accuracy(model, tok, eval_records, cfg.eval, precision=cfg.train.precision)
 
 
-def save_final(run_dir: Path, model, tok, method, cfg: C.RunConfig) -> None:
+def forward_backward(model, objective, micro: list[dict], opt, tc, device) -> tuple[float, float, int, dict]:
+    """One optimizer step's gradients. Each micro-batch's loss *sum* is back-propagated and the
+    gradients are divided by the step's total token count afterwards, so the result does not depend
+    on how the step is split, even when an objective decides its token count in the forward pass.
+    Returns (mean loss, gradient norm before clipping, tokens counted, mean objective metrics)."""
+    loss_sum, total, metrics = 0.0, 0, {}
+    for batch in micro:
+        with autocast(tc.precision, device):
+            out = objective.loss(model, batch)
+        out.loss_sum.backward()
+        loss_sum += float(out.loss_sum.detach())
+        total += out.num_tokens
+        for k, v in out.metrics.items():
+            metrics[k] = metrics.get(k, 0.0) + v / len(micro)
+    params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    for p in params:
+        p.grad.div_(max(total, 1))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or float("inf")))
+    return loss_sum / max(total, 1), grad_norm, total, metrics
+
+
+def trainable_state(method, objective, model) -> dict:
+    """What a checkpoint holds: the method's trained tensors and the objective's own."""
+    return method.trainable_state(model) | {f"objective.{k}": v for k, v in objective.state_dict().items()}
+
+
+def load_trainable_state(method, objective, model, state: dict) -> None:
+    prefix = "objective."
+    objective.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    method.load_trainable_state(model, {k: v for k, v in state.items() if not k.startswith(prefix)})
+
+
+def save_final(run_dir: Path, model, tok, method, objective, cfg: C.RunConfig) -> None:
     def fill(tmp: Path) -> None:
         method.save(model, tok, tmp, cfg.model.name)
+        objective.save(tmp)
         tok.save_pretrained(tmp)
         (tmp / "tunelab.json").write_text(json.dumps({"method": cfg.method.name, "base_model": cfg.model.name,
                                                       "steps": cfg.train.steps}))
@@ -78,7 +111,8 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
         objective = OBJECTIVES.get(cfg.objective.name)(cfg.objective.options)
         objective.setup(model, tok)
         train_ex, eval_records, eval_ex = load_examples(cfg, tok)
-        opt, sched = build_optimizer(method.param_groups(model, tc.weight_decay), tc)
+        groups = method.param_groups(model, tc.weight_decay) + objective.param_groups(tc.weight_decay)
+        opt, sched = build_optimizer(groups, tc)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_total = sum(p.numel() for p in model.parameters())
 
@@ -87,7 +121,7 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
         start, data_pos = 0, {"epoch": 0, "pos": 0}
         if (last := ckpt.latest_valid(run_dir / "checkpoints")) is not None:
             saved = ckpt.load_checkpoint(last)
-            method.load_trainable_state(model, saved["trainable"])
+            load_trainable_state(method, objective, model, saved["trainable"])
             ckpt.optimizer_from_flat(opt, saved["optimizer_tensors"], saved["state"]["optimizer"])
             sched.load_state_dict(saved["state"]["scheduler"])
             ckpt.set_rng_state(saved["rng_tensors"], saved["state"]["rng"])
@@ -118,17 +152,7 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
         for step in range(start, tc.steps):
             t0 = time.perf_counter()
             micro = [{k: v.to(device) for k, v in next(stream).items()} for _ in range(tc.grad_accum)]
-            denom = max(1, sum(objective.count(b) for b in micro))  # the step's trained tokens
-            loss_sum, metrics = 0.0, {}
-            for batch in micro:
-                with autocast(tc.precision, device):
-                    out = objective.loss(model, batch)
-                (out.loss_sum / denom).backward()
-                loss_sum += float(out.loss_sum.detach())
-                metrics.update(out.metrics)
-            params = [p for g in opt.param_groups for p in g["params"]]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or float("inf")))
-            loss = loss_sum / denom
+            loss, grad_norm, trained, metrics = forward_backward(model, objective, micro, opt, tc, device)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 opt.zero_grad(set_to_none=True)
                 bad_in_a_row += 1
@@ -151,7 +175,7 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
             bar.update(loss=loss, tokens=tokens, seconds=dt)
             if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
                 log.write({"step": step + 1, "kind": "train", "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                           "tokens": tokens, "trained_tokens": denom, "tokens_per_s": tokens / dt,
+                           "tokens": tokens, "trained_tokens": trained, "tokens_per_s": tokens / dt,
                            "step_s": dt, **metrics})
             if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < tc.steps and eval_records:
                 ev = evaluate(model, tok, eval_records, eval_ex, cfg)
@@ -159,14 +183,15 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
                 model.train()
             if (tc.save_every and (step + 1) % tc.save_every == 0) or step + 1 == tc.steps:
                 ckpt.save_checkpoint(run_dir / "checkpoints" / f"step-{step + 1}",
-                                     trainable=method.trainable_state(model), optimizer=opt, scheduler=sched,
+                                     trainable=trainable_state(method, objective, model), optimizer=opt,
+                                     scheduler=sched,
                                      extra={"step": step + 1, "data": stream.state()})
                 ckpt.prune(run_dir / "checkpoints", tc.keep_checkpoints)
         bar.close()
 
         # ---- final output and evaluation
         model.eval()
-        save_final(run_dir, model, tok, method, cfg)
+        save_final(run_dir, model, tok, method, objective, cfg)
         if eval_records:
             results["after"] = evaluate(model, tok, eval_records, eval_ex, cfg)
             _report("after", results["after"])
