@@ -343,3 +343,26 @@ def test_check_data_report(tok, tmp_path):
     for part in ["rows: 2 loaded, 1 skipped", "format: messages", "truncated at max_length=64: 1",
                  "min 47", "max 64", "histogram", "[[19<|im_end|>]]", "trained ("]:
         assert part in report, part
+
+
+def test_per_example_attention_equals_masked_sdpa(model):
+    """tunelab_sdpa on a packed row (per-example causal SDPA) equals transformers' masked SDPA, and
+    on padded batches is transformers' SDPA itself; gradients agree too."""
+    import copy
+
+    from tunelab.data import collate, model_inputs
+    from tunelab.models.attention import register
+
+    g = torch.Generator().manual_seed(1)
+    exs = [Example(ids := torch.randint(3, 320, (n,), generator=g).tolist(), ids) for n in (4, 11, 7, 1)]
+    fast = copy.deepcopy(model)
+    fast.set_attn_implementation(register())
+    for packing in (True, False):
+        b = collate(exs, packing=packing, pad_id=0)
+        ref, out = model(**model_inputs(b)).logits, fast(**model_inputs(b)).logits
+        keep = b.get("attention_mask", torch.ones_like(b["input_ids"])).bool()
+        torch.testing.assert_close(out[keep], ref[keep], atol=1e-5, rtol=1e-5)
+        out[keep].sum().backward()
+        ref[keep].sum().backward()
+    for (n, p), q in zip(model.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-4, msg=n)

@@ -75,5 +75,13 @@ MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Keyword arguments for a transformers causal LM forward: the model's tensors from the batch
-    plus `use_cache=False`, without which packed examples are not isolated (module docstring)."""
-    return {k: batch[k] for k in MODEL_KEYS if k in batch} | {"use_cache": False}
+    plus `use_cache=False`, without which packed examples are not isolated (module docstring).
+    Packed batches also pass their example boundaries (`cu_seq_lens_q/k`, the varlen-attention
+    convention), which lets boundary-aware attention (tunelab.models.attention, flash-attention)
+    skip cross-example work; plain SDPA ignores them and relies on the position_ids mask."""
+    out = {k: batch[k] for k in MODEL_KEYS if k in batch} | {"use_cache": False}
+    if "cu_seqlens" in batch:
+        cu = batch["cu_seqlens"]
+        longest = int((cu[1:] - cu[:-1]).max())
+        out |= {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+    return out

@@ -15,6 +15,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Storage dtype of the base weights. Keep float32 on CPU; precision of compute is train.precision."""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    """Attention kernel."""
+    """Attention kernel. `sdpa` runs PyTorch SDPA; for packed rows tunelab runs it per example
+    (tunelab.models.attention), which gives the same result without cross-example work."""
     allow_pickle: bool = False
     """Allow loading pickle-based weights (.bin/.pt); even then they load with weights_only=True."""

@@ -172,6 +172,9 @@ def load_model(cfg: ModelConfig, padding_side: str = "right"):
     src = _resolve(cfg)
     model = _call(AutoModelForCausalLM.from_pretrained, src, _model_kwargs(src, cfg))
     tok = _load_tokenizer(src, cfg, padding_side)
+    if cfg.attn_implementation == "sdpa":  # same function, but packed rows attend per example
+        from tunelab.models.attention import register
+        model.set_attn_implementation(register())
     gen = model.generation_config
     if gen.pad_token_id is None:
         gen.pad_token_id = tok.pad_token_id

@@ -1,0 +1,72 @@
+"""What every contender shares: the model, the data (tokenized once, identically), the
+hyper-parameters, and how a contender reports its figures (one JSON line on stdout)."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+MODEL = "smollm2-135m"
+DATA = "builtin:arith?n=4000&split=train"
+
+
+@dataclass
+class Settings:
+    mode: str = "lora"            # lora | full
+    steps: int = 8                # optimizer steps, warm-up included
+    warmup: int = 2               # steps excluded from the timing
+    batch_size: int = 8           # examples per optimizer step
+    lr: float = 2e-4
+    max_length: int = 256
+    seed: int = 0
+    lora_r: int = 16
+    lora_alpha: int = 32
+
+
+def native_bf16() -> bool:
+    import torch
+
+    from tunelab.training.precision import resolve_precision
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_precision("auto", dev) == "bf16"
+
+
+def examples(s: Settings):
+    """The same tokenized examples for every contender: ids + labels (-100 off the assistant turn)."""
+    from tunelab.data import encode, load_records
+    from tunelab.data.config import DataConfig
+    from tunelab.models import load_tokenizer
+    from tunelab.models.config import ModelConfig
+
+    tok = load_tokenizer(ModelConfig(name=MODEL))
+    cfg = DataConfig(max_length=s.max_length)
+    return tok, encode(load_records(DATA, cfg), tok, cfg)
+
+
+def peak_memory_mb() -> float:
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def report(name: str, s: Settings, *, step_s: list[float], tokens: list[int], losses: list[float],
+           launched: float, first_step_end: float, extra: dict | None = None) -> None:
+    """Print the contender's figures as one JSON line (the orchestrator reads the last line)."""
+    import statistics
+    timed = list(zip(step_s, tokens))[s.warmup:]
+    rates = [t / dt for dt, t in timed]
+    out = {"contender": name, "settings": asdict(s), "tokens_per_s": statistics.median(rates),
+           "tokens_per_step": statistics.mean(t for _, t in timed), "step_s": [round(x, 3) for x in step_s],
+           "peak_memory_mb": peak_memory_mb(), "startup_s": first_step_end - launched,
+           "final_loss": statistics.mean(losses[-3:]), "losses": [round(x, 4) for x in losses],
+           **(extra or {})}
+    print(json.dumps(out))
+    sys.stdout.flush()
+
+
+def launched_at() -> float:
+    return float(os.environ.get("BENCH_LAUNCHED", time.time()))
