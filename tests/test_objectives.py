@@ -7,7 +7,7 @@ from tunelab.data import collate
 from tunelab.data.records import Example
 from tunelab.objectives import OBJECTIVES, trained_logits
 
-OBJECTIVE_ROWS = ["sft"]
+OBJECTIVE_ROWS = ["sft", "otr", "sstoken", "qtuning"]
 
 
 def examples(n=3, seed=0):
@@ -19,6 +19,7 @@ def examples(n=3, seed=0):
     return out
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("name", OBJECTIVE_ROWS)
 @pytest.mark.parametrize("packing", [True, False])
 @pytest.mark.parametrize("size", [1, 3])

@@ -15,6 +15,7 @@ from tunelab.errors import TunelabError
 from tunelab.eval.task import answer_accuracy, eval_loss
 from tunelab.training import checkpoint as ckpt
 from tunelab.training.batches import BatchStream
+from tunelab.training.memory import tame_allocator
 from tunelab.training.optim import build_optimizer
 from tunelab.training.precision import autocast, resolve_precision
 from tunelab.training.progress import Progress
@@ -100,6 +101,8 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
         torch.manual_seed(tc.seed)
         random.seed(tc.seed)
         device = pick_device(tc.device)
+        if device.type == "cpu":
+            tame_allocator()
         print(f"device {device}, precision {resolve_precision(tc.precision, device)}")
 
         # ---- model, method, objective, data
