@@ -7,7 +7,7 @@ from tunelab.data import collate
 from tunelab.data.records import Example
 from tunelab.objectives import OBJECTIVES, trained_logits
 
-OBJECTIVE_ROWS = ["sft", "otr", "sstoken", "qtuning"]
+OBJECTIVE_ROWS = ["sft", "otr", "sstoken", "qtuning", "masked_thought", "caft", "tl_weighting"]
 
 
 def examples(n=3, seed=0):
@@ -23,10 +23,12 @@ def examples(n=3, seed=0):
 @pytest.mark.parametrize("name", OBJECTIVE_ROWS)
 @pytest.mark.parametrize("packing", [True, False])
 @pytest.mark.parametrize("size", [1, 3])
-def test_finite_loss_and_gradients_only_where_trained(name, packing, size, model):
+def test_finite_loss_and_gradients_only_where_trained(name, packing, size, model, tok):
     for n, p in model.named_parameters():
         p.requires_grad_("layers.1" in n)
-    out = OBJECTIVES.get(name)().loss(model.train(), collate(examples(size), packing=packing, pad_id=0))
+    objective = OBJECTIVES.get(name)()
+    objective.setup(model, tok)
+    out = objective.loss(model.train(), collate(examples(size), packing=packing, pad_id=0))
     (out.loss_sum / out.num_tokens).backward()
     assert torch.isfinite(out.loss_sum) and out.num_tokens > 0
     for n, p in model.named_parameters():

@@ -14,8 +14,9 @@ class ModelConfig:
     """Allow model code shipped with the checkpoint to run. Off unless you turn it on."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Storage dtype of the base weights. Keep float32 on CPU; precision of compute is train.precision."""
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    attn_implementation: Literal["sdpa", "sdpa_masked", "eager"] = "sdpa"
     """Attention kernel. `sdpa` runs PyTorch SDPA; for packed rows tunelab runs it per example
-    (tunelab.models.attention), which gives the same result without cross-example work."""
+    (tunelab.models.attention), which gives the same result without cross-example work;
+    `sdpa_masked` is transformers' SDPA with a block-diagonal mask over the whole packed row."""
     allow_pickle: bool = False
     """Allow loading pickle-based weights (.bin/.pt); even then they load with weights_only=True."""

@@ -121,7 +121,7 @@ def _model_kwargs(src: _Source, cfg: ModelConfig) -> dict:
     import torch
 
     kw = _common_kwargs(src, cfg)
-    kw.update(dtype=getattr(torch, cfg.dtype), attn_implementation=cfg.attn_implementation)
+    kw.update(dtype=getattr(torch, cfg.dtype), attn_implementation=cfg.attn_implementation.removesuffix("_masked"))
     if src.gguf_file:
         pass  # the GGUF itself is the weights file; use_safetensors would look for another
     elif cfg.allow_pickle:
