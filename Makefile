@@ -27,8 +27,9 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
 
-bench: setup
-	@echo "make bench: the side-by-side benchmark is not written yet (issue [2 of 6])" >&2; exit 1
+BENCH ?= full
+bench: model
+	$(BIN)/python bench/run.py $(BENCH)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

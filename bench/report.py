@@ -1,0 +1,59 @@
+"""Results -> a markdown table with ratios to the Hugging Face contenders."""
+from __future__ import annotations
+
+from pathlib import Path
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def _row(r: dict, hf: dict | None, best_hf: dict | None) -> str:
+    if "error" in r:
+        return f"| {r['mode']} | {r['contender']} | failed: {r['error'].strip().splitlines()[-1][:80]} |" + " |" * 8
+    speed = r["tokens_per_s"]
+    vs_hf = f"{speed / hf['tokens_per_s']:.2f}x" if hf else "-"
+    vs_best = f"{speed / best_hf['tokens_per_s']:.2f}x" if best_hf else "-"
+    mem = f"{r['peak_memory_mb'] / hf['peak_memory_mb']:.2f}x" if hf else "-"
+    return (f"| {r['mode']} | {r['contender']} | {speed:.0f} | {vs_hf} | {vs_best} | {r['peak_memory_mb']:.0f} "
+            f"| {mem} | {r['startup_s']:.1f} | {r['final_loss']:.3f} | {100 * r.get('ceiling_fraction', 0):.0f}% |")
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    lines = [f"Machine: {m['name']} ({m['cpus']} CPUs, {m['processor']}, torch {m['torch']}, "
+             f"native bf16: {m['native_bf16']}); plan `{res['plan']}`, {res['date']}; "
+             f"command `{res['command']}`; {res['bench_seconds'] / 60:.1f} min.", "",
+             "| mode | contender | real tokens/s (median) | vs HF Trainer | vs faster HF path | peak memory MB "
+             "| memory vs HF | start-up s | loss (last 3 steps) | of matmul ceiling |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for mode in dict.fromkeys(r["mode"] for r in res["contenders"]):
+        rows = [r for r in res["contenders"] if r["mode"] == mode]
+        ok = {r["contender"]: r for r in rows if "error" not in r}
+        hf = ok.get("hf")
+        hfs = [ok[k] for k in ("hf", "trl") if k in ok]
+        best = max(hfs, key=lambda r: r["tokens_per_s"]) if hfs else None
+        lines += [_row(r, hf, best) for r in rows]
+    c = res["ceiling"]
+    lines += ["", f"Matmul ceiling on the model's GEMM shapes: fp32 {c['fp32_gflops']:.0f} GFLOP/s, "
+                  f"bf16 {c['bf16_gflops']:.0f} GFLOP/s (the fraction uses the precision each contender ran in)."]
+    p = res.get("profile", {})
+    if "by_category_pct" in p:
+        lines += ["", f"Profile of one tunelab LoRA step ({p['step_ms']:.0f} ms self CPU time):", "",
+                  "| where | share |", "|---|---|"]
+        lines += [f"| {k} | {v}% |" for k, v in p["by_category_pct"].items()]
+    e = res.get("eval_speed", {})
+    if "speedup" in e:
+        lines += ["", f"Evaluation by generation (16 prompts, 48 new tokens): batched with KV cache "
+                      f"{e['batched_kv_cache_examples_per_s']:.2f} examples/s, one-by-one "
+                      f"{e['one_by_one_examples_per_s']:.2f} examples/s ({e['speedup']:.1f}x)."]
+    s = res["startup"]
+    lines += ["", f"Start-up: `tunelab --help` {s['tunelab_help_s']:.2f} s; built-in model load from cache "
+                  f"{s['builtin_model_load_s']:.1f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def write_docs(md: str, path: Path) -> None:
+    """Replace the measured section of docs/results/performance.md (between the markers)."""
+    text = path.read_text() if path.exists() else f"# Performance\n\n{START}\n{END}\n"
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    path.write_text(f"{head}{START}\n{md}{END}{tail}")

@@ -1,0 +1,121 @@
+"""`make bench`: tunelab against transformers+PEFT (Trainer) and TRL (SFTTrainer, packed), same
+model, data, optimizer, hyper-parameters, steps and seed; plus the machine's matmul ceiling, a
+profile of a tunelab step, evaluation speed and start-up times.
+
+    python bench/run.py [quick|full]     (or BENCH=quick make bench)
+
+Writes bench/results/<machine>-<date>.json and .md, and the table into docs/results/performance.md.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+PLANS = {  # (steps, warm-up steps excluded from timing), per mode
+    "quick": {"lora": (5, 2), "full": (4, 1)},
+    "full": {"lora": (12, 2), "full": (8, 2)},
+}
+CONTENDERS = ("hf", "trl", "tunelab")
+
+
+def child(args: list[str]) -> dict:
+    """Run a script in its own process (its own peak memory) and parse its last JSON line."""
+    env = dict(os.environ, BENCH_LAUNCHED=repr(time.time()), PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=HERE.parent)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        return {"error": (proc.stderr or proc.stdout)[-2000:]}
+    return json.loads(lines[-1])
+
+
+def machine() -> dict:
+    import torch
+
+    from common import native_bf16
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"name": (gpu or f"cpu{os.cpu_count()}").replace(" ", "-"), "gpu": gpu, "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "native_bf16": native_bf16()}
+
+
+def ceiling(tokens: int) -> dict:
+    import torch
+    from transformers import AutoConfig
+
+    from ceiling import gemm_gflops
+    from tunelab.models import pull
+    cfg = AutoConfig.from_pretrained(pull("smollm2-135m"))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    return {"fp32_gflops": gemm_gflops(cfg, tokens, torch.float32, dev),
+            "bf16_gflops": gemm_gflops(cfg, tokens, torch.bfloat16, dev)}
+
+
+def add_flops(res: dict, ceil: dict, bf16: bool) -> None:
+    from transformers import AutoConfig
+
+    from ceiling import flops_per_token
+    from tunelab.models import pull
+    cfg = AutoConfig.from_pretrained(pull("smollm2-135m"))
+    n_params = 134_515_008  # SmolLM2-135M, tied embeddings counted once
+    for r in res["contenders"]:
+        if "error" in r:
+            continue
+        seq = r["tokens_per_step"] / r["settings"]["batch_size"]
+        fpt = flops_per_token(cfg, n_params, r["settings"]["mode"], seq)
+        r["achieved_gflops"] = r["tokens_per_s"] * fpt / 1e9
+        r["ceiling_fraction"] = r["achieved_gflops"] / ceil["bf16_gflops" if bf16 else "fp32_gflops"]
+
+
+def startup() -> dict:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "tunelab", "--help"], capture_output=True, check=True)
+    help_s = time.perf_counter() - t0
+    code = ("import time; t=time.perf_counter(); from tunelab.models import load_model; "
+            "from tunelab.models.config import ModelConfig; load_model(ModelConfig(name='smollm2-135m')); "
+            "print(time.perf_counter()-t)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return {"tunelab_help_s": help_s, "builtin_model_load_s": float(out.stdout.strip().splitlines()[-1])}
+
+
+def main(plan_name: str) -> Path:
+    from report import markdown, write_docs
+    from tunelab.models import pull
+
+    pull("smollm2-135m")  # not part of anyone's start-up time
+    started = time.perf_counter()
+    res = {"plan": plan_name, "date": datetime.date.today().isoformat(), "machine": machine(),
+           "command": f"make bench BENCH={plan_name}", "contenders": []}
+    for mode, (steps, warmup) in PLANS[plan_name].items():
+        for name in CONTENDERS:
+            print(f"bench: {name} {mode} ({steps} steps)", flush=True)
+            r = child(["bench/contenders.py", name, mode, str(steps), str(warmup)])
+            res["contenders"].append(r | {"contender": name, "mode": mode})
+    res["ceiling"] = ceiling(tokens=860)
+    add_flops(res, res["ceiling"], res["machine"]["native_bf16"])
+    print("bench: profile, eval speed, start-up", flush=True)
+    res["profile"] = child(["bench/profile_step.py"])
+    res["eval_speed"] = child(["-c", "import sys, json; sys.path.insert(0, 'bench'); from evalspeed import eval_speed; "
+                                     "print(json.dumps(eval_speed()))"])
+    res["startup"] = startup()
+    res["bench_seconds"] = time.perf_counter() - started
+    out = HERE / "results" / f"{res['machine']['name']}-{res['date']}"
+    out.parent.mkdir(exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    md = markdown(res)
+    out.with_suffix(".md").write_text(md)
+    write_docs(md, HERE.parent / "docs" / "results" / "performance.md")
+    print(md)
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else os.environ.get("BENCH", "quick"))
