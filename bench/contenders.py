@@ -108,7 +108,7 @@ def run_trl(s: Settings, out: str) -> None:
            extra={"packed_rows_tokens": clock.tokens[:3]})
 
 
-def run_tunelab(s: Settings, out: str) -> None:
+def run_tunelab(s: Settings, out: str, overrides: tuple[str, ...] = ()) -> None:
     import json
 
     import tunelab
@@ -122,7 +122,7 @@ def run_tunelab(s: Settings, out: str) -> None:
         "train": {"steps": s.steps, "micro_batch_size": s.batch_size, "lr": s.lr, "warmup_steps": 0,
                   "seed": s.seed, "save_every": 0, "progress": False},
         "output": out,
-    })
+    }, *overrides)
     lines = [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines()]
     setup = next(x for x in lines if x["kind"] == "setup")
     steps = [x for x in lines if x["kind"] == "train"]
@@ -135,6 +135,7 @@ if __name__ == "__main__":
     import tempfile
 
     name, mode, steps, warmup = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    runners = {"hf": run_hf, "trl": run_trl, "tunelab": run_tunelab}
+    overrides = tuple(sys.argv[5:])  # key.path=value, tunelab only (for ablations)
+    runners = {"hf": run_hf, "trl": run_trl, "tunelab": lambda s, out: run_tunelab(s, out, overrides)}
     with tempfile.TemporaryDirectory() as out:
         runners[name](Settings(mode=mode, steps=steps, warmup=warmup), out + "/run")

@@ -33,9 +33,7 @@ def main() -> None:
     from tunelab.models import load_model
     from tunelab.models.config import ModelConfig
     from tunelab.objectives.sft import SFT
-    from tunelab.training.memory import tame_allocator
 
-    tame_allocator()
     s = Settings()
     tok, exs = examples(s)
     model, _ = load_model(ModelConfig(name="smollm2-135m"))

@@ -27,9 +27,9 @@ PLANS = {  # (steps, warm-up steps excluded from timing), per mode
 CONTENDERS = ("hf", "trl", "tunelab")
 
 
-def child(args: list[str]) -> dict:
+def child(args: list[str], **env_extra: str) -> dict:
     """Run a script in its own process (its own peak memory) and parse its last JSON line."""
-    env = dict(os.environ, BENCH_LAUNCHED=repr(time.time()), PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+    env = dict(os.environ, BENCH_LAUNCHED=repr(time.time()), PYTHONUNBUFFERED="1", TQDM_DISABLE="1", **env_extra)
     proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=HERE.parent)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:

@@ -167,3 +167,13 @@ def test_metrics_lines_carry_throughput(tiny_dir, data_file, tmp_path):
     assert setup["kind"] == "setup" and 0 < setup["trainable_params"] < setup["total_params"]
     for r in (x for x in lines if x["kind"] == "train"):
         assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and 0 < r["trained_tokens"] <= r["tokens"]
+
+
+def test_bf16_autocast_tracks_fp32(tiny_dir, data_file, tmp_path):
+    """bf16 autocast (fp32 master weights) follows the fp32 loss curve within 2% per step."""
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        cfg = base_cfg(tiny_dir, data_file, tmp_path / precision, steps=4, precision=precision)
+        cfg["method"]["dropout"] = 0.0
+        runs[precision] = tunelab.train(cfg)
+    assert losses(runs["bf16"]) == pytest.approx(losses(runs["fp32"]), rel=2e-2)

@@ -101,7 +101,7 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
         torch.manual_seed(tc.seed)
         random.seed(tc.seed)
         device = pick_device(tc.device)
-        if device.type == "cpu":
+        if device.type == "cpu" and tc.compact_host_memory:
             tame_allocator()
         print(f"device {device}, precision {resolve_precision(tc.precision, device)}")
 
