@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.data import collate
-from tunelab.data.records import Example
 from tunelab.errors import ConfigError
 from tunelab.objectives import OBJECTIVES, trained_logits
 from tunelab.objectives._segments import segment_ids
@@ -18,14 +17,7 @@ NAMES = ["otr", "sstoken", "qtuning"]
 pytestmark = pytest.mark.filterwarnings("ignore:(qtuning. a micro-batch|sstoken reads attention)")
 
 
-def examples(n=3, seed=0, prompt=4):
-    """n examples of growing length (6, 10, 14, ...), the first `prompt` tokens unlabelled."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        ids = torch.randint(3, 320, (6 + 4 * i,), generator=g).tolist()
-        out.append(Example(ids, [-100] * prompt + ids[prompt:]))
-    return out
+from tiny import random_examples as examples  # noqa: E402
 
 
 def batch_of(n=3, packing=True, **kw):

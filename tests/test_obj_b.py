@@ -22,13 +22,7 @@ SMALL_CAFT = dict(num_heads=2)  # the properties do not depend on the head count
 pytestmark = pytest.mark.filterwarnings("ignore:caft:UserWarning")  # tested once, below
 
 
-def examples(n=3, seed=0, prompt=4):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        ids = torch.randint(3, 320, (6 + 4 * i,), generator=g).tolist()
-        out.append(Example(ids, [-100] * prompt + ids[prompt:]))
-    return out
+from tiny import random_examples as examples  # noqa: E402
 
 
 def make(name, tok, model, **opts):

@@ -4,19 +4,12 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.data import collate
-from tunelab.data.records import Example
 from tunelab.objectives import OBJECTIVES, trained_logits
 
 OBJECTIVE_ROWS = ["sft", "otr", "sstoken", "qtuning", "masked_thought", "caft", "tl_weighting"]
 
 
-def examples(n=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        ids = torch.randint(3, 320, (6 + 4 * i,), generator=g).tolist()
-        out.append(Example(ids, [-100] * 4 + ids[4:]))
-    return out
+from tiny import random_examples as examples  # noqa: E402
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

@@ -70,3 +70,17 @@ def save_tiny_model_dir(path, seed: int = 0):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def random_examples(n: int = 3, seed: int = 0, prompt: int = 4):
+    """n Examples of random ids with growing length (6, 10, 14, ...), the first `prompt` unlabelled."""
+    import torch
+
+    from tunelab.data.records import Example
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ids = torch.randint(3, 320, (6 + 4 * i,), generator=g).tolist()
+        out.append(Example(ids, [-100] * prompt + ids[prompt:]))
+    return out
