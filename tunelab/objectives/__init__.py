@@ -20,7 +20,7 @@ from tunelab.registry import Registry
 OBJECTIVES: Registry["Objective"] = Registry("objective", __name__)
 register = OBJECTIVES.register
 __all__ = ["IGNORE", "OBJECTIVES", "LossOutput", "Objective", "model_inputs", "register", "token_cross_entropy",
-           "trained_logits"]
+           "trained_logits", "trained_hidden", "chunked_head_cross_entropy"]
 
 
 @dataclass
@@ -87,6 +87,32 @@ def trained_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
         return model(**model_inputs(batch)).logits[keep], targets[keep]
     hidden = model.get_decoder()(**model_inputs(batch)).last_hidden_state  # (B, T, d)
     return model.get_output_embeddings()(hidden[keep]), targets[keep]  # (N, V), (N,)
+
+
+def trained_hidden(model, batch: dict[str, torch.Tensor]):
+    """Final hidden states at the positions that carry a target, and those targets: (N, d), (N,).
+    None instead of the hidden states for heads that transform the logits (no plain head)."""
+    targets = batch["targets"]
+    keep = targets != IGNORE  # (B, T)
+    if not _head_is_plain(model):
+        return None, targets[keep]
+    return model.get_decoder()(**model_inputs(batch)).last_hidden_state[keep], targets[keep]
+
+
+def chunked_head_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
+                               chunk_tokens: int) -> torch.Tensor:
+    """sum_t CE(head(hidden_t), y_t) computed `chunk_tokens` rows at a time, each chunk under
+    activation checkpointing: at most one chunk's (chunk, V) fp32 logits exist at once, in the
+    forward and in the backward (which recomputes them), never the full (N, V)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head(h).float(), y, reduction="sum")
+
+    if hidden.shape[0] <= chunk_tokens:
+        return chunk_loss(hidden, targets)
+    return sum(checkpoint(chunk_loss, hidden[i:i + chunk_tokens], targets[i:i + chunk_tokens], use_reentrant=False)
+               for i in range(0, hidden.shape[0], chunk_tokens))
 
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
