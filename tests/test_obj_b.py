@@ -42,18 +42,12 @@ def grads(model):
 # ----------------------------------------------------------------------------- shared properties
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("packing", [True, False])
-@pytest.mark.parametrize("size", [1, 3])
-def test_finite_loss_gradients_only_where_trained_float_metrics(name, packing, size, model, tok):
-    for n, p in model.named_parameters():
-        p.requires_grad_("layers.1" in n)
+def test_reports_float_metrics_of_its_own(name, model, tok):
+    """Finite loss and gradient placement are in the shared table (tests/test_objectives.py);
+    here: each objective reports metrics of its own (non-empty)."""
     obj = make(name, tok, model, **(SMALL_CAFT if name == "caft" else {}))
-    out = obj.loss(model.train(), collate(examples(size), packing=packing, pad_id=0))
-    (out.loss_sum / out.num_tokens).backward()
-    assert torch.isfinite(out.loss_sum) and out.num_tokens > 0
+    out = obj.loss(model.train(), collate(examples(3), packing=True, pad_id=0))
     assert out.metrics and all(type(v) is float and math.isfinite(v) for v in out.metrics.values())
-    for n, p in model.named_parameters():
-        assert (p.grad is not None) == ("layers.1" in n), n
 
 
 @pytest.mark.parametrize("name", ["masked_thought", "caft"])

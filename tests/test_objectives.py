@@ -1,4 +1,6 @@
 """Objectives: shared properties (the table grows with each objective) and SFT's reference check."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,7 @@ def test_finite_loss_and_gradients_only_where_trained(name, packing, size, model
     out = objective.loss(model.train(), collate(examples(size), packing=packing, pad_id=0))
     (out.loss_sum / out.num_tokens).backward()
     assert torch.isfinite(out.loss_sum) and out.num_tokens > 0
+    assert all(type(v) is float and math.isfinite(v) for v in out.metrics.values())
     for n, p in model.named_parameters():
         assert (p.grad is not None) == ("layers.1" in n), n
 

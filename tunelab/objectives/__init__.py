@@ -75,20 +75,6 @@ def _head_is_plain(model) -> bool:
     return not any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
 
 
-def trained_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits at the positions that carry a target only, and those targets: (N, V), (N,).
-
-    The output head is the largest matmul of a small model and the fp32 logits its largest tensor;
-    prompt positions have no target, so projecting only trained positions saves both. Falls back to
-    the full forward for heads that transform the logits."""
-    targets = batch["targets"]
-    keep = targets != IGNORE  # (B, T)
-    if not _head_is_plain(model):
-        return model(**model_inputs(batch)).logits[keep], targets[keep]
-    hidden = model.get_decoder()(**model_inputs(batch)).last_hidden_state  # (B, T, d)
-    return model.get_output_embeddings()(hidden[keep]), targets[keep]  # (N, V), (N,)
-
-
 def trained_hidden(model, batch: dict[str, torch.Tensor]):
     """Final hidden states at the positions that carry a target, and those targets: (N, d), (N,).
     None instead of the hidden states for heads that transform the logits (no plain head)."""
@@ -97,6 +83,18 @@ def trained_hidden(model, batch: dict[str, torch.Tensor]):
     if not _head_is_plain(model):
         return None, targets[keep]
     return model.get_decoder()(**model_inputs(batch)).last_hidden_state[keep], targets[keep]
+
+
+def trained_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the positions that carry a target only, and those targets: (N, V), (N,).
+
+    The output head is the largest matmul of a small model and the fp32 logits its largest tensor;
+    prompt positions have no target, so projecting only trained positions saves both. Falls back to
+    the full forward for heads that transform the logits."""
+    hidden, targets = trained_hidden(model, batch)
+    if hidden is None:
+        return model(**model_inputs(batch)).logits[batch["targets"] != IGNORE], targets
+    return model.get_output_embeddings()(hidden), targets
 
 
 def chunked_head_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,

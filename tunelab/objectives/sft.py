@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from tunelab.errors import ConfigError
-from tunelab.objectives import (LossOutput, Objective, chunked_head_cross_entropy, model_inputs, register,
-                                trained_hidden)
+from tunelab.objectives import (LossOutput, Objective, chunked_head_cross_entropy, register, trained_hidden,
+                                trained_logits)
 
 
 @dataclass(kw_only=True)
@@ -31,7 +31,7 @@ class SFT(Objective):
     def loss(self, model, batch):
         hidden, targets = trained_hidden(model, batch)  # (N, d), (N,)
         if hidden is None:  # a head that transforms its logits: the model's own forward
-            logits = model(**model_inputs(batch)).logits[batch["targets"] != -100]
+            logits, targets = trained_logits(model, batch)
             return LossOutput(F.cross_entropy(logits.float(), targets, reduction="sum"), targets.numel())
         head = model.get_output_embeddings()
         return LossOutput(chunked_head_cross_entropy(hidden, head, targets, self.cfg.chunk_tokens), targets.numel())
