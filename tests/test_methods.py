@@ -1,6 +1,7 @@
 """The shared method table: every parameterization method must pass every test here.
 
-Add a method by adding a row to METHOD_ROWS (name, options, what must train)."""
+Add a method by adding a row (id, name, options, what must train) to one of the row files:
+tests/rows_sparse.py, tests/rows_prompt.py, tests/rows_adapters.py, or CORE_ROWS below."""
 import copy
 
 import pytest
@@ -12,8 +13,12 @@ from tunelab.data.records import Example
 from tunelab.methods import METHODS
 from tunelab.objectives import OBJECTIVES
 
+from rows_adapters import ROWS as ADAPTER_ROWS
+from rows_prompt import ROWS as PROMPT_ROWS
+from rows_sparse import ROWS as SPARSE_ROWS
+
 # (id, method name, options, predicate on parameter names that must train)
-METHOD_ROWS = [
+CORE_ROWS = [
     ("full", "full", {}, lambda n: True),
     ("lora", "lora", {"r": 4, "alpha": 8}, lambda n: ".lora_" in n),
     ("rslora-qv", "lora", {"r": 4, "alpha": 8, "rslora": True, "target_modules": ["q_proj", "v_proj"]},
@@ -21,6 +26,7 @@ METHOD_ROWS = [
     ("lora-regex", "lora", {"r": 2, "target_modules": [r"model\.layers\.1\.mlp\..*"]},
      lambda n: ".lora_" in n and "layers.1.mlp" in n),
 ]
+METHOD_ROWS = CORE_ROWS + SPARSE_ROWS + PROMPT_ROWS + ADAPTER_ROWS
 
 
 def make(name, options):
