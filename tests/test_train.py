@@ -167,6 +167,8 @@ def test_metrics_lines_carry_throughput(tiny_dir, data_file, tmp_path):
     assert setup["kind"] == "setup" and 0 < setup["trainable_params"] < setup["total_params"]
     for r in (x for x in lines if x["kind"] == "train"):
         assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and 0 < r["trained_tokens"] <= r["tokens"]
+        # AdamW keeps two fp32 moments per trained value (plus a scalar step count per tensor)
+        assert 8 * setup["trainable_params"] <= r["optimizer_state_bytes"] < 8.1 * setup["trainable_params"]
 
 
 def test_bf16_autocast_tracks_fp32(tiny_dir, data_file, tmp_path):

@@ -31,6 +31,8 @@ class Method:
     Config: ClassVar[type] = NoOptions
     supports_disable: ClassVar[bool] = True
     """Whether `disabled()` can recover the base model's function."""
+    supports_merge: ClassVar[bool] = True
+    """Whether `merge()` folds the change into a plain HF model with the same function."""
 
     def __init__(self, cfg: Any = None):
         self.cfg = cfg if cfg is not None else self.Config()
@@ -50,6 +52,10 @@ class Method:
 
     def on_step(self, model, step: int, optimizer) -> None:
         """Called after each optimizer step (re-selection, pruning, ...)."""
+
+    def stats(self, model) -> dict[str, float]:
+        """Figures this method reports in the run log at each log step (e.g. FLOPs saved)."""
+        return {}
 
     # -- state ----------------------------------------------------------------------------
     def trainable_state(self, model) -> dict[str, Any]:

@@ -66,6 +66,10 @@ def forward_backward(model, objective, micro: list[dict], opt, tc, device) -> tu
     return loss_sum / max(total, 1), grad_norm, total, metrics
 
 
+def optimizer_state_bytes(opt) -> int:
+    return sum(v.nbytes for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+
+
 def trainable_state(method, objective, model) -> dict:
     """What a checkpoint holds: the method's trained tensors and the objective's own."""
     return method.trainable_state(model) | {f"objective.{k}": v for k, v in objective.state_dict().items()}
@@ -179,7 +183,8 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
             if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
                 log.write({"step": step + 1, "kind": "train", "loss": loss, "lr": lr, "grad_norm": grad_norm,
                            "tokens": tokens, "trained_tokens": trained, "tokens_per_s": tokens / dt,
-                           "step_s": dt, **metrics})
+                           "step_s": dt, "optimizer_state_bytes": optimizer_state_bytes(opt),
+                           **metrics, **method.stats(model)})
             if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < tc.steps and eval_records:
                 ev = evaluate(model, tok, eval_records, eval_ex, cfg)
                 log.write({"step": step + 1, "kind": "eval", **{k: v for k, v in ev.items() if k != "samples"}})
