@@ -33,6 +33,9 @@ class TrainConfig:
     fp32 elsewhere: on a CPU without them, bf16 matmuls run several times slower than fp32."""
     grad_checkpointing: bool = False
     """Recompute activations in backward to save memory (slower)."""
+    compile: bool = False
+    """torch.compile each transformer block (opt-in; the first steps pay the compile time, see
+    tunelab/training/compile.py)."""
     seed: int = 0
     """Seeds data order, initialisation and dropout."""
     log_every: int = 1

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
 
 from tunelab import config as C
-from tunelab.errors import TunelabError
+from tunelab.errors import Interrupted, TunelabError
 from tunelab.eval.task import answer_accuracy, eval_loss
 from tunelab.training import checkpoint as ckpt
 from tunelab.training.batches import BatchStream
@@ -19,7 +21,8 @@ from tunelab.training.memory import tame_allocator
 from tunelab.training.optim import build_optimizer
 from tunelab.training.precision import autocast, resolve_precision
 from tunelab.training.progress import Progress
-from tunelab.training.run import MetricsLog, RunLock
+from tunelab.training.run import MetricsLog, RunLock, fits, redact, write_config
+from tunelab.training.signals import GracefulStop, pause_point
 
 
 def pick_device(name: str) -> torch.device:
@@ -32,16 +35,33 @@ def load_examples(cfg: C.RunConfig, tokenizer):
 
     train_records = load_records(cfg.data.train, cfg.data)
     eval_records = load_records(cfg.data.eval, cfg.data) if cfg.data.eval else []
+    for spec, records in ((cfg.data.train, train_records), (cfg.data.eval, eval_records)):
+        _check_chat_template(spec, records, tokenizer, cfg)
+        if getattr(records, "num_skipped", 0):
+            _warn(f"warning: {spec}: skipped {records.num_skipped} malformed rows (data.on_bad_rows=skip); "
+                  f"first: {'; '.join(records.skip_reasons)}")
     return encode(train_records, tokenizer, cfg.data), eval_records, encode(eval_records, tokenizer, cfg.data)
 
 
-def evaluate(model, tok, eval_records, eval_examples, cfg: C.RunConfig) -> dict:
+def _check_chat_template(spec: str, records, tokenizer, cfg: C.RunConfig) -> None:
+    if getattr(tokenizer, "chat_template", None) is None and any(r.messages for r in records):
+        raise TunelabError(f"model.name={cfg.model.name}: its tokenizer has no chat template, but {spec} "
+                           f"holds chat rows (format {getattr(records, 'format', '?')}); use a model "
+                           "whose tokenizer has one, or `text` rows")
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def evaluate(model, tok, eval_records, eval_examples, cfg: C.RunConfig, step: int | None = None) -> dict:
     if not eval_records:
         return {}
     pad = tok.pad_token_id
     n = cfg.eval.num_examples
     out = {"eval_loss": eval_loss(model, eval_examples[:n], batch_size=cfg.eval.batch_size, pad_id=pad,
                                   precision=cfg.train.precision)}
+    pause_point(f"eval:{step}")
     return out | answer_accuracy(model, tok, eval_records, cfg.eval, precision=cfg.train.precision)
 
 
@@ -86,8 +106,9 @@ def save_final(run_dir: Path, model, tok, method, objective, cfg: C.RunConfig) -
         method.save(model, tok, tmp, cfg.model.name)
         objective.save(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "tunelab.json").write_text(json.dumps({"method": cfg.method.name, "base_model": cfg.model.name,
-                                                      "steps": cfg.train.steps}))
+        pause_point("fill:final")
+        (tmp / "tunelab.json").write_text(redact(json.dumps({"method": cfg.method.name, "base_model": cfg.model.name,
+                                                             "steps": cfg.train.steps})))
     ckpt.atomic_dir(run_dir / "final", fill)
 
 
@@ -97,9 +118,10 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
     from tunelab.models import load_model
     from tunelab.objectives import OBJECTIVES
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with RunLock(run_dir):
-        C.dump(cfg, run_dir / "config.yaml")
+    with RunLock(run_dir), ExitStack() as stack:
+        write_config(cfg, run_dir)
+        ckpt.recover(run_dir)
+        ckpt.recover(run_dir / "checkpoints")
         t_start = time.perf_counter()
         tc = cfg.train
         torch.manual_seed(tc.seed)
@@ -115,6 +137,9 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
         model = method.apply(model).to(device)
         if tc.grad_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if tc.compile:
+            from tunelab.training.compile import compile_blocks
+            print(f"compiling {compile_blocks(model)} transformer blocks (train.compile)")
         objective = OBJECTIVES.get(cfg.objective.name)(cfg.objective.options)
         objective.setup(model, tok)
         train_ex, eval_records, eval_ex = load_examples(cfg, tok)
@@ -126,19 +151,22 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
         # ---- resume
         log = MetricsLog(run_dir / "metrics.jsonl", tensorboard=tc.tensorboard)
         start, data_pos = 0, {"epoch": 0, "pos": 0}
-        if (last := ckpt.latest_valid(run_dir / "checkpoints")) is not None:
-            saved = ckpt.load_checkpoint(last)
-            load_trainable_state(method, objective, model, saved["trainable"])
-            ckpt.optimizer_from_flat(opt, saved["optimizer_tensors"], saved["state"]["optimizer"])
+        if (found := ckpt.load_latest(run_dir / "checkpoints", warn=_warn)) is not None:
+            last, saved = found
+            with fits(last, cfg):
+                load_trainable_state(method, objective, model, saved["trainable"])
+                ckpt.optimizer_from_flat(opt, saved["optimizer_tensors"], saved["state"]["optimizer"])
             sched.load_state_dict(saved["state"]["scheduler"])
             ckpt.set_rng_state(saved["rng_tensors"], saved["state"]["rng"])
             start, data_pos = saved["state"]["step"], saved["state"]["data"]
             print(f"resuming {run_dir} from {last.name}")
-        log.truncate_after(start)
+        elif ckpt.list_checkpoints(run_dir / "checkpoints"):
+            _warn(f"warning: {run_dir / 'checkpoints'} holds no valid checkpoint; starting from step 0")
+        log.truncate_after(start if start else -1)  # from scratch: an earlier attempt's lines go too
         stream = BatchStream(train_ex, tc.micro_batch_size, seed=tc.seed, packing=cfg.data.packing,
                              pad_id=tok.pad_token_id, **data_pos)
 
-        if _is_complete(run_dir, tc.steps, start):
+        if _is_complete(run_dir, tc.steps, start, need_eval=bool(eval_records)):
             print(f"{run_dir} is already trained to step {start}; nothing to do")
             return run_dir
         results_path = run_dir / "eval.json"
@@ -146,24 +174,38 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
         if start == 0:
             log.write({"step": 0, "kind": "setup", "trainable_params": n_train, "total_params": n_total,
                        "train_examples": len(train_ex), "truncated": train_ex.num_truncated,
-                       "dropped": train_ex.num_dropped, "startup_s": time.perf_counter() - t_start})
+                       "dropped": train_ex.num_dropped, "bad_rows_skipped": train_ex.num_bad_rows,
+                       "eval_bad_rows_skipped": eval_ex.num_bad_rows, "startup_s": time.perf_counter() - t_start})
             if cfg.eval.before and eval_records:
-                results["before"] = evaluate(model, tok, eval_records, eval_ex, cfg)
+                results["before"] = evaluate(model, tok, eval_records, eval_ex, cfg, step=0)
                 _report("before", results["before"])
-                ckpt.atomic_write_text(results_path, json.dumps(results, indent=1))
+                ckpt.atomic_write_text(results_path, redact(json.dumps(results, indent=1)))
+
+        def save(n: int) -> None:
+            ckpt.save_checkpoint(run_dir / "checkpoints" / f"step-{n}", trainable=trainable_state(method, objective, model),
+                                 optimizer=opt, scheduler=sched, extra={"step": n, "data": stream.state()})
+            ckpt.prune(run_dir / "checkpoints", tc.keep_checkpoints)
 
         # ---- steps
         model.train()
-        bad_in_a_row = 0
+        bad_in_a_row, last_saved = 0, start
+        stop = stack.enter_context(GracefulStop())
+        stack.enter_context(_aborts_clearly(run_dir))
         bar = Progress(total=tc.steps, initial=start, enabled=tc.progress)
         for step in range(start, tc.steps):
+            if stop.requested:  # a step boundary: save what is done, then leave
+                _interrupt(stop, run_dir, step, save if step > last_saved else None)
             t0 = time.perf_counter()
             micro = [{k: v.to(device) for k, v in next(stream).items()} for _ in range(tc.grad_accum)]
             loss, grad_norm, trained, metrics = forward_backward(model, objective, micro, opt, tc, device)
+            pause_point(f"step:{step + 1}")
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 opt.zero_grad(set_to_none=True)
                 bad_in_a_row += 1
                 log.write({"step": step + 1, "kind": "skipped", "loss": loss, "grad_norm": grad_norm})
+                _warn(f"warning: step {step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
+                      f"step skipped ({bad_in_a_row} in a row; the run stops at train.max_bad_steps="
+                      f"{tc.max_bad_steps})")
                 if bad_in_a_row >= tc.max_bad_steps:
                     raise TunelabError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient "
                                        f"(last at step {step + 1}); the last good checkpoint is intact in "
@@ -186,31 +228,54 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
                            "step_s": dt, "optimizer_state_bytes": optimizer_state_bytes(opt),
                            **metrics, **method.stats(model)})
             if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < tc.steps and eval_records:
-                ev = evaluate(model, tok, eval_records, eval_ex, cfg)
+                ev = evaluate(model, tok, eval_records, eval_ex, cfg, step=step + 1)
                 log.write({"step": step + 1, "kind": "eval", **{k: v for k, v in ev.items() if k != "samples"}})
                 model.train()
             if (tc.save_every and (step + 1) % tc.save_every == 0) or step + 1 == tc.steps:
-                ckpt.save_checkpoint(run_dir / "checkpoints" / f"step-{step + 1}",
-                                     trainable=trainable_state(method, objective, model), optimizer=opt,
-                                     scheduler=sched,
-                                     extra={"step": step + 1, "data": stream.state()})
-                ckpt.prune(run_dir / "checkpoints", tc.keep_checkpoints)
+                save(step + 1)
+                last_saved = step + 1
         bar.close()
+        if stop.requested:
+            _interrupt(stop, run_dir, tc.steps, None)
 
         # ---- final output and evaluation
         model.eval()
         save_final(run_dir, model, tok, method, objective, cfg)
         if eval_records:
-            results["after"] = evaluate(model, tok, eval_records, eval_ex, cfg)
+            results["after"] = evaluate(model, tok, eval_records, eval_ex, cfg, step=tc.steps)
             _report("after", results["after"])
-            ckpt.atomic_write_text(results_path, json.dumps(results, indent=1))
+            ckpt.atomic_write_text(results_path, redact(json.dumps(results, indent=1)))
         return run_dir
 
 
-def _is_complete(run_dir: Path, steps: int, start: int) -> bool:
-    meta = run_dir / "final" / "tunelab.json"
+def _is_complete(run_dir: Path, steps: int, start: int, need_eval: bool) -> bool:
+    """Trained to `steps`, final/ written for them and (with eval data) the final evaluation done;
+    a crash between any two of these is finished on the next start."""
+    meta, results = run_dir / "final" / "tunelab.json", run_dir / "eval.json"
     return start == steps and meta.exists() and json.loads(meta.read_text()).get("steps") == steps \
-        and (run_dir / "eval.json").exists()
+        and (not need_eval or (results.exists() and "after" in json.loads(results.read_text())))
+
+
+def _interrupt(stop: GracefulStop, run_dir: Path, step: int, save) -> None:
+    """Leave after a SIGINT/SIGTERM at a step boundary: checkpoint step `step` (unless `save` is
+    None: it is saved already, or nothing has trained), then raise Interrupted with how to resume."""
+    if save is not None and step > 0:
+        save(step)
+    done = f"checkpoint {run_dir / 'checkpoints' / f'step-{step}'} saved" if step else "nothing trained yet"
+    raise Interrupted(f"interrupted at step {step} ({done}); resume with: tunelab train {run_dir}",
+                      exit_code=stop.exit_code)
+
+
+@contextmanager
+def _aborts_clearly(run_dir: Path):
+    """A second Ctrl-C aborts at once (KeyboardInterrupt); say that nothing was corrupted and how
+    to resume from the newest complete checkpoint."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        last = ckpt.latest_valid(run_dir / "checkpoints", warn=lambda m: None)
+        raise Interrupted(f"aborted; the newest complete checkpoint is {last or 'none (starts over)'}; "
+                          f"resume with: tunelab train {run_dir}") from None
 
 
 def _report(when: str, res: dict) -> None:
