@@ -366,3 +366,36 @@ def test_per_example_attention_equals_masked_sdpa(model):
         ref[keep].sum().backward()
     for (n, p), q in zip(model.named_parameters(), fast.parameters()):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+@pytest.mark.parametrize("budget", [1, 9, 20, 1000])
+def test_split_batch_keeps_every_example_and_the_loss_sum(packing, budget, model):
+    """Pieces respect the budget (an over-long example stays whole), keep every example in order,
+    and their SFT loss sums add up to the whole batch's."""
+    import random as _random
+
+    from tunelab.data.collate import split_batch
+    from tunelab.objectives import OBJECTIVES
+
+    rng = _random.Random(budget)
+    exs = []
+    for _ in range(5):
+        ids = [rng.randrange(3, 300) for _ in range(rng.randrange(2, 12))]
+        exs.append(Example(ids, [-100] + ids[1:]))
+    batch = collate(exs, packing=packing, pad_id=0)
+    pieces = split_batch(batch, budget)
+    sft = OBJECTIVES.get("sft")()
+    with torch.no_grad():
+        whole = sft.loss(model, batch)
+        parts = [sft.loss(model, p) for p in pieces]
+    assert sum(p.num_tokens for p in parts) == whole.num_tokens
+    torch.testing.assert_close(sum(p.loss_sum for p in parts), whole.loss_sum, rtol=1e-5, atol=1e-4)
+    if packing:
+        assert torch.equal(torch.cat([p["input_ids"] for p in pieces], 1), batch["input_ids"])
+        for p in pieces:
+            lengths = (p["cu_seqlens"][1:] - p["cu_seqlens"][:-1]).tolist()
+            assert p["input_ids"].shape[1] == sum(lengths) and (sum(lengths) <= budget or len(lengths) == 1)
+    else:
+        assert sum(p["input_ids"].shape[0] for p in pieces) == len(exs)
+        assert all(p["input_ids"].numel() <= max(budget, p["input_ids"].shape[1]) for p in pieces)

@@ -194,3 +194,19 @@ def test_compiled_and_eager_steps_agree(tiny_dir, data_file, tmp_path):
     eager, comp = (load_file(runs[c] / "final" / "adapter_model.safetensors") for c in (False, True))
     for name in eager:
         torch.testing.assert_close(comp[name], eager[name], atol=1e-5, rtol=1e-4)
+
+
+def test_split_forward_gives_the_same_steps(tiny_dir, data_file, tmp_path):
+    """train.max_tokens_per_forward splits micro-batches at example boundaries: same losses and
+    weights as unsplit (dropout off: its random draws depend on tensor shapes)."""
+    runs = {}
+    for budget in (0, 24):
+        cfg = base_cfg(tiny_dir, data_file, tmp_path / f"b{budget}", steps=3, max_tokens_per_forward=budget,
+                       micro_batch_size=4, grad_accum=1)
+        cfg["method"]["dropout"] = 0.0
+        cfg["data"].pop("eval")
+        runs[budget] = tunelab.train(cfg)
+    assert losses(runs[24]) == pytest.approx(losses(runs[0]), rel=1e-5)
+    whole, split = (load_file(runs[b] / "final" / "adapter_model.safetensors") for b in (0, 24))
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], atol=1e-6, rtol=1e-5)

@@ -70,6 +70,31 @@ def _padded(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     return batch
 
 
+def split_batch(batch: dict[str, torch.Tensor], max_tokens: int) -> list[dict[str, torch.Tensor]]:
+    """Split a batch at example boundaries into pieces of at most `max_tokens` positions (an
+    example longer than that stays whole). Loss sums over the pieces add up to the batch's."""
+    if "cu_seqlens" in batch:  # packed: greedy runs of whole examples
+        cu = batch["cu_seqlens"].tolist()  # example i spans cu[i]:cu[i+1]
+        cuts = [0]
+        for i in range(1, len(cu) - 1):  # cut before example i when the piece would outgrow the budget
+            if cu[i + 1] - cu[cuts[-1]] > max_tokens:
+                cuts.append(i)
+        cuts.append(len(cu) - 1)
+        return [_packed_slice(batch, cu[a], cu[b], batch["cu_seqlens"][a:b + 1]) for a, b in zip(cuts, cuts[1:])]
+    B, T = batch["input_ids"].shape  # padded: whole rows, trailing pad columns trimmed
+    rows = max(1, max_tokens // T)
+    out = []
+    for r in range(0, B, rows):
+        piece = {k: v[r:r + rows] for k, v in batch.items()}
+        width = int(piece["attention_mask"].sum(1).max())
+        out.append({k: v[:, :width] for k, v in piece.items()})
+    return out
+
+
+def _packed_slice(batch, start: int, end: int, cu: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {k: v[:, start:end] for k, v in batch.items() if k != "cu_seqlens"} | {"cu_seqlens": cu - start}
+
+
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
 
 

@@ -41,6 +41,10 @@ class NoOptions:
 class Objective:
     name: ClassVar[str]
     Config: ClassVar[type] = NoOptions
+    per_token: ClassVar[bool] = False
+    """True when the loss sum over a batch equals the sum over any split of it at example
+    boundaries (no batch-level statistics, no state advanced per call). Only then may the loop
+    split a micro-batch to bound activation memory (train.max_tokens_per_forward)."""
 
     def __init__(self, cfg: Any = None):
         self.cfg = cfg if cfg is not None else self.Config()

@@ -83,6 +83,7 @@ class OneTokenRollout(Objective):
     global RNG, so a seeded run is deterministic. Metrics: `hit_rate` (mean c_t/K, or mean π'(x_t) in
     exact mode) and `zero_hit_fraction` (positions where no sample hit; 0 in exact mode).
     """
+    per_token = True
     Config = OTRConfig
 
     def loss(self, model, batch):

@@ -25,6 +25,7 @@ class SFTConfig:
 class SFT(Objective):
     """loss = sum over trained tokens of -log p(y_t | y_<t), divided by the number of trained
     tokens in the optimizer step. The head runs on trained positions only, in chunks."""
+    per_token = True
 
     Config = SFTConfig
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,6 +16,10 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step. The loss is normalised by the step's trained tokens,
     so the result does not depend on how a step is split."""
+    max_tokens_per_forward: int = 512
+    """Bound on the positions in one forward/backward: larger micro-batches are split at example
+    boundaries and their gradients summed (same result, less activation memory). Applies to
+    per-token objectives (see Objective.per_token); 0 turns it off."""
     lr: float = 2e-4
     """Peak learning rate."""
     weight_decay: float = 0.0
@@ -57,14 +62,28 @@ class TrainConfig:
     """Show a progress bar with loss, tokens/s and ETA."""
 
     def __post_init__(self):
-        for name in ("steps", "micro_batch_size", "grad_accum", "log_every", "max_bad_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "save_every", "keep_checkpoints", "weight_decay", "max_grad_norm"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        for name, (low, high) in _RANGES.items():
+            check_range(name, getattr(self, name), low, high)
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr: must be > 0 and finite, got {self.lr!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"betas: must be two numbers in [0, 1), got {self.betas}")
         self.betas = list(self.betas)
+
+
+INF = math.inf
+_RANGES: dict[str, tuple[float, float]] = {
+    "steps": (1, INF), "micro_batch_size": (1, INF), "grad_accum": (1, INF), "log_every": (1, INF),
+    "max_tokens_per_forward": (0, INF),
+    "max_bad_steps": (1, INF), "warmup_steps": (0, INF), "save_every": (0, INF), "seed": (0, 2**32 - 1),
+    # keep >= 1: pruning to 0 would delete the checkpoint just written, leaving nothing to resume
+    "keep_checkpoints": (1, INF), "weight_decay": (0, INF), "max_grad_norm": (0, INF),
+}
+"""Valid closed ranges of TrainConfig's numeric fields."""
+
+
+def check_range(name: str, value: float, low: float, high: float) -> None:
+    """ConfigError `name: must be >= low` (or `in [low, high]`) unless the value is finite and in range."""
+    if not (low <= value <= high and math.isfinite(value)):  # NaN fails every comparison
+        valid = f">= {low}" if high == INF else f"in [{low}, {high}]"
+        raise ConfigError(f"{name}: must be {valid}, got {value!r}")

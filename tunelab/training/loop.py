@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from tunelab import config as C
+from tunelab.data.collate import split_batch
 from tunelab.errors import Interrupted, TunelabError
 from tunelab.eval.task import answer_accuracy, eval_loss
 from tunelab.training import checkpoint as ckpt
@@ -71,6 +72,8 @@ def forward_backward(model, objective, micro: list[dict], opt, tc, device) -> tu
     on how the step is split, even when an objective decides its token count in the forward pass.
     Returns (mean loss, gradient norm before clipping, tokens counted, mean objective metrics)."""
     loss_sum, total, metrics = 0.0, 0, {}
+    if tc.max_tokens_per_forward and objective.per_token:
+        micro = [piece for b in micro for piece in split_batch(b, tc.max_tokens_per_forward)]
     for batch in micro:
         with autocast(tc.precision, device):
             out = objective.loss(model, batch)
@@ -181,9 +184,10 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
                 _report("before", results["before"])
                 ckpt.atomic_write_text(results_path, redact(json.dumps(results, indent=1)))
 
-        def save(n: int) -> None:
-            ckpt.save_checkpoint(run_dir / "checkpoints" / f"step-{n}", trainable=trainable_state(method, objective, model),
-                                 optimizer=opt, scheduler=sched, extra={"step": n, "data": stream.state()})
+        def save(n: int) -> None:  # a resumable checkpoint of the first n steps
+            ckpt.save_checkpoint(run_dir / "checkpoints" / f"step-{n}", optimizer=opt, scheduler=sched,
+                                 trainable=trainable_state(method, objective, model),
+                                 extra={"step": n, "data": stream.state()})
             ckpt.prune(run_dir / "checkpoints", tc.keep_checkpoints)
 
         # ---- steps
