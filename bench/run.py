@@ -25,6 +25,10 @@ PLANS = {  # (steps, warm-up steps excluded from timing), per mode
     "full": {"lora": (12, 2), "full": (8, 2)},
 }
 CONTENDERS = ("hf", "trl", "tunelab")
+VARIANTS = {  # plan -> extra tunelab rows: (row name, mode, config overrides)
+    "quick": [],
+    "full": [("tunelab+compile", "lora", ["train.compile=true"])],
+}
 
 
 def child(args: list[str], **env_extra: str) -> dict:
@@ -99,6 +103,11 @@ def main(plan_name: str) -> Path:
             print(f"bench: {name} {mode} ({steps} steps)", flush=True)
             r = child(["bench/contenders.py", name, mode, str(steps), str(warmup)])
             res["contenders"].append(r | {"contender": name, "mode": mode})
+    for name, mode, overrides in VARIANTS[plan_name]:  # opt-in settings; start-up includes compile time
+        steps, warmup = PLANS[plan_name][mode]
+        print(f"bench: {name} {mode} ({steps} steps)", flush=True)
+        r = child(["bench/contenders.py", "tunelab", mode, str(steps), str(warmup + 1), *overrides])
+        res["contenders"].append(r | {"contender": name, "mode": mode})
     res["ceiling"] = ceiling(tokens=860)
     add_flops(res, res["ceiling"], res["machine"]["native_bf16"])
     print("bench: profile, eval speed, start-up", flush=True)

@@ -372,6 +372,11 @@ def test_mam_trains_in_the_real_loop(tiny_dir, tmp_path):
     assert not torch.allclose(logits(tuned, b), logits(base, b))
     with loaded_method.disabled(tuned):
         assert torch.equal(logits(tuned, b), logits(base, b))
+    from tunelab.errors import TunelabError
+    from tunelab.export import export
+    with pytest.raises(TunelabError, match="cannot be folded"):
+        export(run, tmp_path / "merged", merge=True)
+    assert (export(run, tmp_path / "as_is") / "tunelab_adapter.safetensors").exists()
 
 
 def test_adapter_packed_and_padded_runs_agree(tiny_dir, tmp_path):

@@ -20,6 +20,9 @@ def export(run_dir, out, merge: bool = False) -> Path:
         shutil.copytree(Path(run_dir) / "final", out, dirs_exist_ok=True)
         return out
     _, model, tok, method = load_trained(run_dir)
+    if not method.supports_merge:
+        raise TunelabError(f"{run_dir}: method '{method.name}' cannot be folded into a plain model; "
+                           "export without --merge to get its own output")
     merged = method.merge(model)
     merged.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
