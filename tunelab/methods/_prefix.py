@@ -38,12 +38,15 @@ Public surface (used by prompt_tuning, prefix_tuning, dept, ept, cpt, and the MA
 How it runs: a forward pre-hook on `model.get_decoder()` computes the prefixes and passes them to
 the attention function as the keyword `tunelab_prefix` (transformers forwards extra decoder
 keywords to every attention call). Passing them as an argument rather than storing them on modules
-keeps gradient checkpointing's recomputation identical to the first forward.
+keeps gradient checkpointing's recomputation identical to the first forward. If something later
+switches the model's attention (ssToken sets 'eager' to read attention weights), the hook routes
+it back through the prefix attention and honours the wish: with 'eager', weights are computed
+explicitly and returned over the real keys (the prefix columns dropped).
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -53,10 +56,20 @@ from tunelab.errors import ConfigError
 
 NAME = "tunelab_prefix"
 PREFIX_KW = "tunelab_prefix"
-"""Decoder keyword: list over layers of (key, value), each (1, H_kv, n, D)."""
+"""Decoder keyword carrying `Prefixes`."""
 CAPTURE_KW = "tunelab_capture"
 """Decoder keyword: a dict that attention fills with layer_idx -> (key, value) (prompt runs)."""
 _STATE = "_tunelab_prefix_state"
+
+
+class Prefixes(NamedTuple):
+    """What the pre-hook hands every attention call of one forward."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    """Per layer (key, value), each (1, H_kv, n, D)."""
+    eager: bool
+    """The model was set to eager attention (e.g. an objective reads attention weights): compute
+    the weights explicitly and return them, over the real keys."""
 
 
 # -- attention ----------------------------------------------------------------------------------
@@ -81,10 +94,20 @@ def _sdpa(module, q, k, v, mask, dropout, scaling):
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
+def _eager(module, q, k, v, mask, dropout, scaling):
+    """Explicit softmax attention, returning the weights too; k/v may have fewer (KV) heads."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = (q @ k.transpose(-1, -2)) * (scaling or q.shape[-1] ** -0.5)  # (B, H, Tq, n + Tk)
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    w = F.dropout(scores.softmax(-1, dtype=torch.float32).to(q.dtype), p=dropout, training=module.training)
+    return w @ v, w
+
+
 def prefix_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
                      dropout: float = 0.0, scaling: float | None = None, **kwargs):
-    """query (B, H, Tq, D), key/value (B, H_kv, Tk, D) -> ((B, Tq, H, D), None); every query also
-    attends to this layer's prefix from `kwargs['tunelab_prefix']` (none: plain packed SDPA)."""
+    """query (B, H, Tq, D), key/value (B, H_kv, Tk, D) -> ((B, Tq, H, D), weights or None); every
+    query also attends to this layer's prefix from `kwargs['tunelab_prefix']` (none: packed SDPA)."""
     from tunelab.models.attention import packed_sdpa
 
     capture, prefixes = kwargs.pop(CAPTURE_KW, None), kwargs.pop(PREFIX_KW, None)
@@ -92,14 +115,17 @@ def prefix_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
         capture[module.layer_idx] = (key, value)
     if prefixes is None:
         return packed_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    pk, pv = (t.to(query.dtype) for t in prefixes[module.layer_idx])  # (1, H_kv, n, D)
+    pk, pv = (t.to(query.dtype) for t in prefixes.kv[module.layer_idx])  # (1, H_kv, n, D)
     n, cu = pk.shape[2], kwargs.get("cu_seq_lens_q")
-    if cu is not None and query.shape[0] == 1 and query.shape[2] == key.shape[2]:
+    if cu is not None and not prefixes.eager and query.shape[0] == 1 and query.shape[2] == key.shape[2]:
         return _packed_with_prefix(module, query, key, value, pk, pv, cu, dropout, scaling), None
     B, tq, tk = query.shape[0], query.shape[2], key.shape[2]
-    mask = _with_prefix_columns(attention_mask, n, tq, tk, query.device)
+    mask = _with_prefix_columns(attention_mask, n, tq, tk, query.device)  # packed: HF's block mask
     k = torch.cat([pk.expand(B, -1, -1, -1), key], dim=2)
     v = torch.cat([pv.expand(B, -1, -1, -1), value], dim=2)
+    if prefixes.eager:
+        out, weights = _eager(module, query, k, v, mask, dropout, scaling)
+        return out.transpose(1, 2).contiguous(), weights[..., n:]
     return _sdpa(module, query, k, v, mask, dropout, scaling).transpose(1, 2).contiguous(), None
 
 
@@ -273,6 +299,9 @@ def _pre_hook(decoder, args, kwargs):
     state: _State | None = decoder.__dict__.get(_STATE)
     if state is None or not state.enabled or CAPTURE_KW in kwargs:
         return None
+    if decoder.config._attn_implementation != NAME:  # switched since (an objective wanting eager
+        state.base_attn = decoder.config._attn_implementation  # weights): keep its wish, route via us
+        decoder.set_attn_implementation(NAME)
     if args:  # input_ids given positionally
         kwargs["input_ids"], args = args[0], args[1:]
     ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
@@ -285,7 +314,8 @@ def _pre_hook(decoder, args, kwargs):
         kwargs["inputs_embeds"] = kwargs["inputs_embeds"] if new is None else new
     kwargs["position_ids"] = pos + state.offset
     cu = kwargs.get("cu_seq_lens_q")
-    kwargs[PREFIX_KW] = state.prefixes(decoder, len(cu) - 1 if cu is not None else ref.shape[0])
+    kv = state.prefixes(decoder, len(cu) - 1 if cu is not None else ref.shape[0])
+    kwargs[PREFIX_KW] = Prefixes(kv, eager=state.base_attn == "eager")
     return args, kwargs
 
 
