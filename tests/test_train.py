@@ -210,3 +210,19 @@ def test_split_forward_gives_the_same_steps(tiny_dir, data_file, tmp_path):
     whole, split = (load_file(runs[b] / "final" / "adapter_model.safetensors") for b in (0, 24))
     for name in whole:
         torch.testing.assert_close(split[name], whole[name], atol=1e-6, rtol=1e-5)
+
+
+def test_eval_loss_is_deterministic_and_keeps_the_mode(model):
+    """Mid-training evaluation runs without dropout and hands the model back in train mode."""
+    from tiny import random_examples
+
+    from tunelab.config import from_dict
+    from tunelab.eval.task import eval_loss
+    from tunelab.methods import METHODS
+
+    cls = METHODS.get("lora")
+    tuned = cls(from_dict(cls.Config, {"r": 4, "dropout": 0.5}, "method")).apply(model).train()
+    exs = random_examples(4, seed=1)
+    first, second = (eval_loss(tuned, exs, batch_size=2, pad_id=0) for _ in range(2))
+    assert first == second and tuned.training
+    assert first == pytest.approx(eval_loss(tuned.eval(), exs, batch_size=2, pad_id=0), rel=1e-6)

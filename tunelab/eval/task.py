@@ -16,13 +16,15 @@ def eval_loss(model, examples: list[Example], *, batch_size: int, pad_id: int, p
     """Mean CE over every trained token of `examples`."""
     from tunelab.data import collate
 
-    total, count = 0.0, 0
+    total, count, was_training = 0.0, 0, model.training
+    model.eval()  # no dropout; the caller's mode comes back afterwards
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i:i + batch_size], packing=False, pad_id=pad_id)
-        with autocast(precision):
+        with torch.no_grad(), autocast(precision):
             logits = model(**model_inputs(batch)).logits
         total += float(token_cross_entropy(logits, batch["targets"]).sum())
         count += int((batch["targets"] != IGNORE).sum())
+    model.train(was_training)
     return total / max(count, 1)
 
 
