@@ -1,7 +1,8 @@
 """tunelab: fine-tuning methods for LLMs, made real, composable and comparable.
 
 Public surface (imports are lazy so that `tunelab --help` stays fast):
-    tunelab.train(config, *overrides) -> Path    train (or resume) a run, return its directory
+    tunelab.train(config, *overrides) -> Path    train (or resume) a run, run its diagnostics, return its directory
+                                                 (and write RUN/report.html)
     tunelab.load_run(run_dir)                    (cfg, model, tokenizer, method) of a trained run
 """
 from __future__ import annotations
@@ -18,7 +19,12 @@ def train(config, *overrides: str) -> Path:
     from tunelab.training.run import resolve
 
     cfg, run_dir = resolve(config, list(overrides))
-    return _train(cfg, run_dir)
+    run_dir = _train(cfg, run_dir)
+    from tunelab.diagnostics._runner import run_after_train
+    run_after_train(run_dir)  # cfg.diagnostics.after_train; results already current are kept
+    from tunelab.report import write_report
+    print(f"report: {write_report(run_dir)}")  # last: it shows the diagnostics just written
+    return run_dir
 
 
 def load_run(run_dir):

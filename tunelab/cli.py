@@ -24,6 +24,24 @@ def cmd_eval(a) -> None:
     print(json.dumps({k: v for k, v in res.items() if k != "samples"}, indent=1))
 
 
+def cmd_diagnose(a) -> None:
+    from tunelab.diagnostics import run_diagnostics
+    results = run_diagnostics(a.run, only=a.only)
+    print(f"wrote {len(results)} diagnostics to {a.run}/diagnostics/: {', '.join(results)}")
+
+
+def cmd_report(a) -> None:
+    from tunelab.report import write_report
+    print(f"wrote {write_report(a.run)}")
+
+
+def cmd_compare(a) -> None:
+    from tunelab.report import compare, text_table
+    comparison, html, js = compare(a.targets, a.out, a.set, allow_mismatch=a.allow_mismatch)
+    print(text_table(comparison))
+    print(f"wrote {html} and {js}")
+
+
 def cmd_generate(a) -> None:
     from tunelab.data.records import Record
     from tunelab.data import encode_prompt
@@ -74,6 +92,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run")
     e.add_argument("--num-examples", type=int, default=None)
     e.set_defaults(fn=cmd_eval)
+    dg = sub.add_parser("diagnose", help="side effects of a trained run: forgetting, knowledge, tuco, intruder")
+    dg.add_argument("run")
+    dg.add_argument("--only", nargs="+", metavar="NAME", help="run only these diagnostics (default: the run "
+                    "config's diagnostics.after_train, else the cheap ones that fit its data)")
+    dg.set_defaults(fn=cmd_diagnose)
+    r = sub.add_parser("report", help="write RUN/report.html: target gain, loss curve, throughput, side effects")
+    r.add_argument("run")
+    r.set_defaults(fn=cmd_report)
+    cp = sub.add_parser("compare", help="runs side by side; YAML recipes are trained first with the same "
+                        "data, steps, batch and seed")
+    cp.add_argument("targets", nargs="+", help="run directories and/or YAML recipes")
+    cp.add_argument("--out", default="runs/compare", help="where compare.html, compare.json and trained recipes go")
+    cp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an override for every recipe, e.g. --set train.steps=50 (repeatable)")
+    cp.add_argument("--allow-mismatch", action="store_true",
+                    help="compare run directories trained with different data/steps/batch/seed (with a warning)")
+    cp.set_defaults(fn=cmd_compare)
     g = sub.add_parser("generate", help="generate a reply with a trained run")
     g.add_argument("run")
     g.add_argument("--prompt", required=True)
@@ -102,13 +137,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from tunelab.errors import TunelabError
+    from tunelab.errors import Interrupted, TunelabError
     try:
         args.fn(args)
+    except Interrupted as e:  # a graceful stop on SIGINT/SIGTERM: 130 / 143, with how to resume
+        _say(f"tunelab: {e}")
+        return e.exit_code
     except TunelabError as e:
-        print(f"tunelab: error: {e}", file=sys.stderr)
+        _say(f"tunelab: error: {e}")
         return 2
     except KeyboardInterrupt:
-        print("tunelab: interrupted", file=sys.stderr)
+        _say("tunelab: interrupted")
         return 130
+    except OSError as e:  # the environment failed us (disk, permissions): say where, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        _say(f"tunelab: error: {where}{e.strerror or e}")
+        return 2
     return 0
+
+
+def _say(message: str) -> None:
+    """Print to stderr with secrets redacted; bytes a terminal cannot show are escaped, not fatal."""
+    from tunelab.training.run import redact
+    print(redact(message).encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from tunelab.data.config import DataConfig
+from tunelab.diagnostics.config import DiagnosticsConfig
 from tunelab.errors import ConfigError
 from tunelab.eval.config import EvalConfig
 from tunelab.models.config import ModelConfig
@@ -42,6 +43,8 @@ class RunConfig:
     """Optimizer, schedule, precision, checkpointing."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Task evaluation (loss + exact match by generation)."""
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    """Side-effect diagnostics after training (forgetting, knowledge, tuco, intruder) and their options."""
     output: str = "runs/latest"
     """The run directory."""
 

@@ -19,3 +19,12 @@ class DataError(TunelabError, ValueError):
         if field:
             where += f": field '{field}'"
         super().__init__(f"{where}: {message}")
+
+
+class Interrupted(TunelabError):
+    """Training stopped on SIGINT/SIGTERM after saving what it had; the message says how to resume.
+    `exit_code` is what `tunelab train` exits with (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, *, exit_code: int = 130):
+        self.exit_code = exit_code
+        super().__init__(message)

@@ -32,11 +32,12 @@ def load_records(spec: str, cfg: DataConfig) -> Records:
         from tunelab.data.builtin import load_builtin  # written separately; heavy tasks load lazily
         return Records(load_builtin(spec), format="builtin")
     skip = cfg.on_bad_rows == "skip"
-    rows, num_bad = read_rows(spec, skip_bad=skip)
+    rows, unreadable = read_rows(spec, skip_bad=skip)
     records = to_records(rows, str(Path(spec)), cfg.format, skip_bad=skip) if rows else Records()
-    records.num_skipped += num_bad
+    records.skipped(unreadable)
     if not records:
-        raise DataError(f"no valid rows: all {records.num_skipped} rows were skipped as malformed", file=spec)
+        raise DataError(f"no valid rows: all {records.num_skipped} rows were skipped as malformed "
+                        f"(first: {'; '.join(records.skip_reasons)})", file=spec)
     return records
 
 

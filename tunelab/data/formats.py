@@ -31,6 +31,10 @@ class RowError(Exception):
         self.field, self.message = field, message
 
 
+MAX_REASONS = 3
+"""How many skipped rows' reasons are kept for the warning (all are counted)."""
+
+
 class Records(list):
     """The list of Records from one source, plus what happened while loading it."""
 
@@ -40,6 +44,19 @@ class Records(list):
         """The format used (detected or configured); `builtin` for builtin sources."""
         self.num_skipped = num_skipped
         """Rows skipped as malformed (only with on_bad_rows=skip)."""
+        self.first_skipped: list[DataError] = []
+        """The errors of the first MAX_REASONS rows skipped, in file order."""
+
+    def skipped(self, errors: list[DataError]) -> None:
+        """Count rows skipped as malformed (`errors` in file order), keeping the first few."""
+        self.num_skipped += len(errors)
+        first = self.first_skipped + errors[:MAX_REASONS]
+        self.first_skipped = sorted(first, key=lambda e: e.line or 0)[:MAX_REASONS]
+
+    @property
+    def skip_reasons(self) -> list[str]:
+        """`file:line: field 'x': reason` of the first rows skipped."""
+        return [str(e) for e in self.first_skipped]
 
 
 @dataclass(frozen=True)
@@ -63,11 +80,16 @@ def _field(row: dict, key: str, where: str = "") -> Any:
 
 
 def _text(value: Any, field: str, allow_empty: bool = False) -> str:
-    """A string that is not empty or whitespace-only (unless allowed)."""
+    """A string that is not empty or whitespace-only (unless allowed) and is valid Unicode (JSON
+    escapes can smuggle in unpaired surrogates, which no tokenizer accepts)."""
     if not isinstance(value, str):
         raise RowError(field, f"expected a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
         raise RowError(field, "is empty" if not value else "is whitespace only")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RowError(field, f"invalid Unicode: unpaired surrogate at character {e.start}") from None
     return value
 
 
@@ -90,7 +112,7 @@ def _turns(value: Any, field: str, role_key: str, content_key: str, roles: dict[
             raise RowError(where, f"expected an object, got {type(item).__name__}")
         role = _text(_field(item, role_key, where + "."), f"{where}.{role_key}")
         if role not in roles:
-            raise RowError(f"{where}.{role_key}", f"unknown role '{role}'; expected one of {sorted(roles)}")
+            raise RowError(f"{where}.{role_key}", f"unknown role {role!r}; expected one of {sorted(roles)}")
         content = _text(_field(item, content_key, where + "."), f"{where}.{content_key}")
         turns.append(Turn(roles[role], content, where, role_key))
     return turns
@@ -221,9 +243,10 @@ def to_records(rows: list[Row], file: str, fmt: str = "auto", skip_bad: bool = F
         try:
             record = parse_row(row, fmt)
         except RowError as e:
+            error = DataError(e.message, file=file, line=line, field=e.field)
             if not skip_bad:
-                raise DataError(e.message, file=file, line=line, field=e.field) from None
-            out.num_skipped += 1
+                raise error from None
+            out.skipped([error])
             continue
         record.source = f"{file}:{line}"
         out.append(record)
@@ -231,9 +254,10 @@ def to_records(rows: list[Row], file: str, fmt: str = "auto", skip_bad: bool = F
 
 
 def _detect(rows: list[Row], file: str) -> str:
-    """The format of the first row, or an error naming its fields."""
+    """The format of the first row that has one (a malformed first row is then reported, or
+    skipped, as a row of that format), or an error naming the first row's fields."""
+    fmt = next((f for _, row in rows if (f := detect_format(row)) is not None), None)
     line, row = rows[0]
-    fmt = detect_format(row)
     if fmt is None:
         fields = sorted(row) if isinstance(row, dict) else type(row).__name__
         known = "; ".join(f"{n}: {'+'.join(f.keys)}" for n, f in FORMATS.items())

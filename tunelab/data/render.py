@@ -27,14 +27,23 @@ IGNORE = -100
 Span = tuple[int, int]
 """Half-open character range [start, end) of a rendered string."""
 
+CHARS_PER_TOKEN = 16
+"""Where a row is far longer than max_length, only about this many characters per kept token are
+tokenized first (more if that gave too few tokens): a 10 MB row costs what a normal one costs."""
+MARGIN = 64
+"""Extra tokens kept past max_length when tokenizing a prefix, so that the word the cut splits
+(the only place a prefix can tokenize differently) lies beyond what truncation keeps."""
+
 
 class Examples(list):
     """The encoded Examples plus counts of what encoding did to them."""
 
-    def __init__(self, examples: Sequence[Example] = (), *, num_dropped: int = 0):
+    def __init__(self, examples: Sequence[Example] = (), *, num_dropped: int = 0, num_bad_rows: int = 0):
         super().__init__(examples)
         self.num_dropped = num_dropped
         """Examples dropped because no token trained after truncation."""
+        self.num_bad_rows = num_bad_rows
+        """Rows skipped as malformed before encoding (data.on_bad_rows=skip)."""
 
     @property
     def num_truncated(self) -> int:
@@ -45,9 +54,9 @@ class Examples(list):
 def encode(records: Sequence[Record], tokenizer: Any, cfg: DataConfig) -> Examples:
     """Tokenize records with their loss labels, truncated to `cfg.max_length`. Examples left
     with no trained target (e.g. the answer was cut off) are dropped and counted."""
-    out = Examples()
+    out = Examples(num_bad_rows=getattr(records, "num_skipped", 0))
     for record in records:
-        ex = encode_one(record, tokenizer, cfg.train_on_prompt)
+        ex = encode_one(record, tokenizer, cfg.train_on_prompt, max_length=cfg.max_length)
         ex = _truncate(ex, cfg.max_length)
         if num_trained(ex) == 0:
             out.num_dropped += 1
@@ -56,14 +65,16 @@ def encode(records: Sequence[Record], tokenizer: Any, cfg: DataConfig) -> Exampl
     return out
 
 
-def encode_one(record: Record, tokenizer: Any, train_on_prompt: bool = False) -> Example:
-    """One untruncated Example from a chat or text record."""
+def encode_one(record: Record, tokenizer: Any, train_on_prompt: bool = False,
+               max_length: int | None = None) -> Example:
+    """One Example from a chat or text record: untruncated, or with `max_length` at least its
+    first max_length + MARGIN tokens (what truncation keeps is the same either way)."""
     if record.messages is not None:
         text = render_chat(record.messages, tokenizer)
         spans = [(0, len(text))] if train_on_prompt else assistant_spans(record, text, tokenizer)
-        ids, labels = _tokenize_spans(text, spans, tokenizer)
+        ids, labels = _tokenize_spans(text, spans, tokenizer, max_length)
     elif record.text is not None:
-        ids = tokenizer(record.text, add_special_tokens=True)["input_ids"]
+        ids = _tokenize_prefix(record.text, tokenizer, max_length, add_special_tokens=True)["input_ids"]
         if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
             ids = ids + [tokenizer.eos_token_id]
         labels = list(ids)
@@ -132,9 +143,20 @@ def _search_span(message: dict[str, str], text: str, cursor: int, tokenizer: Any
     return (start, end)
 
 
-def _tokenize_spans(text: str, spans: list[Span], tokenizer: Any) -> tuple[list[int], list[int]]:
+def _tokenize_prefix(text: str, tokenizer: Any, max_length: int | None, **kwargs) -> Any:
+    """`tokenizer(text)`, or of a prefix of `text` that yields more than max_length + MARGIN tokens."""
+    cut = len(text) if max_length is None else CHARS_PER_TOKEN * (max_length + MARGIN)
+    while True:
+        enc = tokenizer(text[:cut], **kwargs)
+        if cut >= len(text) or len(enc["input_ids"]) > max_length + MARGIN:
+            return enc
+        cut *= 4
+
+
+def _tokenize_spans(text: str, spans: list[Span], tokenizer: Any,
+                    max_length: int | None = None) -> tuple[list[int], list[int]]:
     """Tokenize `text` once; a token is labelled when its first character is inside a span."""
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    enc = _tokenize_prefix(text, tokenizer, max_length, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = enc["input_ids"]
     labels = [tid if _inside(start, spans) else IGNORE
               for tid, (start, _end) in zip(ids, enc["offset_mapping"])]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,3 +33,7 @@ class EvalConfig:
         for name in ("max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        try:
+            re.compile(self.answer_pattern)
+        except re.error as e:
+            raise ConfigError(f"answer_pattern: not a valid regular expression ({e})") from None

@@ -6,6 +6,7 @@ Each kind of `model.name` is a `_Strategy` in `_STRATEGIES`, tried in order: the
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -135,6 +136,11 @@ def _call(loader: Callable, src: _Source, kwargs: dict):
     """Run `loader(src.path, **kwargs)`, turning known failures into one clear TunelabError."""
     try:
         return loader(src.path, **kwargs)
+    except pickle.UnpicklingError as e:  # weights_only=True met a pickle that holds more than tensors
+        refused = next((ln for ln in str(e).splitlines() if "GLOBAL" in ln), str(e).splitlines()[0])
+        raise TunelabError(f"{src.path}: refused to load its pickle weights: they hold more than plain tensors "
+                           f"({refused.strip()}), and tunelab unpickles only with weights_only=True, never running "
+                           "code from a checkpoint. Convert them to safetensors where you trust the source.") from None
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise _remote_code_error(src.path) from e

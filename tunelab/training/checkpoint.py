@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tunelab.errors import TunelabError
+from tunelab.training.signals import pause_point
 
 MANIFEST = "manifest.json"
 
@@ -47,48 +49,69 @@ def write_manifest(directory: Path) -> None:
 
 
 def verify(directory: Path) -> str | None:
-    """None if every file in the manifest is present with its size and checksum, else the problem."""
+    """None if the manifest lists exactly the files present, each with its size and checksum;
+    else the problem, naming the file. Any damage (truncation, a flipped byte, a missing or extra
+    file, a garbage manifest) is caught here, before a single tensor is trusted."""
     try:
         entries = json.loads((directory / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError):
+        expected = {name: (int(meta["bytes"]), str(meta["sha256"])) for name, meta in entries.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return f"{directory / MANIFEST}: missing or unreadable manifest"
-    for name, meta in entries.items():
+    present = {str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()} - {MANIFEST}
+    extra = sorted(present - set(expected))
+    if extra:
+        return f"{directory / extra[0]}: not listed in the manifest"
+    for name, (size, sha) in sorted(expected.items()):
         p = directory / name
         if not p.is_file():
             return f"{p}: missing"
-        if p.stat().st_size != meta["bytes"]:
-            return f"{p}: size {p.stat().st_size} != {meta['bytes']} (truncated?)"
-        if _sha256(p) != meta["sha256"]:
+        if p.stat().st_size != size:
+            return f"{p}: size {p.stat().st_size} != {size} (truncated?)"
+        if _sha256(p) != sha:
             return f"{p}: checksum mismatch (corrupt)"
     return None
 
 
 def atomic_dir(target: Path, fill) -> Path:
     """Create `target` by filling a temp sibling with `fill(tmp)`, writing its manifest, fsyncing
-    and renaming it into place. A crash leaves either the old state or the complete new one."""
+    and renaming it into place. A crash (even SIGKILL) leaves either the old state or the complete
+    new one; leftovers are hidden dot-dirs that `recover` tidies. A failed write (disk full,
+    read-only) raises TunelabError naming the target and removes the partial copy."""
     target = Path(target)
     tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    old = target.parent / f".old-{target.name}-{os.getpid()}"
     try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         fill(tmp)
+        pause_point(f"write:{target.name}")
         write_manifest(tmp)
         for p in tmp.rglob("*"):
             if p.is_file():
                 with open(p, "rb+") as f:
                     os.fsync(f.fileno())
+        pause_point(f"manifest:{target.name}")
         if target.exists():
-            old = target.parent / f".old-{target.name}-{os.getpid()}"
             os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        os.replace(tmp, target)
         _fsync_dir(target.parent)
-    except OSError as e:
+    except BaseException as e:  # also Ctrl-C: never leave a partial copy or lose the old one
+        if old.exists() and not target.exists():
+            os.replace(old, target)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise TunelabError(f"could not write {target}: {e.strerror or e}") from None
+        if isinstance(e, (OSError, SafetensorError)):
+            raise TunelabError(f"could not write {target}: {_why(e)}") from None
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    pause_point(f"renamed:{target.name}")
     return target
+
+
+def _why(e: BaseException) -> str:
+    """The OS reason of a failed write, with the file when the OS names it."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror} ({e.filename})" if e.filename else e.strerror
+    return str(e)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -102,7 +125,7 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise TunelabError(f"could not write {path}: {e.strerror or e}") from None
+        raise TunelabError(f"could not write {path}: {_why(e)}") from None
 
 
 def read_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
@@ -161,6 +184,7 @@ def save_checkpoint(directory: Path, *, trainable: dict, optimizer, scheduler, e
         rng_tensors, rng_meta = rng_state()
         save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        pause_point(f"fill:{directory.name}")
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         state = {"optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta, **extra}
         (tmp / "state.json").write_text(json.dumps(state))
@@ -189,14 +213,45 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 def latest_valid(root: Path, warn=print) -> Path | None:
     """The newest checkpoint whose manifest verifies; corrupt ones are reported and skipped."""
+    found = load_latest(root, warn, read=False)
+    return found[0] if found else None
+
+
+def load_latest(root: Path, warn=print, read: bool = True) -> tuple[Path, dict | None] | None:
+    """(path, load_checkpoint(path)) of the newest checkpoint that verifies and reads back; each
+    one skipped is reported with the file that is wrong. None when there is none."""
     for ckpt in reversed(list_checkpoints(root)):
         problem = verify(ckpt)
         if problem is None:
-            return ckpt
+            try:
+                return ckpt, load_checkpoint(ckpt) if read else None
+            except (OSError, ValueError, KeyError, SafetensorError) as e:
+                problem = f"{ckpt}: unreadable ({e})"
         warn(f"warning: skipping checkpoint {ckpt}: {problem}")
     return None
 
 
 def prune(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints. Each is first renamed to a hidden name, so a
+    crash mid-delete never leaves a half-deleted directory that looks like a checkpoint."""
     for old in list_checkpoints(root)[:-keep] if keep > 0 else list_checkpoints(root):
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = root / f".del-{old.name}-{os.getpid()}"
+        os.replace(old, doomed)
+        pause_point(f"prune:{old.name}")
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def recover(root: Path) -> None:
+    """Tidy what a killed writer left in `root`: partial copies (.tmp-*) and half-deleted
+    checkpoints (.del-*) go; a directory moved aside for replacement (.old-NAME-PID) whose new
+    version never landed is put back. Call only while holding the run lock."""
+    if not root.is_dir():
+        return
+    for p in sorted(root.iterdir()):
+        if p.name.startswith(".old-"):
+            original = root / p.name[len(".old-"):].rsplit("-", 1)[0]
+            if not original.exists():
+                os.replace(p, original)
+                continue
+        if p.name.startswith((".tmp-", ".del-", ".old-")):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

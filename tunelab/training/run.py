@@ -11,6 +11,8 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
+from contextlib import contextmanager
 from pathlib import Path
 
 from tunelab import config as C
@@ -24,15 +26,21 @@ class RunLock:
         self.path = Path(run_dir) / ".lock"
 
     def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise TunelabError(f"output: cannot create the run directory {self.path.parent}: "
+                               f"{e.strerror or e}") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(self.fd)
-            raise TunelabError(f"{self.path.parent}: another tunelab process is using this run directory "
-                               f"(lock {self.path}); wait for it or choose another output") from None
+            raise TunelabError(f"{self.path.parent}: another tunelab process (pid {holder}) is using this run "
+                               f"directory (lock {self.path}); wait for it or choose another output") from None
         os.ftruncate(self.fd, 0)
-        os.write(self.fd, str(os.getpid()).encode())
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
         return self
 
     def __exit__(self, *exc):
@@ -42,6 +50,30 @@ class RunLock:
 
 def is_run_dir(path: str | Path) -> bool:
     return (Path(path) / "config.yaml").is_file()
+
+
+# ----------------------------------------------------------------------------- no secrets on disk
+
+_SECRET_NAME = re.compile(r"(^|_)(TOKEN|KEY|SECRET|PASSWORD)$", re.I)
+_HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
+
+
+def redact(text: str) -> str:
+    """`text` with the value of every secret-looking environment variable (HF_TOKEN, WANDB_API_KEY,
+    any *_TOKEN / *_KEY / *_SECRET / *_PASSWORD of 8+ characters) and anything shaped like a
+    Hugging Face token replaced by a placeholder. Everything a run writes passes through this."""
+    for name, value in os.environ.items():
+        if len(value) >= 8 and _SECRET_NAME.search(name) and value in text:
+            text = text.replace(value, f"<redacted ${name}>")
+    return _HF_TOKEN.sub("<redacted token>", text)
+
+
+def write_config(cfg: C.RunConfig, run_dir: Path) -> None:
+    """RUN/config.yaml, atomically (a killed process never leaves half a config) and redacted."""
+    import yaml
+
+    from tunelab.training.checkpoint import atomic_write_text
+    atomic_write_text(run_dir / "config.yaml", redact(yaml.safe_dump(C.to_dict(cfg), sort_keys=False)))
 
 
 def resolve(target, overrides: list[str] = ()) -> tuple[C.RunConfig, Path]:
@@ -71,7 +103,7 @@ def load_trained(run_dir: str | Path, device: str = "cpu"):
     newest valid checkpoint). Returns (cfg, model, tokenizer, method)."""
     from tunelab.methods import METHODS
     from tunelab.models import load_model
-    from tunelab.training.checkpoint import latest_valid, load_checkpoint
+    from tunelab.training.checkpoint import load_latest
 
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
@@ -81,12 +113,27 @@ def load_trained(run_dir: str | Path, device: str = "cpu"):
     method = METHODS.get(cfg.method.name)(cfg.method.options)
     model = method.apply(model)
     if (run_dir / "final").is_dir():
-        method.load(model, run_dir / "final")
-    elif (ckpt := latest_valid(run_dir / "checkpoints")) is not None:
-        method.load_trainable_state(model, load_checkpoint(ckpt)["trainable"])
+        with fits(run_dir / "final", cfg):
+            method.load(model, run_dir / "final")
+    elif (found := load_latest(run_dir / "checkpoints")) is not None:
+        with fits(found[0], cfg):
+            method.load_trainable_state(model, found[1]["trainable"])
     else:
         raise TunelabError(f"{run_dir}: has neither final/ nor a valid checkpoint; train it first")
     return cfg, model.to(device).eval(), tok, method
+
+
+@contextmanager
+def fits(saved: Path, cfg: C.RunConfig):
+    """Turn a saved state that does not fit the model (other shapes or names: the base model or
+    the method's options changed since it was written) into one clear error."""
+    try:
+        yield
+    except (ValueError, RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TunelabError(f"{saved}: does not fit model.name={cfg.model.name} with method "
+                           f"{cfg.method.name} ({first}); was the base model or a method option changed "
+                           "since it was written?") from None
 
 
 class MetricsLog:
@@ -104,16 +151,21 @@ class MetricsLog:
             self.tb = SummaryWriter(str(path.parent / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
+        """Keep the lines up to `step` (all lines when `step` < 0: none). A torn last line, left
+        by a full disk, is dropped with the rest."""
         if not self.path.exists():
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, self.path)
+        keep = [ln for ln in self.path.read_text(errors="replace").splitlines()
+                if (rec := _record(ln)) is not None and rec["step"] <= step]
+        from tunelab.training.checkpoint import atomic_write_text
+        atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(redact(json.dumps(record)) + "\n")
+        except OSError as e:
+            raise TunelabError(f"could not write {self.path}: {e.strerror or e}") from None
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
@@ -123,4 +175,13 @@ class MetricsLog:
     def read(self) -> list[dict]:
         if not self.path.exists():
             return []
-        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+        return [rec for ln in self.path.read_text(errors="replace").splitlines() if (rec := _record(ln))]
+
+
+def _record(line: str) -> dict | None:
+    """One metrics.jsonl line, or None for a blank or torn one."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) and isinstance(rec.get("step"), int) else None

@@ -1,0 +1,385 @@
+"""Side-effect diagnostics: TuCo, KL drift, intruder dimensions, knowledge probes, retained
+knowledge with conjugate prompts, and `tunelab diagnose` end to end on tiny runs."""
+import copy
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tunelab.diagnostics._generation import right_padded
+from tunelab.diagnostics._probes import Probe
+from tunelab.diagnostics._transforms import TRANSFORMS
+from tunelab.diagnostics.forgetting import retention, token_kl
+from tunelab.diagnostics.intruder import IntruderDimensions, count_intruders, matrix_rows
+from tunelab.diagnostics.tuco import decompose, tuco_forward
+
+PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [20, 21, 22, 23]]
+
+
+def perturbed(model, scale=0.05, seed=1, only=None):
+    """A copy of `model` with Gaussian noise on every parameter (or those whose name contains `only`)."""
+    out = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in out.named_parameters():
+            if only is None or only in n:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+    return out
+
+
+def batch():
+    ids, mask = right_padded(PROMPTS, 0)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+# ----------------------------------------------------------------------------- TuCo
+
+def test_tuco_is_zero_for_the_base_against_itself(model):
+    dec = decompose(model, model, **batch())
+    assert torch.equal(dec.ftc, torch.zeros_like(dec.ftc)) and torch.equal(dec.tuco, torch.zeros(3))
+    assert (dec.ptc.norm(dim=-1) > 0).all()
+
+
+@pytest.mark.parametrize("only", [None, "layers"], ids=["all-weights-incl-embeddings", "decoder-layers-only"])
+def test_tuco_forward_alpha_0_is_base_and_alpha_1_is_tuned(model, only):
+    tuned, b = perturbed(model, only=only), batch()
+    keep = b["attention_mask"].bool()
+    with torch.no_grad():
+        base_logits, tuned_logits = model(**b).logits, tuned(**b).logits
+    assert (base_logits - tuned_logits)[keep].abs().max() > 0.1  # the two models do differ
+    torch.testing.assert_close(tuco_forward(model, tuned, b, 0.0)[keep], base_logits[keep], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tuco_forward(model, tuned, b, 1.0)[keep], tuned_logits[keep], atol=1e-5, rtol=1e-5)
+    half = tuco_forward(model, tuned, b, 0.5)[keep]
+    assert not torch.allclose(half, base_logits[keep]) and not torch.allclose(half, tuned_logits[keep])
+
+
+def test_tuco_forward_on_a_lora_model(model):
+    """The tuned model may be a method-transformed model (LoRA layers swapped in)."""
+    from tunelab.methods import METHODS
+
+    method = METHODS.get("lora")(METHODS.get("lora").Config(r=4))
+    tuned = method.apply(copy.deepcopy(model))
+    with torch.no_grad():
+        for n, p in tuned.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    b = batch()
+    keep = b["attention_mask"].bool()
+    with torch.no_grad():
+        torch.testing.assert_close(tuco_forward(model, tuned, b, 0.0)[keep], model(**b).logits[keep], atol=1e-5, rtol=1e-5)
+        with method.disabled(tuned):
+            assert decompose(model, tuned, **b).tuco.max() == 0
+    assert (decompose(model, tuned, **b).tuco > 0).all()
+
+
+def test_tuco_grows_with_the_size_of_the_change(model):
+    delta = perturbed(model, scale=1.0, only="layers")
+    values = []
+    for t in (0.01, 0.03, 0.1):
+        tuned = copy.deepcopy(model)
+        with torch.no_grad():
+            for (n, p), d, b in zip(tuned.named_parameters(), delta.parameters(), model.parameters()):
+                p.copy_(b + t * (d - b))
+        values.append(decompose(model, tuned, **batch()).tuco)
+    assert all(((0 < v) & (v < 1)).all() for v in values)
+    assert (values[0] < values[1]).all() and (values[1] < values[2]).all()
+
+
+def test_ftc_is_zero_in_layers_that_did_not_change(model):
+    dec = decompose(model, perturbed(model, only="layers.1."), **batch())
+    assert torch.equal(dec.ftc_norms[0], torch.zeros(3)) and (dec.ftc_norms[1] > 0).all()
+
+
+# ----------------------------------------------------------------------------- KL drift
+
+def test_kl_drift_is_zero_for_the_base_against_itself_and_positive_otherwise(model):
+    prompts, replies = [[5, 6, 7], [8, 9]], [[10, 11, 12, 13], [14]]
+    same = token_kl(model, model, prompts, replies, pad_id=0, batch_size=1)
+    assert [k.shape[0] for k in same] == [4, 1] and all(torch.equal(k, torch.zeros_like(k)) for k in same)
+    moved = token_kl(model, perturbed(model), prompts, replies, pad_id=0, batch_size=2)
+    assert all((k > 0).all() for k in moved)
+
+
+def test_kl_is_the_same_batched_or_alone(model):
+    tuned = perturbed(model)
+    prompts, replies = [[5, 6, 7], [8, 9, 30, 31, 32]], [[10, 11], [14, 15, 16]]
+    a, b = token_kl(model, tuned, prompts, replies, 0, 1), token_kl(model, tuned, prompts, replies, 0, 2)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- intruder dimensions
+
+def planted(n=64, scale=100.0, seed=0):
+    """W and W + s u v^T where u (v) is the normalised sum of all of W's left (right) singular
+    vectors: |cos(u, u_i)| = 1/sqrt(n) = 0.125 for every base vector, far below epsilon = 0.5."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, n, generator=g)
+    u0, s0, vh0 = torch.linalg.svd(w)
+    u, v = u0.sum(1) / n ** 0.5, vh0.sum(0) / n ** 0.5
+    return w, w + scale * s0[0] * torch.outer(u, v), u
+
+
+def test_no_intruders_without_change_or_with_a_tiny_change():
+    w, _, _ = planted()
+    g = torch.Generator().manual_seed(1)
+    assert count_intruders(w, w.clone()) == 0
+    assert count_intruders(w, w + 1e-4 * torch.randn(w.shape, generator=g)) == 0
+
+
+def test_a_planted_high_norm_direction_is_an_intruder():
+    w, tuned, u = planted()
+    from tunelab.diagnostics.intruder import best_cosines
+
+    cos = best_cosines(w, tuned, 10)
+    assert cos[0] < 0.2 and count_intruders(w, tuned) >= 1  # the top tuned vector is the planted one
+    assert count_intruders(w, planted(scale=1e-6)[1]) == 0
+    assert count_intruders(-w, -tuned) == count_intruders(w, tuned)  # |cos|: signs do not matter
+
+
+def test_intruders_are_counted_per_matrix_module_and_layer(model):
+    tuned = copy.deepcopy(model)
+    w = tuned.model.layers[1].mlp.up_proj.weight  # (128, 64)
+    u0, s0, vh0 = torch.linalg.svd(w.detach())
+    with torch.no_grad():
+        w.add_(100 * s0[0] * torch.outer(u0.sum(1) / 8, vh0.sum(0) / 8))
+    from tunelab.methods.lora import select_linears
+    rows = matrix_rows(model, tuned, select_linears(model, ["all-linear"]), 10, 0.5)
+    changed = [r for r in rows if r[3]]
+    assert [r[0] for r in changed] == ["model.layers.1.mlp.up_proj"]
+    assert changed[0][1:3] == [1, "up_proj"] and changed[0][4] >= 1
+    assert sum(r[4] for r in rows) == changed[0][4]
+
+
+def test_intruder_is_not_applicable_to_methods_that_cannot_merge():
+    ctx = SimpleNamespace(method=SimpleNamespace(supports_merge=False), cfg=SimpleNamespace(method=SimpleNamespace(name="x")))
+    assert "cannot merge" in IntruderDimensions().not_applicable(ctx)
+    ctx.method.supports_merge = True
+    assert IntruderDimensions().not_applicable(ctx) is None
+
+
+# ----------------------------------------------------------------------------- knowledge (FineTuneBench)
+
+def test_a_lookup_table_model_memorises_but_does_not_generalise():
+    from tunelab.data.builtin import load_builtin
+    from tunelab.diagnostics.knowledge import knowledge_scores, probe_sets, question
+
+    table = {question(r): r.messages[1]["content"] for r in load_builtin("builtin:facts?n_entities=6&split=train")}
+    lookup = lambda qs: [table.get(q, "I do not know.") for q in qs]  # noqa: E731
+    scores, _ = knowledge_scores(lookup, probe_sets("builtin:facts?n_entities=6", 100))
+    assert scores["verbatim_accuracy"] == 1.0 and scores["rephrased_accuracy"] == 0.0
+    assert scores["updated_new_accuracy"] == 0.0 and scores["updated_old_accuracy"] == 1.0
+    updates = {question(r): r.messages[1]["content"] for r in load_builtin("builtin:facts?n_entities=6&split=update_train")}
+    scores, _ = knowledge_scores(lambda qs: [updates.get(q) or table.get(q, "") for q in qs],
+                                 probe_sets("builtin:facts?n_entities=6", 100))
+    assert scores["updated_new_accuracy"] == 1.0 and scores["updated_old_accuracy"] == 0.0
+
+
+def test_knowledge_world_follows_the_run_data():
+    from tunelab.diagnostics.knowledge import world_spec
+
+    assert world_spec(None, "builtin:facts?n_entities=7&split=train&seed=3") == "builtin:facts?n_entities=7&seed=3"
+    assert world_spec(None, "data.jsonl") == "builtin:facts"
+    assert world_spec("builtin:facts?seed=2", "builtin:facts?n_entities=7") == "builtin:facts?seed=2"
+
+
+# ----------------------------------------------------------------------------- forgetting: probes
+
+PROBES = [Probe(f"What is item {i}?", (f"answer{i}",), "cat" + str(i % 2)) for i in range(8)]
+
+
+def table_model(knows: set[int], form=lambda q: q):
+    """A fake model that answers probe i correctly when i in `knows` and the question is in `form`."""
+    answers = {form(p.question): f"It is answer{i}." for i, p in enumerate(PROBES) if i in knows}
+    return lambda qs: [answers.get(q, "No idea.") for q in qs]
+
+
+def test_retained_knowledge_keeps_exactly_the_probes_the_base_answers():
+    base_knows, tuned_knows = {0, 2, 3, 5, 7}, {0, 1, 3, 4}
+    up = TRANSFORMS["uppercase"]
+    found = retention(table_model(base_knows), table_model(tuned_knows), PROBES, up)
+    assert found.details["kept_probes"] == [PROBES[i].question for i in sorted(base_knows)]
+    s = found.summary
+    assert s["base_probe_accuracy"] == 5 / 8 and s["num_probes_kept"] == 5
+    assert s["retained_accuracy"] == 2 / 5  # probes 0 and 3: what the tuned model knows of the kept ones
+    assert s["num_probes_lost"] == 3 and s["conjugate_tuned_accuracy"] == 0.0
+
+
+def conjugated_model(plain_knows: set[int], upper_knows: set[int]):
+    """A fake model that knows some probes when asked plainly and others when asked in upper case."""
+    plain, upper = table_model(plain_knows), table_model(upper_knows, str.upper)
+    return lambda qs: [(upper if q.isupper() else plain)([q])[0] for q in qs]
+
+
+def test_conjugate_prompts_separate_suppressed_from_lost_knowledge():
+    # the tuned model lost probes 2 and 3 in plain form, but still answers 2 when asked in upper case
+    base, tuned = conjugated_model({0, 1, 2, 3}, {0, 1, 2, 3}), conjugated_model({0, 1}, {0, 1, 2})
+    s = retention(base, tuned, PROBES[:4], TRANSFORMS["uppercase"]).summary
+    assert s["retained_accuracy"] == 0.5 and s["num_probes_lost"] == 2
+    assert s["conjugate_base_accuracy"] == 1.0 and s["conjugate_tuned_accuracy"] == 0.75
+    assert s["recovered_by_conjugate"] == 0.5
+
+
+@pytest.mark.parametrize("name", ["piglatin", "uppercase", "leetspeak"])
+def test_conjugate_transforms_invert_on_the_probe_questions(name):
+    from tunelab.diagnostics.build_probes import candidates
+
+    t = TRANSFORMS[name]
+    for q in (c["question"] for c in candidates()):
+        assert t.forward(q) != q
+        back = t.inverse(t.forward(q))
+        if name == "piglatin":
+            assert back == q
+        elif name == "uppercase":
+            assert back.lower() == q.lower()
+        else:  # leetspeak: words that keep a letter come back (up to case); "is" -> "15" reads as a number
+            assert [w for w in back.lower().split() if not w.strip("?").isdigit()] == \
+                   [w for w, f in zip(q.lower().split(), t.forward(q).split()) if not f.strip("?").isdigit()]
+
+
+def test_builtin_probes_file_is_consistent_with_its_builder():
+    from tunelab.diagnostics._probes import BUILTIN_PROBES, load_probes
+    from tunelab.diagnostics.build_probes import candidates
+
+    data = json.loads(BUILTIN_PROBES.read_text())
+    meta, probes = data["meta"], load_probes()
+    assert 0 < len(probes) == meta["kept"] <= 64 and meta["candidates_tried"] == len(candidates())
+    assert meta["kept"] <= meta["candidates_correct"] <= meta["candidates_tried"]
+    by_question = {c["question"]: c for c in candidates()}
+    assert all(p.question in by_question and list(p.answers) == by_question[p.question]["answers"] for p in probes)
+    assert {"model", "decoding", "date", "base_accuracy_by_conjugate_form"} <= set(meta)
+
+
+def test_round_robin_balances_categories():
+    from tunelab.diagnostics.build_probes import round_robin
+
+    rows = [{"category": c, "i": i} for i, c in enumerate("aaaaabbc")]
+    got = round_robin(rows, 5)
+    assert [r["category"] for r in got] == ["a", "b", "c", "a", "b"] and round_robin(rows, 100) != rows
+    assert sorted(r["i"] for r in round_robin(rows, 100)) == list(range(8))
+
+
+# ----------------------------------------------------------------------------- config
+
+def test_diagnostics_config_fills_defaults_and_names_bad_keys():
+    from tunelab.config import build
+    from tunelab.errors import ConfigError
+
+    cfg = build({"diagnostics": {"after_train": ["tuco"], "options": {"tuco": {"num_prompts": 3}}}})
+    assert cfg.diagnostics.options["tuco"]["num_prompts"] == 3 and "batch_size" in cfg.diagnostics.options["tuco"]
+    assert cfg.diagnostics.config_of("forgetting").num_prompts == 32
+    with pytest.raises(ConfigError, match=r"diagnostics\.after_train\[0\]: unknown diagnostic 'nope'"):
+        build({"diagnostics": {"after_train": ["nope"]}})
+    with pytest.raises(ConfigError, match=r"diagnostics\.options\.tuco\.num_prompts"):
+        build({"diagnostics": {"options": {"tuco": {"num_prompts": 0}}}})
+    with pytest.raises(ConfigError, match=r"diagnostics\.options\.forgetting\.conjugate"):
+        build({"diagnostics": {"options": {"forgetting": {"conjugate": "klingon"}}}})
+
+
+def test_default_diagnostics_follow_the_data():
+    from tunelab.config import build
+    from tunelab.diagnostics._runner import default_names
+
+    assert default_names(build({})) == ["forgetting", "tuco"]
+    assert default_names(build({"data": {"train": "builtin:facts?n_entities=5"}})) == ["forgetting", "knowledge", "tuco"]
+
+
+# ----------------------------------------------------------------------------- end to end
+
+SMALL = {"forgetting": {"num_prompts": 3, "drift_tokens": 4, "num_probes": 5, "answer_tokens": 4},
+         "knowledge": {"num_probes": 2, "answer_tokens": 6}, "tuco": {"num_prompts": 3, "generic": False}}
+
+
+def tiny_run(tiny_dir, tmp_path, method, after_train=()):
+    import tunelab
+
+    return tunelab.train({
+        "model": {"name": str(tiny_dir)},
+        "data": {"train": "builtin:facts?n_entities=3", "eval": "builtin:facts?n_entities=3&split=probe_rephrased",
+                 "max_length": 64},
+        "method": method, "train": {"steps": 2, "micro_batch_size": 4, "lr": 1e-2, "progress": False},
+        "eval": {"num_examples": 2, "max_new_tokens": 4, "before": False},
+        "diagnostics": {"after_train": list(after_train), "options": SMALL},
+        "output": str(tmp_path / method["name"]),
+    })
+
+
+def check_shape(result: dict, name: str):
+    assert set(result) == {"name", "version", "config", "summary", "details"}
+    assert result["name"] == name and result["version"] == 1 and isinstance(result["config"], dict)
+    assert all(v is None or isinstance(v, (int, float, str)) for v in result["summary"].values())
+    assert isinstance(result["details"], dict)
+
+
+def read(run, name):
+    return json.loads((run / "diagnostics" / f"{name}.json").read_text())
+
+
+def test_diagnose_writes_one_json_per_diagnostic(tiny_dir, tmp_path):
+    from tunelab.cli import main
+
+    run = tiny_run(tiny_dir, tmp_path, {"name": "lora", "r": 2})
+    assert not (run / "diagnostics").exists()  # after_train: [] ran none
+    names = ["forgetting", "knowledge", "tuco", "intruder"]
+    assert main(["diagnose", str(run), "--only", *names]) == 0
+    for name in names:
+        check_shape(read(run, name), name)
+    s = {n: read(run, n)["summary"] for n in names}
+    assert 0 <= s["forgetting"]["retained_accuracy"] <= 1 and s["forgetting"]["kl_drift"] > 0
+    assert 0 < s["tuco"]["tuco_eval_mean"] < 1 and len(read(run, "tuco")["details"]["eval"]["values"]) == 3
+    assert s["intruder"]["matrices_changed"] == s["intruder"]["matrices_checked"] == 14  # 2 layers x 7 linears
+    assert {"verbatim_accuracy", "rephrased_accuracy", "updated_new_accuracy"} <= set(s["knowledge"])
+
+
+def test_diagnose_a_full_fine_tune(tiny_dir, tmp_path):
+    from tunelab.diagnostics import run_diagnostics
+
+    run = tiny_run(tiny_dir, tmp_path, {"name": "full"})
+    results = run_diagnostics(run, only=["intruder", "tuco"])
+    assert results["intruder"]["summary"]["matrices_changed"] == 14 and results["tuco"]["summary"]["tuco_eval_mean"] > 0
+    assert results == {n: read(run, n) for n in ("intruder", "tuco")}
+
+
+def test_train_runs_the_configured_diagnostics_once(tiny_dir, tmp_path):
+    import tunelab
+
+    run = tiny_run(tiny_dir, tmp_path, {"name": "lora", "r": 2}, after_train=["tuco"])
+    path = run / "diagnostics" / "tuco.json"
+    check_shape(json.loads(path.read_text()), "tuco")
+    stamp = path.stat().st_mtime_ns
+    tunelab.train(str(run))  # resuming a finished run: the result is current, nothing recomputed
+    assert path.stat().st_mtime_ns == stamp
+
+
+def test_diagnose_rejects_unknown_names(tmp_path, capsys):
+    from tunelab import config as C
+    from tunelab.cli import main
+
+    (tmp_path / "run").mkdir()
+    C.dump(C.build({}), tmp_path / "run" / "config.yaml")  # names are checked before any model loads
+    assert main(["diagnose", str(tmp_path / "run"), "--only", "nope"]) == 2
+    assert "unknown diagnostic 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_diagnose_a_short_smollm2_run(tmp_path):
+    import tunelab
+    from tunelab.diagnostics import run_diagnostics
+
+    run = tunelab.train({
+        "model": {"name": "smollm2-135m"},
+        "data": {"train": "builtin:arith?n=32", "eval": "builtin:arith?n=8&split=test", "max_length": 160},
+        "method": {"name": "lora", "r": 8, "alpha": 16},
+        "train": {"steps": 2, "micro_batch_size": 4, "lr": 1e-3, "progress": False},
+        "eval": {"num_examples": 2, "max_new_tokens": 8, "before": False},
+        "diagnostics": {"after_train": [], "options": {
+            "forgetting": {"num_prompts": 4, "drift_tokens": 8, "num_probes": 8, "answer_tokens": 12},
+            "tuco": {"num_prompts": 4}}},
+        "output": str(tmp_path / "run"),
+    })
+    results = run_diagnostics(run, only=["forgetting", "tuco", "intruder"])
+    for name, result in results.items():
+        check_shape(result, name)
+    assert results["forgetting"]["summary"]["base_probe_accuracy"] >= 0.75  # the probes were built on this model
+    assert results["intruder"]["summary"]["matrices_changed"] == 7 * 30

@@ -1,0 +1,360 @@
+"""Faults injected into real tiny training runs: SIGKILL anywhere, corrupt checkpoints, non-finite
+steps, a full or read-only disk, Ctrl-C / SIGTERM, two processes on one run, secrets in the
+environment. Runs are real processes (tests/forkserver.py: forked from one interpreter that has
+imported torch, so each costs ~1 s, not ~10 s); nothing that is tested is mocked. Each test
+prints its figures as `[reliability] ...` lines (pytest -s), quoted in docs/reliability.md; set
+TUNELAB_RELIABILITY_LOG=FILE to also collect them in a file."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from faultlab import (CFG, FILES, PAUSE, STEPS, argv_for, chat_rows, corrupt, corruptions, differences, mount_tmpfs,
+                      outcome, pages, report, timeline, umount, write_jsonl)
+from forkserver import ForkServer
+from tunelab.training.checkpoint import list_checkpoints, load_latest, verify
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A fork server, the tiny model and data on disk, the run config, and one uninterrupted
+    reference run that every faulted run must reproduce exactly."""
+    from tiny import save_tiny_model_dir
+
+    root = tmp_path_factory.mktemp("faults")
+    model = save_tiny_model_dir(root / "tiny")
+    data = write_jsonl(root / "train.jsonl", chat_rows())
+    cfg = root / "run.yaml"
+    cfg.write_text(CFG.replace("MODEL", str(model)).replace("DATA", str(data)))
+    fs = ForkServer(root)
+    ref = root / "reference"
+    done = fs.run(["train", str(cfg), f"output={ref}"])
+    assert done.rc == 0, done.stderr()
+    yield SimpleNamespace(root=root, model=model, data=data, cfg=cfg, fs=fs, ref=ref, outcome=outcome(ref))
+    fs.close()
+
+
+# ----------------------------------------------------------------------------- 1. kill -9
+
+def kill_at_point(lab, run: Path, point: str) -> bool:
+    child = lab.fs.spawn(argv_for(lab, run), env={PAUSE: point})
+    if not child.wait_paused(point):
+        assert child.rc == 0, child.stderr()
+        return False  # this resume no longer passes that point (e.g. its prune already happened)
+    child.signal(signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL
+    return True
+
+
+def kill_after(lab, run: Path, delay: float) -> bool:
+    child = lab.fs.spawn(argv_for(lab, run))
+    time.sleep(delay)
+    if child.wait(timeout=0) is None:
+        child.signal(signal.SIGKILL)
+    rc = child.wait()
+    assert rc in (0, -signal.SIGKILL), child.stderr()
+    return rc == -signal.SIGKILL
+
+
+def finish(lab, run: Path) -> None:
+    done = lab.fs.run(argv_for(lab, run))
+    assert done.rc == 0, done.stderr()
+
+
+def test_kill9_anywhere_resumes_to_identical_result(lab):
+    """SIGKILL at seeded points across the whole timeline (inside steps, evaluations, checkpoint
+    writes, renames, prunes and the final save) and at seeded random times; each chain of kills
+    and resumes ends with the reference's weights, loss curve and evaluations, bitwise."""
+    rnd = random.Random(1234)
+    points = timeline()
+    ref_s = 2.5  # about one uninterrupted child on this machine; random kills spread over it
+    tried = survived = 0
+    plans = [sorted(rnd.sample(range(len(points)), 8)) for _ in range(2)]
+    for i, plan in enumerate(plans):
+        run = lab.root / f"kill-points-{i}"
+        landed = sum(kill_at_point(lab, run, points[j]) for j in plan)
+        finish(lab, run)
+        diffs = differences(run, lab.outcome)
+        tried, survived = tried + landed, survived + landed * (not diffs)
+        assert not diffs, (plan, diffs)
+    run = lab.root / "kill-random"
+    landed = sum(kill_after(lab, run, rnd.uniform(0.05, ref_s)) for _ in range(6))
+    finish(lab, run)
+    diffs = differences(run, lab.outcome)
+    tried, survived = tried + landed, survived + landed * (not diffs)
+    assert not diffs, diffs
+    report("kill -9", kill_points_tried=tried, survived_identical=survived,
+           named_points=len(points), chains=3)
+    assert tried >= 20
+
+
+def test_kill9_of_the_console_script(lab):
+    """The same, once, for `python -m tunelab train ...` started from scratch (no fork server):
+    killed while its step-3 checkpoint is being renamed into place, then resumed."""
+    run = lab.root / "kill-cli"
+    env = dict(os.environ, OMP_NUM_THREADS="1", **{PAUSE: "manifest:step-3"})
+    err = lab.root / "kill-cli.err"
+    with open(err, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(lab.cfg), f"output={run}"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=f)
+        deadline = time.monotonic() + 240
+        while "TUNELAB_PAUSED manifest:step-3" not in err.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, err.read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+    assert [c.name for c in list_checkpoints(run / "checkpoints")] == ["step-1", "step-2"]
+    finish(lab, run)
+    assert not differences(run, lab.outcome)
+
+
+# ----------------------------------------------------------------------------- 2. corrupt checkpoints
+
+def test_every_corruption_of_every_checkpoint_file_is_detected(lab, tmp_path):
+    rnd = random.Random(7)
+    cases = corruptions(rnd)
+    detected = 0
+    for i, (name, kind, how) in enumerate(cases):
+        root = tmp_path / f"c{i}"
+        shutil.copytree(lab.ref / "checkpoints", root)
+        newest = list_checkpoints(root)[-1]
+        corrupt(newest / name, how)
+        warnings: list[str] = []
+        found = load_latest(root, warn=warnings.append)
+        assert found is not None and found[0] == list_checkpoints(root)[-2], (name, kind)
+        assert len(warnings) == 1 and f"skipping checkpoint {newest}" in warnings[0], warnings
+        if name != "manifest.json":  # a damaged manifest may be reported through the file it misdescribes
+            assert str(newest / name) in warnings[0], (kind, warnings)
+        detected += 1
+    report("corrupt checkpoints", corruptions_tried=len(cases), detected=detected,
+           file_kinds=len(FILES))
+
+
+def _interrupted_copy(lab, name: str) -> Path:
+    """The reference run as a crash before its final output would have left it."""
+    run = lab.root / name
+    shutil.copytree(lab.ref, run)
+    shutil.rmtree(run / "final")
+    return run
+
+
+@pytest.mark.parametrize("name, kind", [("trainable.safetensors", "flip"), ("optimizer.safetensors", "truncate"),
+                                        ("rng.safetensors", "delete"), ("state.json", "flip"),
+                                        ("manifest.json", "garbage")])
+def test_resume_skips_a_corrupt_checkpoint_with_a_warning(lab, name, kind):
+    """A real resume: the damaged newest checkpoint is named in a warning, the previous one is
+    used, and the run still ends identical to the reference."""
+    run = _interrupted_copy(lab, f"corrupt-{name}")
+    how = {k: h for f, k, h in corruptions(random.Random(name)) if f == name}[kind]
+    newest = list_checkpoints(run / "checkpoints")[-1]
+    corrupt(newest / name, how)
+    done = lab.fs.run(["train", str(run)])
+    assert done.rc == 0, done.stderr()
+    warning = next(ln for ln in done.stderr().splitlines() if ln.startswith("warning: skipping checkpoint"))
+    assert str(newest) in warning and (name == "manifest.json" or str(newest / name) in warning)
+    assert f"from step-{STEPS - 1}" in done.stdout()
+    assert not differences(run, lab.outcome)
+
+
+def test_all_checkpoints_corrupt_starts_over_and_says_so(lab):
+    run = _interrupted_copy(lab, "corrupt-all")
+    for c in list_checkpoints(run / "checkpoints"):
+        corrupt(c / "trainable.safetensors", lambda b: b[:100])
+    done = lab.fs.run(["train", str(run)])
+    assert done.rc == 0 and "holds no valid checkpoint; starting from step 0" in done.stderr()
+    assert not differences(run, lab.outcome)
+
+
+# ----------------------------------------------------------------------------- 3. non-finite steps
+
+@pytest.fixture(scope="module")
+def poisoned(lab):
+    """An untied tiny model whose embedding of '@' is inf, and data where exactly the rows seen at
+    steps 3, 4 and 5 contain '@': those steps compute a NaN loss for real."""
+    from tiny import tiny_model, tiny_tokenizer
+
+    from tunelab.data.records import Example, Record
+    from tunelab.data.render import encode_one
+    from tunelab.training.batches import BatchStream
+
+    root = lab.root / "nan"
+    model, tok = tiny_model(tie_word_embeddings=False), tiny_tokenizer()
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    clean, bad = chat_rows(12, seed=3), chat_rows(12, seed=3, poison=" @")
+    def ids(rows):
+        return {t for r in rows for t in encode_one(Record(messages=r["messages"]), tok).input_ids}
+    poison_ids = sorted(ids(bad) - ids(clean))
+    assert poison_ids, "the poison character must have a token of its own"
+    weights = load_file(str(root / "model" / "model.safetensors"))
+    weights["model.embed_tokens.weight"][poison_ids] = float("inf")
+    save_file(weights, str(root / "model" / "model.safetensors"), metadata={"format": "pt"})
+    stream = BatchStream([Example([i, i], [i, i]) for i in range(12)], 1, seed=0, packing=False, pad_id=0)
+    order = [int(next(stream)["input_ids"][0, 0]) for _ in range(12)]  # the row trained at each step
+    rows = [bad[i] if i in order[2:5] else clean[i] for i in range(12)]
+    data = write_jsonl(root / "train.jsonl", rows)
+    cfg = root / "nan.yaml"
+    cfg.write_text(f"model: {{name: {root / 'model'}}}\ndata: {{train: {data}, eval: null, packing: false}}\n"
+                   "method: {name: lora, r: 4}\ntrain: {steps: 8, micro_batch_size: 1, lr: 1.0e-2, save_every: 1,"
+                   " keep_checkpoints: 3, max_bad_steps: 3, precision: fp32, device: cpu, progress: false}\n"
+                   "diagnostics: {after_train: []}\n")
+    return cfg
+
+
+def test_non_finite_steps_are_skipped_then_stop_and_resume(lab, poisoned):
+    run = lab.root / "nan-run"
+    stopped = lab.fs.run(["train", str(poisoned), f"output={run}"])
+    err = stopped.stderr()
+    assert stopped.rc == 2 and "Traceback" not in err
+    assert all(f"warning: step {s}: non-finite loss" in err for s in (3, 4, 5))
+    assert "3 steps in a row had a non-finite loss or gradient (last at step 5)" in err
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["kind"] == "skipped"] == [3, 4, 5]
+    assert [c.name for c in list_checkpoints(run / "checkpoints")] == ["step-1", "step-2"]
+    assert all(verify(c) is None for c in list_checkpoints(run / "checkpoints"))
+    # the last good checkpoint resumes; with a higher limit the bad steps are skipped and the run
+    # ends exactly where one that never stopped ends
+    resumed = lab.fs.run(["train", str(run), "train.max_bad_steps=10"])
+    assert resumed.rc == 0 and "resuming" in resumed.stdout() and "from step-2" in resumed.stdout()
+    straight = lab.fs.run(["train", str(poisoned), f"output={lab.root / 'nan-straight'}", "train.max_bad_steps=10"])
+    assert straight.rc == 0
+    a, b = (load_file(str(r / "final" / "adapter_model.safetensors")) for r in (run, lab.root / "nan-straight"))
+    assert all(torch.equal(a[k], b[k]) and torch.isfinite(a[k]).all() for k in a)
+    report("non-finite steps", injected_bad_steps=3, skipped_and_logged=3, stopped_at="step 5",
+           resumed_identical=True)
+
+
+# ----------------------------------------------------------------------------- 4. disk full / read-only
+
+def test_disk_full_fails_clearly_and_damages_nothing(lab, tmp_path):
+    """On a tmpfs with room for the run's small files and two and a half checkpoints, the third
+    checkpoint write fails: the message names it and the OS reason, earlier checkpoints verify,
+    nothing partial is left, and after space is freed the run resumes to the reference result."""
+    ckpt_pages = pages(lab.ref / "checkpoints" / f"step-{STEPS}")
+    size_kib = 4 * (8 + 2 * ckpt_pages + ckpt_pages // 2)
+    mnt = tmp_path / "small"
+    mount_tmpfs(mnt, f"size={size_kib}k")
+    try:
+        run = mnt / "run"
+        full = lab.fs.run(["train", str(lab.cfg), f"output={run}", "train.keep_checkpoints=10"])
+        err = full.stderr()
+        assert full.rc == 2 and "Traceback" not in err, err
+        assert "tunelab: error: could not write" in err and "No space left on device" in err
+        good = list_checkpoints(run / "checkpoints")
+        failed = f"step-{len(good) + 1}"
+        assert len(good) >= 2 and f"{run / 'checkpoints' / failed}" in err
+        assert all(verify(c) is None for c in good)
+        assert not [p for p in (run / "checkpoints").iterdir() if not p.name.startswith("step-")]
+        subprocess.run(["mount", "-o", f"remount,size={size_kib * 8}k", str(mnt)], check=True)
+        done = lab.fs.run(["train", str(run)])
+        assert done.rc == 0, done.stderr()
+        assert f"from step-{len(good)}" in done.stdout()
+        assert not differences(run, lab.outcome)
+        report("disk full", failed_write=failed, earlier_checkpoints_intact=len(good), resumed_identical=True)
+    finally:
+        umount(mnt)
+
+
+def test_read_only_output_fails_clearly(lab, tmp_path):
+    ro = tmp_path / "ro"
+    mount_tmpfs(ro, "ro,size=64k")
+    try:
+        res = lab.fs.run(["train", str(lab.cfg), f"output={ro / 'run'}"])
+        assert res.rc == 2 and "Traceback" not in res.stderr()
+        assert f"cannot create the run directory {ro / 'run'}: Read-only file system" in res.stderr()
+    finally:
+        umount(ro)
+
+
+def test_output_under_a_file_fails_clearly(lab, tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    res = lab.fs.run(["train", str(lab.cfg), f"output={tmp_path / 'notes.txt' / 'run'}"])
+    assert res.rc == 2 and "Traceback" not in res.stderr()
+    assert f"cannot create the run directory {tmp_path / 'notes.txt' / 'run'}: Not a directory" in res.stderr()
+
+
+# ----------------------------------------------------------------------------- 5. Ctrl-C / SIGTERM
+
+@pytest.mark.parametrize("sig, point, code", [(signal.SIGINT, "step:3", 130), (signal.SIGTERM, "eval:2", 143)])
+def test_signal_checkpoints_at_the_step_boundary_and_resumes(lab, sig, point, code):
+    """With no checkpoint due (save_every=0), a signal mid-step (or mid-evaluation) still leaves a
+    checkpoint of the finished step, exits 130/143 saying how to resume, and the resumed run ends
+    identical to the reference (checkpoint timing never changes the numbers)."""
+    run = lab.root / f"signal-{sig.name}"
+    child = lab.fs.spawn(["train", str(lab.cfg), f"output={run}", "train.save_every=0"], env={PAUSE: point})
+    assert child.wait_paused(point)
+    child.signal(sig)
+    assert child.wait() == code, child.stderr()
+    step = int(point.split(":")[1])
+    assert f"interrupted at step {step}" in child.stderr() and f"resume with: tunelab train {run}" in child.stderr()
+    assert [c.name for c in list_checkpoints(run / "checkpoints")] == [f"step-{step}"]
+    assert verify(run / "checkpoints" / f"step-{step}") is None
+    done = lab.fs.run(["train", str(run)])
+    assert done.rc == 0 and f"from step-{step}" in done.stdout()
+    assert not differences(run, lab.outcome)
+
+
+def test_second_ctrl_c_aborts_the_checkpoint_write_without_damage(lab):
+    run = lab.root / "double-ctrl-c"
+    child = lab.fs.spawn(["train", str(lab.cfg), f"output={run}", "train.save_every=0"],
+                         env={PAUSE: "step:2,fill:step-2"})
+    assert child.wait_paused("step:2")
+    child.signal(signal.SIGINT)
+    assert child.wait_paused("fill:step-2")  # the first Ctrl-C's checkpoint is being written
+    child.signal(signal.SIGINT)
+    assert child.wait() == 130
+    assert "aborted" in child.stderr() and "Traceback" not in child.stderr()
+    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
+    finish(lab, run)
+    assert not differences(run, lab.outcome)
+    report("signals", sigint_exit=130, sigterm_exit=143, double_ctrl_c="aborted, nothing corrupt",
+           resumed_identical=True)
+
+
+# ----------------------------------------------------------------------------- 6. concurrent runs
+
+def test_second_process_on_a_run_directory_is_refused(lab):
+    run = lab.root / "locked"
+    first = lab.fs.spawn(["train", str(lab.cfg), f"output={run}"], env={PAUSE: "step:2"})
+    assert first.wait_paused("step:2")
+    before = (run / "metrics.jsonl").read_bytes()
+    second = subprocess.run([sys.executable, "-m", "tunelab", "train", str(run)], capture_output=True, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    assert f"another tunelab process (pid {first.pid}) is using this run directory" in second.stderr
+    assert (run / "metrics.jsonl").read_bytes() == before  # the refused process wrote nothing
+    first.signal(signal.SIGKILL)
+    first.wait()
+    finish(lab, run)
+    assert not differences(run, lab.outcome)
+
+
+# ----------------------------------------------------------------------------- secrets
+
+def test_no_secret_from_the_environment_reaches_the_run_directory(lab):
+    secrets = {"HF_TOKEN": "hf_" + "Zq7" * 12, "HUGGING_FACE_HUB_TOKEN": "hub-token-5c1e9a77d",
+               "WANDB_API_KEY": "wandb-key-0f4b2d9c83", "MY_SERVICE_SECRET": "svc-secret-b81a60e2",
+               "DB_PASSWORD": "pw-7e21c4aa90"}
+    run = lab.root / "secrets"
+    # model.revision is a free string a user could paste a token into; a local model ignores it
+    done = lab.fs.run(["train", str(lab.cfg), f"output={run}", f"model.revision={secrets['WANDB_API_KEY']}",
+                       "diagnostics.after_train=null"], env=secrets)
+    assert done.rc == 0, done.stderr()
+    leaks = [(p, name) for p in [*run.rglob("*"), done.out, done.err] if p.is_file()
+             for name, value in secrets.items() if value.encode() in p.read_bytes()]
+    assert leaks == []
+    assert "<redacted $WANDB_API_KEY>" in (run / "config.yaml").read_text()
+    report("secrets", env_secrets=len(secrets), files_scanned=sum(p.is_file() for p in run.rglob("*")) + 2,
+           leaks=len(leaks))
