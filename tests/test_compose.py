@@ -34,7 +34,8 @@ def test_recipe_runs_with_every_method(recipe, method, tiny_setup, tmp_path):
     raw["method"] = {"name": method, **({"r": 2} if method == "lora" else {})}
     cfg = C.load(None, [f"model.name={model_dir}", f"data.train={data}", "data.eval=null",
                         "data.max_length=64", "train.steps=2", "train.micro_batch_size=2",
-                        "train.progress=false", "train.save_every=0", f"output={tmp_path / 'run'}"], base=raw)
+                        "train.progress=false", "train.save_every=0", "diagnostics.after_train=[]",
+                        f"output={tmp_path / 'run'}"], base=raw)
     run = tunelab.train(cfg)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if x["kind"] == "train"]

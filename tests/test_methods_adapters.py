@@ -344,7 +344,7 @@ def run_cfg(tiny_dir, data, out, method, packing=True, steps=4):
             "train": {"steps": steps, "micro_batch_size": 4, "lr": 1e-2, "save_every": 0, "progress": False,
                       "schedule": "constant", "precision": "fp32", "seed": 0},
             "eval": {"num_examples": 6, "max_new_tokens": 6, "batch_size": 6},
-            "output": str(out)}
+            "diagnostics": {"after_train": []}, "output": str(out)}
 
 
 def train_losses(run):

@@ -392,7 +392,7 @@ def _run_cfg(tiny_dir, tmp_path, method: dict) -> dict:
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"model": {"name": str(tiny_dir)}, "data": {"train": str(data), "eval": str(data), "max_length": 48},
-            "method": method, "output": str(tmp_path / "run"),
+            "method": method, "output": str(tmp_path / "run"), "diagnostics": {"after_train": []},
             "train": {"steps": 4, "micro_batch_size": 2, "lr": 0.05, "save_every": 2, "progress": False},
             "eval": {"num_examples": 3, "max_new_tokens": 4, "batch_size": 3, "every": 2}}
 

@@ -248,7 +248,7 @@ def test_caft_run_saves_heads_and_merged_export_drops_them(tiny_dir, tmp_path):
            "method": {"name": "lora", "r": 4, "alpha": 8},
            "objective": {"name": "caft", "num_heads": 2, "schedule_steps": 2},
            "train": {"steps": 2, "micro_batch_size": 2, "lr": 1e-3, "save_every": 2, "progress": False},
-           "eval": {"before": False}, "output": str(tmp_path / "run")}
+           "eval": {"before": False}, "diagnostics": {"after_train": []}, "output": str(tmp_path / "run")}
     run = tunelab.train(cfg)
     heads = load_file(str(run / "final" / "caft_heads.safetensors"))
     assert heads and all(k.startswith(("0.", "1.")) for k in heads)

@@ -36,6 +36,7 @@ def base_cfg(tiny_dir, data_file, out, **train):
         "train": {"steps": 6, "micro_batch_size": 2, "grad_accum": 2, "lr": 5e-3, "warmup_steps": 2,
                   "save_every": 2, "keep_checkpoints": 5, "progress": False, **train},
         "eval": {"num_examples": 4, "max_new_tokens": 6, "batch_size": 4},
+        "diagnostics": {"after_train": []},  # diagnostics have their own tests (test_diagnostics.py)
         "output": str(out),
     }
 

@@ -29,8 +29,10 @@ class Context:
 
     @cached_property
     def device(self):
-        from tunelab.training.loop import pick_device
-        return pick_device(self.cfg.train.device)
+        """train.device, with `auto` meaning cuda when available."""
+        import torch
+        name = self.cfg.train.device
+        return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
     @cached_property
     def _trained(self):

@@ -1,0 +1,481 @@
+"""Paper properties of the sparse and selective methods (hft, lift, spiel, lt_sft, dsee,
+greentrainer), on top of the shared method table, and an exact resume of a re-selecting run."""
+import copy
+import itertools
+import json
+import math
+import random
+import shutil
+
+import pytest
+import torch
+
+from test_methods import batch, logits, make, train_steps
+from tiny import tiny_model
+from tunelab.methods import _sparse as S
+
+
+def adam(method, model, lr=1e-2):
+    return torch.optim.AdamW(method.param_groups(model, 0.0), lr=lr)
+
+
+def step(model, opt, seed=0):
+    """One optimizer step on a simple loss (the table's train_steps builds its own optimizer)."""
+    b = batch(seed)
+    model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+# ----------------------------------------------------------------------------- the sparse layer
+
+def test_sparse_linear_matches_dense_and_gradcheck():
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.Linear(6, 8).double()
+    layer = S.SparseDeltaLinear(base, torch.randperm(48, generator=g)[:10], scale=0.5)
+    layer.sparse_values.data = torch.randn(10, generator=g, dtype=torch.float64)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    dense = base.weight.detach().clone().reshape(-1)
+    dense[layer.sparse_indices] += 0.5 * layer.sparse_values.detach()
+    torch.testing.assert_close(layer(x), x @ dense.view(8, 6).T + base.bias)
+    fn = lambda x, v: S._LinearSparseDelta.apply(x, base.weight, base.bias, v, layer)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, layer.sparse_values))
+
+
+def test_split_budget_sums_exactly():
+    sizes = [4096, 2048, 8192, 100]
+    for total in (1, 77, 1000, sum(sizes)):
+        parts = S.split_budget(sizes, total)
+        assert sum(parts) == total and all(0 <= p <= s for p, s in zip(parts, sizes))
+        assert all(abs(p - total * s / sum(sizes)) < 1 for p, s in zip(parts, sizes))
+
+
+@pytest.mark.parametrize("name, options, key", [
+    ("spiel", {"selection_accumulation_steps": 30}, "selection_accumulation_steps"),
+    ("lift", {"lora_rank": 0}, "lora_rank"),
+    ("lt_sft", {"full_ft_steps": 0}, "full_ft_steps"),
+    ("dsee", {"sparse_method": "svd"}, "sparse_method"),
+    ("hft", {"reselect_every": -1}, "reselect_every"),
+    ("greentrainer", {"rho": 0}, "rho"),
+])
+def test_bad_options_name_the_key(name, options, key):
+    from tunelab.errors import ConfigError
+    with pytest.raises(ConfigError, match=key):
+        make(name, options)
+
+
+def test_hft_needs_transformer_layers():
+    from tunelab.errors import ConfigError
+    from tunelab.methods.hft import frozen_half
+    with pytest.raises(ConfigError, match="hft"):
+        frozen_half(["encoder.fc.weight", "head.weight"], seed=0, stage=0)
+
+
+# ----------------------------------------------------------------------------- SpIEL
+
+def spiel_layer(k=12, seed=0):
+    from tunelab.methods.spiel import SpIELLinear
+
+    g = torch.Generator().manual_seed(seed)
+    layer = SpIELLinear(torch.nn.Linear(6, 8), torch.randperm(48, generator=g)[:k])
+    layer.sparse_values.data = torch.randn(k, generator=g)
+    return layer, g
+
+
+def test_spiel_prune_and_regrow():
+    layer, g = spiel_layer()
+    opt = torch.optim.AdamW([layer.sparse_values], lr=1e-3)
+    layer.sparse_values.grad = torch.randn(12, generator=g)
+    opt.step()
+    old_idx, old_vals = layer.sparse_indices.clone(), layer.sparse_values.detach().clone()
+    moments = opt.state[layer.sparse_values]["exp_avg"].clone()
+    layer.accumulating = True
+    grads = [torch.randn(8, 6, generator=g) for _ in range(3)]
+    for gr in grads:
+        layer.on_weight_grad(gr)
+    p = 0.5
+    slots = layer.reselect(p, opt)
+    idx = layer.sparse_indices
+    assert len(idx) == 12 and len(set(idx.tolist())) == 12                 # count fixed, unique
+    assert 0 < len(slots) <= math.ceil(p * 12)
+    smallest = set(torch.topk(old_vals.abs(), int(p * 12), largest=False).indices.tolist())
+    assert set(slots.tolist()) <= smallest                                  # pruned: smallest |value|
+    kept = [i for i in range(12) if i not in set(slots.tolist())]
+    assert torch.equal(idx[kept], old_idx[kept]) and torch.equal(layer.sparse_values[kept], old_vals[kept])
+    assert not set(idx[slots].tolist()) & set(old_idx[kept].tolist())      # new ones are not survivors
+    assert torch.all(layer.sparse_values[slots] == 0)
+    st = opt.state[layer.sparse_values]
+    assert torch.all(st["exp_avg"][slots] == 0) and torch.all(st["exp_avg_sq"][slots] == 0)
+    assert torch.equal(st["exp_avg"][kept], moments[kept])
+    # regrowth by accumulated gradient: the chosen ones score at least as high as any other candidate
+    total = sum(grads).reshape(-1)
+    cands = set(torch.topk(grads[0].reshape(-1).abs(), 12).indices.tolist()) - set(old_idx[kept].tolist())
+    chosen = set(idx[slots].tolist())
+    assert chosen <= cands
+    assert min(total[list(chosen)].abs()) >= max([total[i].abs() for i in cands - chosen] or [0])
+
+
+def test_spiel_schedule_and_fixed_count(model):
+    method = make("spiel", {"num_tunable_weights": 500, "reselection_steps": 3,
+                            "selection_accumulation_steps": 2, "num_decay_steps": 9})
+    assert method.rate(2) == 1 and method.rate(5) == pytest.approx(0.2 * (1 - 5 / 9)) and method.rate(9) == 0
+    tuned = method.apply(model)
+    layers = S.sparse_layers(tuned)
+    start = {n: m.sparse_indices.clone() for n, m in layers.items()}
+    train_steps(tuned, method, steps=5)
+    assert sum(len(m.sparse_indices) for m in layers.values()) == 500
+    assert all(len(set(m.sparse_indices.tolist())) == len(m.sparse_indices) for m in layers.values())
+    moved = sum(int((m.sparse_indices != start[n]).sum()) for n, m in layers.items())
+    assert moved > 0                                                       # step 2 replaced the random start
+
+
+def test_spiel_memory_does_not_grow_with_model_size():
+    """Trainable numbers, optimizer state and the method's buffers are the same for a model twice
+    as wide, at the same delta count."""
+    sizes = []
+    for width in (64, 128):
+        model = tiny_model(hidden_size=width, intermediate_size=2 * width)
+        method = make("spiel", {"num_tunable_weights": 600, "reselection_steps": 2,
+                                "selection_accumulation_steps": 1})
+        tuned = method.apply(model)
+        opt = adam(method, tuned)
+        step(tuned, opt)
+        method.on_step(tuned, 1, opt)
+        trained = sum(p.numel() for g in opt.param_groups for p in g["params"])
+        state = sum(t.numel() for st in opt.state.values() for t in st.values() if t.ndim)
+        buffers = sum(t.numel() for n, t in method.trainable_state(tuned).items())
+        sizes.append((trained, state, buffers))
+    assert sizes[0] == sizes[1] and sizes[0][0] == 600
+
+
+# ----------------------------------------------------------------------------- LIFT
+
+def test_lift_mask_is_topk_of_low_rank_approximation():
+    from tunelab.methods.lift import num_principal, principal_indices
+
+    w = torch.randn(32, 48, generator=torch.Generator().manual_seed(1))
+    k = num_principal(w.shape, 2)
+    assert k == min((32 + 48) * 2, 32 * 48)
+    u, s, v = torch.svd(w.double())                                        # brute force, fp64
+    low = u[:, :4] @ torch.diag(s[:4]) @ v[:, :4].T
+    expected = set(torch.argsort(low.abs().reshape(-1), descending=True)[:k].tolist())
+    assert set(principal_indices(w, k, 4).tolist()) == expected
+
+
+def test_lift_low_rank_filter_differs_from_magnitude():
+    from tunelab.methods.lift import principal_indices
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(32, 2, generator=g) @ torch.randn(2, 24, generator=g) * 0.3
+    spikes = torch.randperm(w.numel(), generator=g)[:40]
+    w.view(-1)[spikes] += 4.0
+    lift = set(principal_indices(w, 40, 2).tolist())
+    assert lift != set(spikes.tolist())
+    assert set(torch.topk(w.abs().reshape(-1), 40).indices.tolist()) == set(spikes.tolist())
+
+
+def test_lift_refresh_keeps_surviving_moments_and_function(model):
+    from tunelab.methods.lift import principal_indices
+
+    method = make("lift", {"lora_rank": 1, "filter_rank": 2, "update_interval": 0})
+    tuned = method.apply(model)
+    opt = adam(method, tuned, lr=0.05)                                     # large: masks will move
+    for s in range(3):
+        step(tuned, opt, s)
+    b = batch(6)
+    before = logits(tuned, b)
+    layers = S.sparse_layers(tuned)
+    old = {n: (m.sparse_indices.clone(), opt.state[m.sparse_values]["exp_avg"].clone()) for n, m in layers.items()}
+    method.refresh(tuned, opt)
+    torch.testing.assert_close(logits(tuned, b), before, atol=1e-6, rtol=1e-6)   # the delta moved to P
+    changed = 0
+    for n, m in layers.items():
+        w = m.dense_weight(m.base_layer.weight, m.sparse_values)
+        assert torch.equal(m.sparse_indices, principal_indices(w, len(m.sparse_indices), 2))
+        avg = opt.state[m.sparse_values]["exp_avg"]
+        assert avg.shape == m.sparse_values.shape                            # state size == |M|
+        prev = dict(zip(old[n][0].tolist(), old[n][1].tolist()))
+        for i, a in zip(m.sparse_indices.tolist(), avg.tolist()):
+            assert a == prev.get(i, 0.0)
+        changed += len(set(m.sparse_indices.tolist()) - set(prev))
+    assert changed > 0 and any(len(m.past_indices) for m in layers.values())
+
+
+# ----------------------------------------------------------------------------- LT-SFT
+
+def test_lt_sft_mask_is_global_topk_and_reset_is_exact(model):
+    base = copy.deepcopy(model)
+    method = make("lt_sft", {"full_ft_steps": 2, "num_tunable_weights": 400})
+    tuned = method.apply(model)
+    opt = adam(method, tuned)
+    layers = S.sparse_layers(tuned)
+    step(tuned, opt, 0)                                                    # phase 1: steps 1 and 2
+    method.on_step(tuned, 1, opt)
+    step(tuned, opt, 1)
+    diffs = {n: (m.base_layer.weight - m.theta0).abs().reshape(-1) for n, m in layers.items()}
+    method.on_step(tuned, 2, opt)                                          # the switch
+    flat = torch.cat(list(diffs.values()))
+    threshold = torch.topk(flat, 400).values[-1]
+    assert sum(len(m.sparse_indices) for m in layers.values()) == 400
+    for n, m in layers.items():
+        assert torch.all(diffs[n][m.sparse_indices] >= threshold)
+        assert torch.equal(m.base_layer.weight, base.get_submodule(n).weight)   # reset to theta0
+        assert m.base_layer.weight not in opt.state                           # no dense Adam state
+    for t in (3, 4):
+        step(tuned, opt, t)
+        method.on_step(tuned, t, opt)
+    merged = method.merge(copy.deepcopy(tuned))
+    for n, m in layers.items():
+        d = (merged.get_submodule(n).weight - base.get_submodule(n).weight).reshape(-1)
+        assert set(d.nonzero().squeeze(1).tolist()) <= set(m.sparse_indices.tolist())
+
+
+def lt_sft_delta(model, seed, targets, out):
+    method = make("lt_sft", {"full_ft_steps": 1, "density": 0.05, "target_modules": targets})
+    tuned = method.apply(model)
+    opt = adam(method, tuned)
+    for s in range(3):
+        step(tuned, opt, seed + s)
+        method.on_step(tuned, s + 1, opt)
+    out.mkdir()
+    method.save(tuned, None, out, "tiny")
+    return method.merge(tuned)
+
+
+def test_lt_sft_composition_adds_deltas(tmp_path):
+    from tunelab.methods.lt_sft import compose
+
+    base = tiny_model().double()
+    lang = lt_sft_delta(copy.deepcopy(base), 1, ["v_proj", "o_proj"], tmp_path / "lang")
+    task = lt_sft_delta(copy.deepcopy(base), 2, ["v_proj", "down_proj"], tmp_path / "task")
+    composed = compose(copy.deepcopy(base), [tmp_path / "lang", tmp_path / "task"])
+    other_order = compose(copy.deepcopy(base), [tmp_path / "task", tmp_path / "lang"])
+    meta = json.loads((tmp_path / "lang" / S.DELTA_CONFIG).read_text())
+    assert meta["method"] == "lt_sft"
+    v = "model.layers.0.self_attn.v_proj.weight"                          # both deltas touch it
+    assert len({tuple(m.get_parameter(v).reshape(-1).tolist()) for m in (base, lang, task, composed)}) == 4
+    for (n, p), q, a, b, w0 in zip(composed.named_parameters(), other_order.parameters(), lang.parameters(),
+                                   task.parameters(), base.parameters()):
+        torch.testing.assert_close(p, w0 + (a - w0) + (b - w0), atol=1e-12, rtol=0)   # sum of deltas
+        torch.testing.assert_close(p, q, atol=1e-12, rtol=0)                            # order-free
+    restored = compose(composed, [tmp_path / "lang", tmp_path / "task"], scale=-1.0)
+    for p, w0 in zip(restored.parameters(), base.parameters()):
+        torch.testing.assert_close(p, w0, atol=1e-12, rtol=0)
+
+
+# ----------------------------------------------------------------------------- DSEE
+
+def test_grebsmo_recovers_planted_spikes():
+    """W = rank 2 + 10 spikes: with the threshold at the scale of the low-rank part, GreBsmo's
+    sparse part has the spikes as its 10 largest entries, where plain |W| does not."""
+    from tunelab.methods.dsee import grebsmo
+
+    magnitude_misses = 0
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(32, 2, generator=g) @ torch.randn(2, 24, generator=g)     # entries ~ N(0, 2)
+        spikes = torch.randperm(w.numel(), generator=g)[:10]
+        w.view(-1)[spikes] += 5.0 * torch.sign(torch.randn(10, generator=g))
+        s = grebsmo(w, max_rank=2, iters=10, threshold=1.0, generator=g)
+        assert set(torch.topk(s.abs().reshape(-1), 10).indices.tolist()) == set(spikes.tolist())
+        magnitude_misses += set(torch.topk(w.abs().reshape(-1), 10).indices.tolist()) != set(spikes.tolist())
+    assert magnitude_misses > 0
+
+
+def test_dsee_starts_at_base_and_sparse_part_stays_on_support(model):
+    base = copy.deepcopy(model)
+    method = make("dsee", {"r": 2, "num_sparse": 10, "grebsmo_rank": 3})
+    tuned = method.apply(model)
+    b = batch(1)
+    assert torch.equal(logits(tuned, b), logits(base, b))
+    train_steps(tuned, method, steps=3)
+    for n, m in S.sparse_layers(tuned).items():
+        assert len(m.sparse_indices) == 10 and len(set(m.sparse_indices.tolist())) == 10
+        lowrank = m.lora_B.weight @ m.lora_A.weight * m.scale
+        sparse = m.merged_linear().weight - base.get_submodule(n).weight - lowrank
+        off = torch.ones(sparse.numel(), dtype=torch.bool)
+        off[m.sparse_indices] = False
+        assert sparse.reshape(-1)[off].abs().max() < 1e-6 < sparse.reshape(-1)[~off].abs().max()
+
+
+def test_dsee_lowrank_part_loads_in_peft(model, tmp_path):
+    """PEFT loads the low-rank part; on a base with the sparse part composed in, it gives DSEE's
+    function exactly; on the plain base, DSEE's function without the sparse part."""
+    from peft import PeftModel
+
+    from tunelab.methods.lt_sft import compose
+
+    base = copy.deepcopy(model)
+    method = make("dsee", {"r": 2, "num_sparse": 10, "grebsmo_rank": 3})
+    tuned = train_steps(method.apply(model), method, steps=3)
+    method.save(tuned, None, tmp_path, "tiny")
+    b = batch(4)
+    full = PeftModel.from_pretrained(compose(copy.deepcopy(base), [tmp_path]), tmp_path / "lowrank").eval()
+    torch.testing.assert_close(logits(full, b), logits(tuned, b), atol=1e-6, rtol=1e-6)
+    for m in S.sparse_layers(tuned).values():
+        m.sparse_values.data.zero_()
+    lowrank_only = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lowrank").eval()
+    torch.testing.assert_close(logits(lowrank_only, b), logits(tuned, b), atol=1e-6, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- HFT
+
+def test_hft_freezes_exactly_half_per_layer():
+    from tunelab.methods.hft import ATTENTION, FFN, NORMS, frozen_half, layer_modules
+
+    names = [n for n, _ in tiny_model(num_hidden_layers=4).named_parameters()]
+    frozen = frozen_half(names, seed=0, stage=0)
+    layers = layer_modules(names)
+    ffn_counts = []
+    for mods in layers.values():
+        count = lambda cat: sum(mods[leaf][0] in frozen for leaf in cat)  # noqa: E731
+        assert count(ATTENTION) == 2 and count(NORMS) == 1
+        ffn_counts.append(count(FFN))
+    assert sorted(ffn_counts) == [1, 1, 2, 2]                              # L // 2 layers freeze 2
+    assert all(n in layers.get(int(n.split(".")[2]), {}).get(n.split(".")[-2], []) for n in frozen)
+    assert frozen == frozen_half(names, 0, 0)
+    assert frozen != frozen_half(names, 1, 0) or frozen != frozen_half(names, 2, 0)
+
+
+def test_hft_frozen_half_does_not_change(model):
+    method = make("hft", {"seed": 5})
+    tuned = method.apply(model)
+    frozen = {n for n, p in tuned.named_parameters() if not p.requires_grad}
+    assert len(frozen) == 2 * 2 + (2 + 1) + 2                              # attention, FFN, norms
+    before = {n: p.detach().clone() for n, p in tuned.named_parameters()}
+    train_steps(tuned, method, steps=2)
+    for n, p in tuned.named_parameters():
+        assert torch.equal(p, before[n]) == (n in frozen), n
+
+
+def test_hft_reselection_restarts_adam_state(model):
+    method = make("hft", {"seed": 0, "reselect_every": 1})
+    tuned = method.apply(model)
+    opt = adam(method, tuned)
+    params = dict(tuned.named_parameters())
+    for t in (1, 2, 3):
+        was = {n for n, p in params.items() if p.requires_grad}
+        step(tuned, opt, t)
+        method.on_step(tuned, t, opt)
+        now = {n for n, p in params.items() if p.requires_grad}
+        assert now != was
+        assert all(params[n] not in opt.state for n in set(params) - now)   # frozen: no Adam state
+        assert all(params[n] not in opt.state for n in now - was)           # new ones start fresh
+        assert all(params[n] in opt.state for n in now & was)               # staying ones keep theirs
+
+
+# ----------------------------------------------------------------------------- GreenTrainer
+
+def brute_force(t_dw, t_dy, imp, budget):
+    from tunelab.methods.greentrainer import backward_cost
+
+    best = 0.0
+    for mask in itertools.product([False, True], repeat=len(t_dw)):
+        if backward_cost(list(mask), t_dw, t_dy) <= budget:
+            best = max(best, sum(i for i, m in zip(imp, mask) if m))
+    return best
+
+
+def test_greentrainer_dp_hand_case():
+    """t_dy=[0,2,1,4,0], t_dw=[5,1,7,3,1], I=[1,3,10,5,3] (input -> output), budget
+    floor(0.6 * 24) = 14: choosing tensors 2 and 4 costs t_dw 7 + 1 plus t_dy 1 + 4 + 0 = 13 for
+    importance 13; every other feasible set is worth less (by hand: deepest 3 gives 11, deepest 1
+    needs 16 > 14)."""
+    from tunelab.methods.greentrainer import backward_cost, select_tensors
+
+    t_dy, t_dw, imp = [0, 2, 1, 4, 0], [5, 1, 7, 3, 1], [1, 3, 10, 5, 3]
+    mask = select_tensors(t_dw, t_dy, imp, 14)
+    assert mask == [False, False, True, False, True]
+    assert backward_cost(mask, t_dw, t_dy) == 13
+
+
+def test_greentrainer_dp_equals_brute_force():
+    from tunelab.methods.greentrainer import backward_cost, select_tensors
+
+    rnd = random.Random(0)
+    for _ in range(60):
+        n = rnd.randint(1, 8)
+        t_dw, t_dy = [rnd.randint(0, 9) for _ in range(n)], [rnd.randint(0, 9) for _ in range(n)]
+        imp = [rnd.choice([0.0, rnd.random()]) for _ in range(n)]
+        budget = rnd.randint(0, sum(t_dw) + sum(t_dy))
+        mask = select_tensors(t_dw, t_dy, imp, budget)
+        assert backward_cost(mask, t_dw, t_dy) <= budget
+        assert sum(i for i, m in zip(imp, mask) if m) == pytest.approx(brute_force(t_dw, t_dy, imp, budget))
+
+
+def test_greentrainer_selection_respects_budget_and_only_selected_train(model):
+    from tunelab.methods.greentrainer import backward_cost, backward_rho
+
+    method = make("greentrainer", {"rho": 0.5, "interval": 10, "seq_len": 32})
+    tuned = method.apply(model)
+    before = {n: p.detach().clone() for n, p in tuned.named_parameters()}
+    train_steps(tuned, method, steps=1)                                   # the probe step
+    assert all(torch.equal(p, before[n]) for n, p in tuned.named_parameters())
+    mask = tuned.greentrainer_selected.tolist()
+    e = method.entries
+    dw, dy, fwd = [x.dw for x in e], [x.dy for x in e], sum(x.fwd for x in e)
+    t_bp = sum(dw) + sum(dy)
+    assert 0 < sum(mask) < sum(bool(x.params) for x in e)
+    assert backward_cost(mask, dw, dy) <= backward_rho(0.5, fwd, t_bp) * t_bp
+    assert method.stats(tuned)["greentrainer_flops_saved"] >= 0.5 - 1e-9   # rho of the training FLOPs
+    selected = {n for x, m in zip(e, mask) if m for n in x.params}
+    before = {n: p.detach().clone() for n, p in tuned.named_parameters()}
+    step(tuned, adam(method, tuned), 3)
+    assert {n for n, p in tuned.named_parameters() if not torch.equal(p, before[n])} == selected
+
+
+def test_greentrainer_importance_is_the_step_gradient(model):
+    """The probe sees the whole step's gradient (all micro-batches) of every tensor."""
+    method = make("greentrainer", {"rho": 1.0, "interval": 10})
+    ref = copy.deepcopy(model)
+    tuned = method.apply(model)
+    for m in (tuned, ref):
+        for s in range(2):                                                # two micro-batches
+            b = batch(s)
+            m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.pow(2).mean().backward()
+    imp = method.importance()
+    grads = {n: p.grad for n, p in ref.named_parameters()}
+    l1 = [sum(float(grads[n].abs().sum()) for n in x.params) for x in method.entries]
+    torch.testing.assert_close(torch.tensor(imp), torch.tensor(l1) / max(l1), atol=1e-5, rtol=1e-4)
+    method.on_step(tuned, 1, adam(method, tuned))
+    assert all(tuned.greentrainer_selected.tolist()[i] == bool(x.params) for i, x in enumerate(method.entries))
+
+
+# ----------------------------------------------------------------------------- exact resume
+
+# Each stops at step 3 of 6 in the middle of its schedule: SpIEL inside a gradient-accumulation
+# phase (selections after steps 2, 4, 6), LIFT between refreshes (2, 4, 6), LT-SFT in its dense
+# phase (switch after step 4), GreenTrainer just after a probe step's selection (1, 3, 5), HFT
+# between re-draws (2, 4).
+RESUME_METHODS = {
+    "spiel": {"name": "spiel", "density": 0.05, "reselection_steps": 2, "selection_accumulation_steps": 2,
+              "initial_reselection_rate": 0.5, "num_decay_steps": 6},
+    "lift": {"name": "lift", "lora_rank": 1, "filter_rank": 2, "update_interval": 2},
+    "lt_sft": {"name": "lt_sft", "full_ft_steps": 4, "density": 0.05},
+    "greentrainer": {"name": "greentrainer", "rho": 0.6, "interval": 2, "seq_len": 64},
+    "hft": {"name": "hft", "seed": 0, "reselect_every": 2},
+}
+
+
+@pytest.mark.filterwarnings("ignore:lt_sft")
+@pytest.mark.parametrize("method", list(RESUME_METHODS))
+def test_interrupted_and_resumed_run_equals_uninterrupted(method, tiny_dir, tmp_path):
+    """A run stopped by train.steps=3 and resumed with train.steps=6 has the same losses and the
+    same output as a run that never stopped (fp32, accumulation on, constant lr)."""
+    import tunelab
+    from test_train import base_cfg, chat_rows, losses
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in chat_rows()))
+    cfg = base_cfg(tiny_dir, data, tmp_path / "full", warmup_steps=0, schedule="constant")
+    cfg["method"], cfg["eval"] = RESUME_METHODS[method], {"num_examples": 2, "max_new_tokens": 2, "batch_size": 2}
+    cfg["diagnostics"] = {"after_train": []}                              # not what this test is about
+    full = tunelab.train(cfg)
+    part = tunelab.train(dict(cfg, output=str(tmp_path / "part"), train=dict(cfg["train"], steps=3)))
+    tunelab.train(str(part), "train.steps=6")
+    assert losses(part) == pytest.approx(losses(full), abs=1e-6)
+    for f in sorted(p.name for p in (full / "final").glob("*.safetensors")):
+        from safetensors.torch import load_file
+        a, b = load_file(str(full / "final" / f)), load_file(str(part / "final" / f))
+        assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+    shutil.rmtree(tmp_path / "part")
