@@ -36,6 +36,8 @@ def test_round_trip(tmp_path):
     ("method:\n  name: lora\n  rank: 4\n", "method.rank"),
     ("data:\n  packing: maybe\n", "data.packing"),
     ("bogus: 1\n", "bogus"),
+    ("method:\n  name: lora\n  alpha: -3\n", "method.alpha"),
+    ("train:\n  steps: 3\n  7: 2\n", "train.7"),
 ])
 def test_bad_values_name_key_and_line(tmp_path, text, key):
     p = write(tmp_path, text)

@@ -111,7 +111,7 @@ def from_dict(cls, data, path: str = ""):
         raise ConfigError(f"{path or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - fields)
+    unknown = sorted(map(str, set(data) - fields))  # YAML keys may be ints
     if unknown:
         raise ConfigError(f"{prefix}{unknown[0]}: unknown key; valid keys: {', '.join(sorted(fields))}")
     kwargs = {k: coerce(v, hints[k], prefix + k) for k, v in data.items()}

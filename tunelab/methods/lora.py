@@ -46,6 +46,8 @@ class LoRAConfig:
             raise ConfigError(f"r: must be >= 1, got {self.r}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ConfigError(f"alpha: must be > 0 and finite, got {self.alpha}")
         self.target_modules = list(self.target_modules)
 
     @property
