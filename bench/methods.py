@@ -2,7 +2,7 @@
 steps, batch, seed and evaluation; each method's own options and learning rate come from its
 example recipe (examples/methods/<name>.yaml; LoRA and full fine-tuning are defined here).
 
-    python bench/methods.py [--steps N] [--only a,b]      (about 2-3 min per method on 2 CPU cores)
+    python bench/methods.py [--steps N] [--num-eval N] [--only a,b]   (1-3 min per method on 2 CPU cores)
 
 Each method runs in its own process (its own peak memory). Writes bench/results/methods-<machine>-
 <date>.json and the table into docs/results/methods.md (between the bench markers). The runs stay
@@ -134,7 +134,7 @@ def main() -> None:
     names = [n for n in rows() if not a.only or n in a.only.split(",")]
     t0 = time.perf_counter()
     res = {"date": datetime.date.today().isoformat(), "machine": f"cpu{os.cpu_count()}", "steps": a.steps,
-           "num_eval": a.num_eval, "command": "python bench/methods.py" + (f" --steps {a.steps}" if a.steps != 12 else ""),
+           "num_eval": a.num_eval, "command": f"python bench/methods.py --steps {a.steps} --num-eval {a.num_eval}",
            "rows": [child(["base", "-", str(a.num_eval)])]}
     for name in names:
         print(f"methods: {name}", flush=True)

@@ -91,6 +91,37 @@ def test_ftc_is_zero_in_layers_that_did_not_change(model):
     assert torch.equal(dec.ftc_norms[0], torch.zeros(3)) and (dec.ftc_norms[1] > 0).all()
 
 
+def method_rows():
+    from test_methods import METHOD_ROWS
+    return METHOD_ROWS
+
+
+@pytest.mark.parametrize("row", method_rows(), ids=[r[0] for r in method_rows()])
+def test_every_method_can_be_diagnosed(model, row):
+    """KL, TuCo and (where the method merges) alpha-steering and intruder counts run on every method
+    of the shared table; alpha = 0 is the base model for methods that merge into plain weights."""
+    from test_methods import make
+    from tunelab.methods.lora import select_linears
+
+    _, name, options, _ = row
+    method = make(name, options)
+    tuned = method.apply(copy.deepcopy(model)).eval()
+    with torch.no_grad():
+        for p in (p for p in tuned.parameters() if p.requires_grad):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    kl = token_kl(model, tuned, [[5, 6, 7]], [[8, 9]], pad_id=0)
+    assert kl[0].shape == (2,) and (kl[0] >= -1e-6).all() and kl[0].sum() > 0
+    assert ((0 <= decompose(model, tuned, **batch()).tuco) & (decompose(model, tuned, **batch()).tuco <= 1)).all()
+    if method.supports_merge:
+        b = batch()
+        keep = b["attention_mask"].bool()
+        torch.testing.assert_close(tuco_forward(model, tuned, b, 0.0)[keep], model(**b).logits[keep].detach(),
+                                   atol=1e-5, rtol=1e-5)
+        merged = method.merge(tuned)
+        rows = matrix_rows(model, merged, select_linears(model, ["all-linear"]), 10, 0.5)
+        assert len(rows) == 14 and all(r[4] >= 0 for r in rows)
+
+
 # ----------------------------------------------------------------------------- KL drift
 
 def test_kl_drift_is_zero_for_the_base_against_itself_and_positive_otherwise(model):

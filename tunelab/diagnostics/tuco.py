@@ -13,7 +13,11 @@ whole decoder layer), the last prompt token (the position that produces the repl
 alpha = 0 gives the base model only when embeddings and head are shared; here the embedding output
 and the logits are interpolated the same way (e = e_PT + alpha (e_FT - e_PT), logits likewise from
 x_L), so alpha = 0 reproduces the base model's logits and alpha = 1 the tuned model's for any
-method, full fine-tuning of tied embeddings included. The TuCo value itself uses blocks only.
+method whose change lives in weights (full fine-tuning of tied embeddings included; prompt and
+prefix tuning too, whose virtual tokens act inside the attention of the blocks). Methods that
+rewrite the inputs inside the forward (DePT/EPT's position-wise embedding offsets) keep that
+input change at alpha = 0. The TuCo value itself uses blocks only: a change made only to the
+embeddings or the head gives TuCo = 0 (see `forgetting`'s KL drift for the whole effect).
 
 Implementation: forward hooks on the tuned model's decoder layers call the base model's layer l
 with the same arguments (mask, rotary embeddings, positions), so nothing is re-implemented.
