@@ -15,7 +15,8 @@ def run(tiny_dir, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"model:\n  name: {tiny_dir}\ndata:\n  train: {data}\n  eval: {data}\n"
                    "method:\n  name: lora\n  r: 2\ntrain:\n  steps: 2\n  micro_batch_size: 4\n  progress: false\n"
-                   "eval:\n  num_examples: 3\n  max_new_tokens: 4\n")
+                   "eval:\n  num_examples: 3\n  max_new_tokens: 4\n"
+                   "diagnostics:\n  after_train: [tuco]\n  options:\n    tuco:\n      num_prompts: 2\n")
     out = tmp_path / "run"
     assert main(["train", str(cfg), f"output={out}"]) == 0
     return out
