@@ -94,6 +94,19 @@ class Method:
         yield
 
 
+@contextmanager
+def switched_off(modules) -> Iterator[None]:
+    """`enabled = False` on each module for the duration: the usual body of `Method.disabled`."""
+    modules = list(modules)
+    for m in modules:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.enabled = True
+
+
 def torch_no_grad():
     import torch
     return torch.no_grad()

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.methods import Method, register
+from tunelab.methods import Method, register, switched_off
 from tunelab.methods._blocks import check_roles, find_blocks, sublayer_name
 from tunelab.methods._bottleneck import Bottleneck, ParallelAdapter, SequentialAdapter, bottlenecks, hidden_size
 
@@ -138,14 +138,8 @@ class AdapterMethod(Method):
 
     @contextmanager
     def disabled(self, model):
-        mods = bottlenecks(model)
-        for m in mods:
-            m.enabled = False
-        try:
+        with switched_off(bottlenecks(model)):
             yield
-        finally:
-            for m in mods:
-                m.enabled = True
 
 
 @register("adapter")

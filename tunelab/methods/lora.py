@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from tunelab.errors import ConfigError
-from tunelab.methods import Method, register
+from tunelab.methods import Method, register, switched_off
 
 PEFT_PREFIX = "base_model.model."
 
@@ -171,11 +171,5 @@ class LoRA(Method):
 
     @contextmanager
     def disabled(self, model):
-        mods = list(_lora_modules(model).values())
-        for m in mods:
-            m.enabled = False
-        try:
+        with switched_off(_lora_modules(model).values()):
             yield
-        finally:
-            for m in mods:
-                m.enabled = True
