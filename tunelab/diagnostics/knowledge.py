@@ -7,8 +7,8 @@ Invented people with invented facts (tunelab/data/builtin/facts.py). After train
     updated_new_accuracy / updated_old_accuracy   for facts whose value changed (update_train):
                          how often the reply has the new value, and how often still the old one
 A reply is correct when it contains the short answer as a whole word (case-insensitive), the
-FineTuneBench exact-match reading for sentence replies. The base model's accuracy is reported
-alongside (about chance: the facts are invented).
+FineTuneBench exact-match reading for sentence replies. With `compare_base` the base model's
+accuracy is reported alongside (about chance: the facts are invented).
 """
 from __future__ import annotations
 
@@ -28,12 +28,12 @@ class KnowledgeConfig:
     facts: str | None = None
     """The builtin:facts world to probe, e.g. 'builtin:facts?n_entities=50&seed=0' (any split
     option is replaced). null: the run's data.train when it is builtin:facts, else the defaults."""
-    num_probes: int = 60
-    """Probes per split (the first N)."""
-    answer_tokens: int = 24
-    """Reply length."""
-    compare_base: bool = True
-    """Also ask the base model (the chance-level reference)."""
+    num_probes: int = 20
+    """Probes per split (the first N): up to 3N questions."""
+    answer_tokens: int = 20
+    """Reply length (an answer sentence such as "Velmora Quistane lives in Quenth." is ~12 tokens)."""
+    compare_base: bool = False
+    """Also ask the base model (a chance-level reference: the facts are invented); doubles the cost."""
 
     def __post_init__(self):
         for name in ("num_probes", "answer_tokens"):
