@@ -67,7 +67,8 @@ def test_tuco_forward_on_a_lora_model(model):
     b = batch()
     keep = b["attention_mask"].bool()
     with torch.no_grad():
-        torch.testing.assert_close(tuco_forward(model, tuned, b, 0.0)[keep], model(**b).logits[keep], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(tuco_forward(model, tuned, b, 0.0)[keep], model(**b).logits[keep],
+                                   atol=1e-5, rtol=1e-5)
         with method.disabled(tuned):
             assert decompose(model, tuned, **b).tuco.max() == 0
     assert (decompose(model, tuned, **b).tuco > 0).all()
@@ -184,7 +185,8 @@ def test_intruders_are_counted_per_matrix_module_and_layer(model):
 
 
 def test_intruder_is_not_applicable_to_methods_that_cannot_merge():
-    ctx = SimpleNamespace(method=SimpleNamespace(supports_merge=False), cfg=SimpleNamespace(method=SimpleNamespace(name="x")))
+    ctx = SimpleNamespace(method=SimpleNamespace(supports_merge=False),
+                          cfg=SimpleNamespace(method=SimpleNamespace(name="x")))
     assert "cannot merge" in IntruderDimensions().not_applicable(ctx)
     ctx.method.supports_merge = True
     assert IntruderDimensions().not_applicable(ctx) is None
@@ -201,7 +203,8 @@ def test_a_lookup_table_model_memorises_but_does_not_generalise():
     scores, _ = knowledge_scores(lookup, probe_sets("builtin:facts?n_entities=6", 100))
     assert scores["verbatim_accuracy"] == 1.0 and scores["rephrased_accuracy"] == 0.0
     assert scores["updated_new_accuracy"] == 0.0 and scores["updated_old_accuracy"] == 1.0
-    updates = {question(r): r.messages[1]["content"] for r in load_builtin("builtin:facts?n_entities=6&split=update_train")}
+    updates = {question(r): r.messages[1]["content"]
+               for r in load_builtin("builtin:facts?n_entities=6&split=update_train")}
     scores, _ = knowledge_scores(lambda qs: [updates.get(q) or table.get(q, "") for q in qs],
                                  probe_sets("builtin:facts?n_entities=6", 100))
     assert scores["updated_new_accuracy"] == 1.0 and scores["updated_old_accuracy"] == 0.0
@@ -313,7 +316,8 @@ def test_default_diagnostics_follow_the_data():
     from tunelab.diagnostics._runner import default_names
 
     assert default_names(build({})) == ["forgetting", "tuco"]
-    assert default_names(build({"data": {"train": "builtin:facts?n_entities=5"}})) == ["forgetting", "knowledge", "tuco"]
+    facts_run = build({"data": {"train": "builtin:facts?n_entities=5"}})
+    assert default_names(facts_run) == ["forgetting", "knowledge", "tuco"]
 
 
 # ----------------------------------------------------------------------------- end to end

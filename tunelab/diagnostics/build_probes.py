@@ -153,7 +153,8 @@ def build(model_name: str, max_probes: int, max_new_tokens: int) -> dict:
             "scoring": "a reply is correct if it contains an answer as a whole word (case-insensitive)",
             "date": datetime.date.today().isoformat(), "candidates_tried": len(cands),
             "candidates_correct": sum(correct), "kept": len(kept),
-            "kept_per_category": {c: sum(r["category"] == c for r in kept) for c in dict.fromkeys(r["category"] for r in cands)},
+            "kept_per_category": {c: sum(r["category"] == c for r in kept)
+                                  for c in dict.fromkeys(r["category"] for r in cands)},
             "base_accuracy_by_conjugate_form": conjugate,
             "builder": "python -m tunelab.diagnostics.build_probes"}
     return {"meta": meta, "probes": kept}

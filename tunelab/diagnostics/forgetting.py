@@ -106,7 +106,8 @@ def retention(base: Answerer, tuned: Answerer, probes: list[Probe], transform: T
                "retained_accuracy": _rate(tuned_ok), "conjugate_base_accuracy": _rate(conj_base),
                "conjugate_tuned_accuracy": _rate(conj_tuned), "num_probes_lost": len(lost),
                "recovered_by_conjugate": _rate([conj_tuned[i] for i in lost]) if lost else None}
-    rows = [[p.question, p.category, t, cb, ct, r] for p, t, cb, ct, r in zip(kept, tuned_ok, conj_base, conj_tuned, tuned_replies)]
+    rows = [[p.question, p.category, *marks, r]
+            for p, *marks, r in zip(kept, tuned_ok, conj_base, conj_tuned, tuned_replies)]
     return Findings(summary, {
         "kept_probes": [p.question for p in kept],
         "probes": {"columns": ["question", "category", "tuned_correct", "conjugate_base_correct",

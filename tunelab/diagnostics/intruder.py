@@ -64,7 +64,8 @@ def matrix_rows(base, tuned, names: list[str], top_k: int, epsilon: float) -> li
     """One row per linear layer: [name, layer, module, changed, intruders, min best |cos|]."""
     rows = []
     for name in names:
-        w0, w1 = base.get_submodule(name).weight, tuned.get_submodule(name).weight.to(base.get_submodule(name).weight.device)
+        w0 = base.get_submodule(name).weight
+        w1 = tuned.get_submodule(name).weight.to(w0.device)
         changed = not torch.equal(w0, w1)
         cos = best_cosines(w0, w1, top_k) if changed else torch.ones(1)
         rows.append([name, layer_of(name), name.rsplit(".", 1)[-1], changed,
@@ -109,5 +110,6 @@ class IntruderDimensions(Diagnostic):
                    "matrices_changed": sum(r[3] for r in rows), "matrices_with_intruders": sum(r[4] > 0 for r in rows)}
         summary |= {f"intruders_{m}": n for m, _, _, n in per_module["rows"]}
         return Findings(summary, {
-            "per_matrix": {"columns": ["name", "layer", "module", "changed", "intruders", "min_best_cos"], "rows": rows},
+            "per_matrix": {"columns": ["name", "layer", "module", "changed", "intruders", "min_best_cos"],
+                           "rows": rows},
             "per_module": per_module, "per_layer": _totals(rows, 1, "layer")})

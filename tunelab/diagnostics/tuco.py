@@ -146,7 +146,8 @@ def steered(base: nn.Module, tuned: nn.Module, alpha: float = 1.0, acc: dict | N
     handles = [t.register_forward_hook(_layer_hook(b, alpha, acc, state), with_kwargs=True)
                for b, t in zip(b_layers, t_layers)]
     if alpha != 1.0:
-        handles.append(tuned.get_input_embeddings().register_forward_hook(_embed_hook(base.get_input_embeddings(), alpha)))
+        embed = _embed_hook(base.get_input_embeddings(), alpha)
+        handles.append(tuned.get_input_embeddings().register_forward_hook(embed))
         handles.append(tuned.get_output_embeddings().register_forward_hook(_head_hook(base, alpha, state)))
     try:
         yield
