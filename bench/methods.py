@@ -108,7 +108,8 @@ def child(args: list[str]) -> dict:
 def markdown(res: dict) -> str:
     head = (f"SmolLM2-135M-Instruct, `{TRAIN}`, {res['steps']} steps x 8 examples, seed 0, on {res['machine']}; "
             f"exact match on {res['num_eval']} held-out (`split=test`) and {res['num_eval']} out-of-distribution "
-            f"(`split=ood`) problems; {res['date']}; command `{res['command']}`; {res['minutes']:.0f} min.\n\n"
+            f"(`split=ood`) problems; {res['date']}; command `{res['command']}`; {res['minutes']:.0f} min"
+            f"{'' if res.get('complete') else ' so far (run not finished: rows still missing)'}.\n\n"
             "| method | lr | trainable params | in-dist. exact match | OOD exact match | step s (median) "
             "| peak RSS MB | loss (last 3) |\n|---|---|---|---|---|---|---|---|\n")
     body = []
@@ -135,15 +136,17 @@ def main() -> None:
     t0 = time.perf_counter()
     res = {"date": datetime.date.today().isoformat(), "machine": f"cpu{os.cpu_count()}", "steps": a.steps,
            "num_eval": a.num_eval, "command": f"python bench/methods.py --steps {a.steps} --num-eval {a.num_eval}",
-           "rows": [child(["base", "-", str(a.num_eval)])]}
-    for name in names:
-        print(f"methods: {name}", flush=True)
-        res["rows"].append(child(["one", name, str(a.steps), str(a.num_eval)]))
-        print(json.dumps(res["rows"][-1]), flush=True)
-    res["minutes"] = (time.perf_counter() - t0) / 60
+           "rows": []}
     out = HERE / "results" / f"methods-{res['machine']}-{res['date']}.json"
-    out.write_text(json.dumps(res, indent=1))
-    write_docs(markdown(res), ROOT / "docs" / "results" / "methods.md")
+    for i, (kind, name) in enumerate([("base", "-")] + [("one", n) for n in names]):
+        print(f"methods: {name if kind == 'one' else 'base (no training)'}", flush=True)
+        args = [kind, name, str(a.steps), str(a.num_eval)] if kind == "one" else [kind, name, str(a.num_eval)]
+        res["rows"].append(child(args))
+        print(json.dumps(res["rows"][-1]), flush=True)
+        res["minutes"] = (time.perf_counter() - t0) / 60
+        res["complete"] = i == len(names)
+        out.write_text(json.dumps(res, indent=1))  # after every row: a cut-off run keeps what it measured
+        write_docs(markdown(res), ROOT / "docs" / "results" / "methods.md")
     print(markdown(res))
 
 

@@ -35,9 +35,11 @@ def summaries(run: Path) -> dict[str, float]:
     return out
 
 
-def markdown(table: dict[str, dict[str, float]], seconds: dict[str, float]) -> str:
+def markdown(table: dict[str, dict[str, float]], seconds: dict[str, float], cfg: dict) -> str:
     keys = list(dict.fromkeys(k for row in table.values() for k in row))
-    lines = [f"Runs: `runs/methods/<row>` from `python bench/methods.py` (12 steps x 8 examples, seed 0); "
+    t = cfg["train"]
+    lines = [f"Runs: `runs/methods/<row>` from `python bench/methods.py` ({t['steps']} steps x "
+             f"{t['micro_batch_size']} examples, seed {t['seed']}); "
              f"diagnostics by `python bench/side_effects.py`, {datetime.date.today().isoformat()}.", "",
              "| figure | " + " | ".join(table) + " |", "|---|" + "---|" * len(table)]
     for k in keys:
@@ -66,7 +68,8 @@ def main() -> None:
     table = {row: summaries(run) for row, run in runs.items()}
     (HERE / "results" / f"side-effects-{datetime.date.today().isoformat()}.json").write_text(
         json.dumps({"table": table, "seconds": seconds}, indent=1))
-    md = markdown(table, seconds)
+    import yaml
+    md = markdown(table, seconds, yaml.safe_load((runs["full"] / "config.yaml").read_text()))
     write_docs(md, ROOT / "docs" / "results" / "side-effects.md")
     print(md)
 

@@ -4,6 +4,7 @@ and both pages render in headless Chromium without console errors."""
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import struct
@@ -212,6 +213,27 @@ def test_compare_two_runs(runs, tmp_path, capsys):
     assert svg.fmt_num(loss[0]) in line and svg.fmt_num(loss[1]) in line and "lora" in out and "full" in out
 
 
+def test_compare_markdown_and_gain_vs_side_effect_charts(runs, tmp_path):
+    a, b = copy_run(runs["a"], tmp_path / "a"), copy_run(runs["b"], tmp_path / "b")
+    for run, kl in ((a, 0.25), (b, 0.0625)):
+        fake_diagnostics(run)
+        f = run / "diagnostics/forgetting.json"
+        f.write_text(f.read_text().replace('"kl_drift": 0.125', f'"kl_drift": {kl}'))
+    c, html, _, md = compare([a, b], tmp_path / "cmp")
+    rows = {(r["section"], r["figure"]): r for r in c.rows()}
+    lines = md.read_text().splitlines()
+    kl_line = next(ln for ln in lines if ln.startswith("| forgetting | kl_drift ↓ |"))
+    assert kl_line.split("|")[3:5] == [" 0.25 ", " **0.0625** "]  # the lower drift is the best, in bold
+    for (section, fig), r in rows.items():  # every figure of the comparison is a Markdown row
+        assert any(ln.startswith(f"| {section} | {fig}") for ln in lines)
+    gain = rows["target", "accuracy_change"]["values"]
+    titles = re.findall(r"<circle [^>]*><title>([^<]*)</title>", html.read_text())
+    assert f"a: KL drift from base 0.25, accuracy change {svg.fmt_num(gain[0])}" in titles
+    assert f"b: KL drift from base 0.0625, accuracy change {svg.fmt_num(gain[1])}" in titles
+    assert "accuracy_change vs forgetting.retained_accuracy" in html.read_text()
+    assert "intruder.intruders_total" not in html.read_text()  # no intruder figures: no chart
+
+
 def test_compare_refuses_mismatched_budgets(runs, tmp_path, capsys):
     from tunelab.cli import main
 
@@ -221,7 +243,7 @@ def test_compare_refuses_mismatched_budgets(runs, tmp_path, capsys):
     assert "train.steps = 7" in str(e.value) and "train.seed = 3" in str(e.value)
     assert main(["compare", str(runs["a"]), str(other), "--out", str(tmp_path / "cmp")]) == 2
     assert "--allow-mismatch" in capsys.readouterr().err
-    c, html, js = compare([runs["a"], other], tmp_path / "cmp", allow_mismatch=True)
+    c, html, js, _ = compare([runs["a"], other], tmp_path / "cmp", allow_mismatch=True)
     assert len(c.warnings) == 2 and json.loads(js.read_text())["warnings"] == c.warnings
     assert html.read_text().count('class="warn"') == 2 and "warning: allowed mismatch" in text_table(c)
 
@@ -232,7 +254,7 @@ def test_compare_trains_recipes_with_the_reference_budget(runs, tmp_path):
                   steps=2, seed=9, micro_batch_size=2)
     cfg["data"]["max_length"] = 48
     recipe.write_text(yaml.safe_dump(cfg))
-    c, _, _ = compare([runs["a"], recipe], tmp_path / "cmp", overrides=["train.lr=0.001"])
+    c, _, _, _ = compare([runs["a"], recipe], tmp_path / "cmp", overrides=["train.lr=0.001"])
     trained = tmp_path / "cmp/runs/small-lora"
     assert c.runs[1].dir == trained and (trained / "final").is_dir()
     got, ref = (yaml.safe_load((r / "config.yaml").read_text()) for r in (trained, runs["a"]))
@@ -380,7 +402,7 @@ def test_console_errors_are_caught(tmp_path):
 def test_pages_render_in_headless_chromium(runs, tmp_path):
     run = copy_run(runs["a"], tmp_path / "r")
     fake_diagnostics(run)
-    _, html, _ = compare([run, runs["b"]], tmp_path / "cmp")
+    _, html, _, _ = compare([run, runs["b"]], tmp_path / "cmp")
     for page, needles in ((write_report(run), ["Target task", "Loss", "Throughput", "Side effects", "kl_drift"]),
                           (html, ["Side by side", "eval_loss_after", "kl_drift", "Loss curves"])):
         console, png, dom = render_in_browser(page, tmp_path)

@@ -37,9 +37,9 @@ def cmd_report(a) -> None:
 
 def cmd_compare(a) -> None:
     from tunelab.report import compare, text_table
-    comparison, html, js = compare(a.targets, a.out, a.set, allow_mismatch=a.allow_mismatch)
+    comparison, html, js, md = compare(a.targets, a.out, a.set, allow_mismatch=a.allow_mismatch)
     print(text_table(comparison))
-    print(f"wrote {html} and {js}")
+    print(f"wrote {html}, {md} and {js}")
 
 
 def cmd_generate(a) -> None:
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("compare", help="runs side by side; YAML recipes are trained first with the same "
                         "data, steps, batch and seed")
     cp.add_argument("targets", nargs="+", help="run directories and/or YAML recipes")
-    cp.add_argument("--out", default="runs/compare", help="where compare.html, compare.json and trained recipes go")
+    cp.add_argument("--out", default="runs/compare", help="where compare.html, compare.md, compare.json and trained recipes go")
     cp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="an override for every recipe, e.g. --set train.steps=50 (repeatable)")
     cp.add_argument("--allow-mismatch", action="store_true",

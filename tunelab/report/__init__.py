@@ -2,8 +2,8 @@
 
 Public surface:
     write_report(run_dir) -> Path                       RUN/report.html
-    compare(targets, out, overrides=(), allow_mismatch=False) -> (Comparison, html, json)
-                                                        train the recipes, then OUT/compare.html + .json
+    compare(targets, out, overrides=(), allow_mismatch=False) -> (Comparison, html, json, md)
+                                                        train the recipes, then OUT/compare.{html,json,md}
     text_table(comparison) -> str                       the side-by-side table for a terminal
     FORCED                                              the config fields compare makes equal
 """
@@ -19,9 +19,8 @@ __all__ = ["FORCED", "Comparison", "compare", "text_table", "write_report"]
 
 
 def compare(targets: list[str], out: str | Path, overrides: list[str] = (),
-            allow_mismatch: bool = False) -> tuple[Comparison, Path, Path]:
+            allow_mismatch: bool = False) -> tuple[Comparison, Path, Path, Path]:
     """Compare run directories and/or YAML recipes (trained first into OUT/runs/). `overrides` are
     `key.path=value` strings applied to every recipe (before the FORCED fields)."""
     c = prepare([str(t) for t in targets], Path(out), list(overrides), allow_mismatch)
-    html, js = write_comparison(c, Path(out))
-    return c, html, js
+    return (c, *write_comparison(c, Path(out)))

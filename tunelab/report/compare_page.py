@@ -1,6 +1,7 @@
 """How a Comparison is shown: DIR/compare.html (table with the best per row highlighted, loss
-curves overlaid, a bar chart per figure), DIR/compare.json (the same numbers), and a plain-text table
-for the terminal."""
+curves overlaid, target gain against each side effect, a bar chart per figure), DIR/compare.md (the
+table in Markdown, best in bold), DIR/compare.json (the same numbers), and a plain-text table for the
+terminal."""
 from __future__ import annotations
 
 import json
@@ -13,11 +14,19 @@ from tunelab.report.compare import FORCED, Comparison
 from tunelab.report.rundata import headline
 
 
-def write_comparison(c: Comparison, out: Path) -> tuple[Path, Path]:
-    """Write compare.html and compare.json under `out`; returns their paths."""
+# (section, figure, axis label) of the side effects plotted against the target gain, when present
+SIDE_EFFECTS = (("forgetting", "kl_drift", "KL drift from base"),
+                ("forgetting", "retained_accuracy", "retained probe accuracy"),
+                ("intruder", "intruders_total", "intruder dimensions"),
+                ("tuco", "tuco_eval_mean", "TuCo (eval prompts)"))
+
+
+def write_comparison(c: Comparison, out: Path) -> tuple[Path, Path, Path]:
+    """Write compare.html, compare.json and compare.md under `out`; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = out / "compare.html", out / "compare.json"
-    for path, text in zip(paths, (render_html(c), json.dumps(c.to_json(), indent=1))):
+    paths = out / "compare.html", out / "compare.json", out / "compare.md"
+    texts = render_html(c), json.dumps(c.to_json(), indent=1), markdown(c)
+    for path, text in zip(paths, texts):
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(text)
         tmp.replace(path)
@@ -27,7 +36,8 @@ def write_comparison(c: Comparison, out: Path) -> tuple[Path, Path]:
 def render_html(c: Comparison) -> str:
     rows = c.rows()
     warn = "".join(H.note(escape(w), "warn") for w in c.warnings)
-    body = warn + runs_section(c) + table_section(c, rows) + curves_section(c) + bars_section(c, rows)
+    body = (warn + runs_section(c) + table_section(c, rows) + curves_section(c) + tradeoff_section(c, rows) +
+            bars_section(c, rows))
     return H.page(f"tunelab compare: {' vs '.join(c.names)}", f"{len(c.runs)} runs", body)
 
 
@@ -68,6 +78,27 @@ def curves_section(c: Comparison) -> str:
     return H.section("Loss curves", chart, "curves")
 
 
+def tradeoff_section(c: Comparison, rows: list[dict]) -> str:
+    """Target gain (accuracy change, else eval-loss change) against each side effect, one dot per run."""
+    by_key = {(r["section"], r["figure"]): r["values"] for r in rows}
+    gain_key = next((k for k in (("target", "accuracy_change"), ("target", "eval_loss_change"))
+                     if sum(H.is_number(v) for v in by_key.get(k, [])) >= 1), None)
+    if gain_key is None:
+        return ""
+    charts = []
+    for section, fig, label in SIDE_EFFECTS:
+        xs = by_key.get((section, fig))
+        if not xs or sum(H.is_number(x) and H.is_number(y) for x, y in zip(xs, by_key[gain_key])) < 2:
+            continue
+        pts = [(n, x if H.is_number(x) else None, y if H.is_number(y) else None)
+               for n, x, y in zip(c.names, xs, by_key[gain_key])]
+        charts.append(svg.scatter(pts, title=f"{gain_key[1]} vs {section}.{fig}", x_label=label,
+                                  y_label=gain_key[1].replace("_", " ")))
+    if not charts:
+        return ""
+    return H.section("Gain vs side effects", '<div class="charts">' + "".join(charts) + "</div>", "tradeoff")
+
+
 def bars_section(c: Comparison, rows: list[dict]) -> str:
     parts, section = [], None
     for r in rows:
@@ -96,3 +127,25 @@ def text_table(c: Comparison) -> str:
         return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
     out = [line(lines[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in lines[1:]]
     return "\n".join(out + [f"warning: {w}" for w in c.warnings])
+
+
+def markdown(c: Comparison) -> str:
+    """The comparison as Markdown: the runs, then one row per figure with the best run in bold."""
+    def esc(v) -> str:
+        return str(v).replace("|", "\\|")
+
+    out = [f"# tunelab compare: {' vs '.join(c.names)}", ""]
+    out += [f"> warning: {esc(w)}" for w in c.warnings] + ([""] if c.warnings else [])
+    out += ["| run | method | objective | steps | trainable params | directory |", "|---|---|---|---:|---:|---|"]
+    for name, r in zip(c.names, c.runs):
+        h = headline(r)
+        out.append(f"| {esc(name)} | {h['method']} | {h['objective']} | {h['steps']} | "
+                   f"{H.fmt(h['trainable_params'])} | {esc(r.dir)} |")
+    out += ["", "Shared by every run: " + ", ".join(f"`{k}` = {H.fmt(c.reference.get(k))}" for k in FORCED), "",
+            "| section | figure | " + " | ".join(map(esc, c.names)) + " |", "|---|---|" + "---:|" * len(c.names)]
+    for r in c.rows():
+        arrow = {True: " ↑", False: " ↓", None: ""}[r["higher_is_better"]]
+        vals = [(f"**{H.fmt(v)}**" if i in r["best"] else H.fmt(v)) for i, v in enumerate(r["values"])]
+        out.append(f"| {r['section']} | {r['figure']}{arrow} | " + " | ".join(vals) + " |")
+    out += ["", "↑ higher is better, ↓ lower is better; the best run in a row is in bold; — not measured."]
+    return "\n".join(out) + "\n"

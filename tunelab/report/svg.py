@@ -1,4 +1,4 @@
-"""Inline SVG charts, generated as strings: line charts, bar charts, histograms.
+"""Inline SVG charts, generated as strings: line charts, bar charts, histograms, scatter plots.
 
 No JavaScript and no external resources: a chart is one `<svg>` element whose hover text is a
 native `<title>`. Every function returns markup ready to drop into an HTML page.
@@ -200,4 +200,21 @@ def histogram(values: list[float], *, title: str, x_label: str = "", bins: int |
         parts.append(f'<line x1="{f.x(v):.1f}" x2="{f.x(v):.1f}" y1="{f.top}" y2="{f.y(0):.1f}" '
                      f'stroke="{PALETTE[1 + j % 7]}" stroke-dasharray="4 3"/><text x="{f.x(v) + 3:.1f}" '
                      f'y="{f.top + 10 + 12 * j}">{escape(name)} {fmt_num(v)}</text>')
+    return _svg(width, height, title, parts)
+
+
+def scatter(points: list[tuple[str, float | None, float | None]], *, title: str, x_label: str, y_label: str,
+            width: int = 440, height: int = 280) -> str:
+    """One labelled dot per (name, x, y); points with a missing or non-finite coordinate are left out."""
+    pts = [(n, x, y) for n, x, y in points
+           if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)]
+    if not pts:
+        return _empty(width, height, title)
+    f = _Frame(width, height, [p[1] for p in pts], [p[2] for p in pts])
+    parts = f.axes(x_label, y_label)
+    for i, (name, x, y) in enumerate(pts):
+        color = PALETTE[i % len(PALETTE)]
+        parts.append(f'<circle cx="{f.x(x):.1f}" cy="{f.y(y):.1f}" r="5" fill="{color}" stroke="#fff">'
+                     f'<title>{escape(name)}: {escape(x_label)} {fmt_num(x)}, {escape(y_label)} {fmt_num(y)}'
+                     f'</title></circle><text x="{f.x(x) + 7:.1f}" y="{f.y(y) - 6:.1f}">{escape(name)}</text>')
     return _svg(width, height, title, parts)
