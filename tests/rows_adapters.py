@@ -20,8 +20,8 @@ ROWS: list = [
     ("mam-prefix-mlp", "mam", {"bottleneck": 4, "num_virtual_tokens": 3, "projection_hidden": 16},
      lambda n: ".adapter_ffn." in n or n.startswith("prefix.")),
     ("layers-freeze-below", "layers", {"freeze_below": 1}, lambda n: _layer(n) != 0),
-    ("layers-llrd", "layers", {"lr_decay": 0.5, "lr": 1e-2}, lambda n: True),
-    ("layers-reinit-top", "layers", {"reinit_top": 1, "freeze_below": 1, "lr_decay": 0.8, "lr": 1e-2},
+    ("layers-llrd", "layers", {"lr_decay": 0.5}, lambda n: True),
+    ("layers-reinit-top", "layers", {"reinit_top": 1, "freeze_below": 1, "lr_decay": 0.8},
      lambda n: _layer(n) != 0),
     ("layers-lightweight", "layers", {"only": "embeddings_head"}, lambda n: n == "model.embed_tokens.weight"),
 ]

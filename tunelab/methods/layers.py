@@ -23,9 +23,8 @@ both the lowest and the top layer. We read it as the head (it is the output laye
 keep training): it trains at lr even when `freeze_below` freezes the embeddings, and a warning
 says so. Untie the model to freeze it.
 
-Learning rates: a method's optimizer groups carry absolute learning rates and the method's hooks do
-not see `train.lr`, so `lr_decay` needs `lr` (set it to train.lr); the loop's schedule then scales
-every group's own initial lr alike.
+Learning rates: each optimizer group carries `lr_scale` = ξ^(L-1-depth) (1 for the head), which the
+optimizer turns into train.lr·lr_scale; the loop's schedule then scales every group alike.
 
 Output: a complete HF model directory (as `full`), which `from_pretrained` loads; there is nothing
 to merge, and no in-process base to fall back to (`disabled` is not supported).
@@ -55,8 +54,6 @@ class LayersConfig:
     """Freeze the embeddings and the lowest k transformer blocks (0: freeze nothing)."""
     lr_decay: float = 1.0
     """Layer-wise lr decay ξ in (0, 1]: block l trains at lr·ξ^(L-1-l), embeddings at lr·ξ^L."""
-    lr: float | None = None
-    """Learning rate of the top block and head, needed with lr_decay < 1; set it to train.lr."""
     reinit_top: int = 0
     """Re-initialise the top k transformer blocks with the model's initializer before training."""
     blocks: str | None = None
@@ -68,11 +65,6 @@ class LayersConfig:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not 0 < self.lr_decay <= 1:
             raise ConfigError(f"lr_decay: must be in (0, 1], got {self.lr_decay}")
-        if self.lr_decay < 1 and self.lr is None:
-            raise ConfigError("lr: required with lr_decay < 1 (param groups carry absolute learning "
-                              "rates); set it to train.lr")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"lr: must be > 0, got {self.lr}")
         if self.only == "embeddings_head" and (self.freeze_below or self.reinit_top):
             raise ConfigError("only: 'embeddings_head' trains no transformer block; "
                               "drop freeze_below and reinit_top")
@@ -157,23 +149,14 @@ class LayerRecipes(FullFineTuning):
         """ξ^(L-1-depth) for a block or the embeddings; 1 for the head (depth L)."""
         return self.cfg.lr_decay ** max(0, self.num_blocks - 1 - depth)
 
-    def on_step(self, model, step: int, optimizer) -> None:
-        """After the first step, say so if `lr` is not the optimizer's default lr (train.lr)."""
-        default = optimizer.defaults.get("lr")
-        if step == 1 and self.cfg.lr is not None and default is not None and default != self.cfg.lr:
-            warnings.warn(f"method.lr ({self.cfg.lr:g}) differs from train.lr ({default:g}): the layers' "
-                          "learning rates follow method.lr")
-
     def param_groups(self, model, weight_decay: float) -> list[dict]:
-        """One group per (depth, matrix or vector): decay on matrices only, each with its own lr."""
+        """One group per (depth, matrix or vector): decay on matrices only, each with its lr scale."""
         groups: dict[tuple[int, bool], dict] = {}
         for n, p in model.named_parameters():
             if not p.requires_grad:
                 continue
             d, matrix = self.depths[n], p.ndim >= 2
             g = groups.setdefault((d, matrix), {"params": [], "weight_decay": weight_decay if matrix else 0.0,
-                                                "depth": d})
-            if self.cfg.lr is not None:
-                g["lr"] = self.cfg.lr * self.lr_scale(d)
+                                                "depth": d, "lr_scale": self.lr_scale(d)})
             g["params"].append(p)
         return [groups[k] for k in sorted(groups)]

@@ -24,8 +24,11 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def build_optimizer(groups: list[dict], cfg: TrainConfig):
+    """AdamW over `groups` and its schedule. A group may carry `lr` (absolute) or `lr_scale`
+    (a multiple of train.lr, e.g. layer-wise decay); the schedule scales every group alike."""
     if not any(g["params"] for g in groups):
         raise ValueError("the method left no parameter to train")
+    groups = [g | {"lr": cfg.lr * g["lr_scale"]} if "lr_scale" in g else g for g in groups]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                             foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
