@@ -5,7 +5,8 @@
 hf:      transformers Trainer + PEFT LoRA, padded batches (DataCollatorForSeq2Seq), SDPA, bf16 where
          the hardware has it natively -- what a careful user writes.
 trl:     TRL SFTTrainer with packing (padding-free rows, position_ids), the strongest HF path.
-tunelab: `tunelab.train` with default settings.
+tunelab: `tunelab.train` with default settings (post-train diagnostics off: the HF contenders
+         have none, and they would load a second model into the measured process).
 """
 from __future__ import annotations
 
@@ -121,6 +122,7 @@ def run_tunelab(s: Settings, out: str, overrides: tuple[str, ...] = ()) -> None:
         "method": method,
         "train": {"steps": s.steps, "micro_batch_size": s.batch_size, "lr": s.lr, "warmup_steps": 0,
                   "seed": s.seed, "save_every": 0, "progress": False},
+        "diagnostics": {"after_train": []},  # training only, like the other contenders (peak memory!)
         "output": out,
     }, *overrides)
     lines = [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines()]

@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -52,6 +53,8 @@ def run_one(name: str, steps: int, num_eval: int) -> dict:
     from tunelab.eval.task import answer_accuracy
 
     method, lr = rows()[name]
+    out = ROOT / "runs" / "methods" / name
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run: an earlier attempt must not be resumed
     for key, share in STEP_SCALED.items():  # options counted in steps follow the shared budget
         if key in method:
             method = method | {key: max(1, int(share * steps))}
@@ -63,7 +66,7 @@ def run_one(name: str, steps: int, num_eval: int) -> dict:
                   "save_every": 0, "progress": False},
         "eval": {"before": False, "num_examples": num_eval, "max_new_tokens": 48, "batch_size": 32},
         "diagnostics": {"after_train": []},
-        "output": str(ROOT / "runs" / "methods" / name),
+        "output": str(out),
     })
     cfg, model, tok, _ = tunelab.load_run(run)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
