@@ -1,17 +1,13 @@
-"""Data pipeline: readers, formats, chat rendering + loss masks, collation, and the key numerical
-property that a packed batch gives the same loss and logits as a padded one."""
+"""Data pipeline: readers, formats, chat rendering + loss masks, malformed input, `data check`
+(collation and packed == padded: test_collate.py)."""
 from __future__ import annotations
 
 import json
 
 import pytest
-import torch
-import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from tunelab.data import (IGNORE, DataConfig, Example, Record, check_data, collate, encode,
-                          encode_prompt, load_records, model_inputs, reference_answer)
+from tunelab.data import (IGNORE, DataConfig, Example, Record, check_data, encode, encode_prompt,
+                          load_records, reference_answer)
 from tunelab.errors import DataError, TunelabError
 
 SYS, Q, A = "Be brief.", "What is 12 plus 7?", "19"
@@ -260,81 +256,6 @@ def test_builtin_specs_go_to_load_builtin(monkeypatch):
     assert records[0].text == "builtin:arith?n=3" and records.format == "builtin"
 
 
-# ---------------------------------------------------------------- collate
-
-def _ex(ids, labels):
-    return Example(input_ids=list(ids), labels=list(labels))
-
-
-def test_packed_collate_restarts_positions_and_never_crosses_boundaries():
-    a, b = _ex([5, 6, 7], [-100, 6, 7]), _ex([8, 9], [8, 9])
-    batch = collate([a, b], packing=True, pad_id=0)
-    assert set(batch) == {"input_ids", "position_ids", "targets", "cu_seqlens"}
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
-    assert batch["targets"].tolist() == [[6, 7, -100, 9, -100]]  # 7 never predicts 8
-    assert batch["cu_seqlens"].tolist() == [0, 3, 5] and batch["cu_seqlens"].dtype == torch.int32
-
-
-def test_padded_collate():
-    batch = collate([_ex([5, 6, 7], [-100, 6, 7]), _ex([8, 9], [8, 9])], packing=False, pad_id=0)
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 1, 0]]
-    assert batch["targets"].tolist() == [[6, 7, -100], [9, -100, -100]]
-
-
-@settings(max_examples=50, deadline=None)
-@given(st.lists(st.lists(st.tuples(st.integers(1, 300), st.booleans()), min_size=1, max_size=9),
-                min_size=1, max_size=5))
-def test_packed_and_padded_targets_agree(rows):
-    examples = [_ex([t for t, _ in r], [t if keep else IGNORE for t, keep in r]) for r in rows]
-    packed, padded = collate(examples, True, 0), collate(examples, False, 0)
-    cu = packed["cu_seqlens"].tolist()
-    for i, ex in enumerate(examples):
-        seg = packed["targets"][0, cu[i]:cu[i + 1]]
-        assert seg.tolist() == padded["targets"][i, :len(ex)].tolist()
-        assert seg[-1] == IGNORE
-    assert (padded["targets"] != IGNORE).sum() == (packed["targets"] != IGNORE).sum()
-
-
-# ---------------------------------------------------------------- packed == padded on a model
-
-def _examples(tok):
-    records = [Record(messages=MULTI), Record(messages=CHAT[1:]), Record(text="The quick brown fox."),
-               Record(messages=[{"role": "user", "content": "Where does Zorblax live?"},
-                                {"role": "assistant", "content": "Quenth"}])]
-    return encode(records, tok, cfg())
-
-
-def test_packed_loss_and_logits_equal_padded(tok, model):
-    examples = _examples(tok)
-    packed, padded = collate(examples, True, tok.pad_token_id), collate(examples, False, tok.pad_token_id)
-    with torch.no_grad():
-        lp = model(**model_inputs(packed)).logits  # (1, N, V)
-        ld = model(**model_inputs(padded)).logits  # (B, T, V)
-    loss_p = F.cross_entropy(lp.flatten(0, 1), packed["targets"].flatten(), ignore_index=IGNORE)
-    loss_d = F.cross_entropy(ld.flatten(0, 1), padded["targets"].flatten(), ignore_index=IGNORE)
-    assert abs(loss_p.item() - loss_d.item()) < 1e-5
-    cu = packed["cu_seqlens"].tolist()
-    for i, ex in enumerate(examples):
-        torch.testing.assert_close(lp[0, cu[i]:cu[i + 1]], ld[i, :len(ex)], atol=1e-5, rtol=1e-5)
-
-
-def test_packed_isolation_needs_use_cache_false(tok, model):
-    """transformers 5.23 only splits a packed row by position_ids when there is no KV cache; Llama
-    makes one whenever use_cache is on (the config default). If this starts failing, transformers
-    fixed it and `model_inputs` no longer needs use_cache=False."""
-    examples = _examples(tok)
-    packed = collate(examples, True, tok.pad_token_id)
-    with torch.no_grad():
-        safe = model(**model_inputs(packed)).logits
-        leaky = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits
-    n0 = len(examples[0])
-    torch.testing.assert_close(safe[0, :n0], leaky[0, :n0])  # the first example is unaffected
-    assert not torch.allclose(safe[0, n0:], leaky[0, n0:], atol=1e-3)
-
-
 # ---------------------------------------------------------------- check
 
 def test_check_data_report(tok, tmp_path):
@@ -343,59 +264,3 @@ def test_check_data_report(tok, tmp_path):
     for part in ["rows: 2 loaded, 1 skipped", "format: messages", "truncated at max_length=64: 1",
                  "min 47", "max 64", "histogram", "[[19<|im_end|>]]", "trained ("]:
         assert part in report, part
-
-
-def test_per_example_attention_equals_masked_sdpa(model):
-    """tunelab_sdpa on a packed row (per-example causal SDPA) equals transformers' masked SDPA, and
-    on padded batches is transformers' SDPA itself; gradients agree too."""
-    import copy
-
-    from tunelab.data import collate, model_inputs
-    from tunelab.models.attention import register
-
-    g = torch.Generator().manual_seed(1)
-    exs = [Example(ids := torch.randint(3, 320, (n,), generator=g).tolist(), ids) for n in (4, 11, 7, 1)]
-    fast = copy.deepcopy(model)
-    fast.set_attn_implementation(register())
-    for packing in (True, False):
-        b = collate(exs, packing=packing, pad_id=0)
-        ref, out = model(**model_inputs(b)).logits, fast(**model_inputs(b)).logits
-        keep = b.get("attention_mask", torch.ones_like(b["input_ids"])).bool()
-        torch.testing.assert_close(out[keep], ref[keep], atol=1e-5, rtol=1e-5)
-        out[keep].sum().backward()
-        ref[keep].sum().backward()
-    for (n, p), q in zip(model.named_parameters(), fast.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-4, msg=n)
-
-
-@pytest.mark.parametrize("packing", [True, False])
-@pytest.mark.parametrize("budget", [1, 9, 20, 1000])
-def test_split_batch_keeps_every_example_and_the_loss_sum(packing, budget, model):
-    """Pieces respect the budget (an over-long example stays whole), keep every example in order,
-    and their SFT loss sums add up to the whole batch's."""
-    import random as _random
-
-    from tunelab.data.collate import split_batch
-    from tunelab.objectives import OBJECTIVES
-
-    rng = _random.Random(budget)
-    exs = []
-    for _ in range(5):
-        ids = [rng.randrange(3, 300) for _ in range(rng.randrange(2, 12))]
-        exs.append(Example(ids, [-100] + ids[1:]))
-    batch = collate(exs, packing=packing, pad_id=0)
-    pieces = split_batch(batch, budget)
-    sft = OBJECTIVES.get("sft")()
-    with torch.no_grad():
-        whole = sft.loss(model, batch)
-        parts = [sft.loss(model, p) for p in pieces]
-    assert sum(p.num_tokens for p in parts) == whole.num_tokens
-    torch.testing.assert_close(sum(p.loss_sum for p in parts), whole.loss_sum, rtol=1e-5, atol=1e-4)
-    if packing:
-        assert torch.equal(torch.cat([p["input_ids"] for p in pieces], 1), batch["input_ids"])
-        for p in pieces:
-            lengths = (p["cu_seqlens"][1:] - p["cu_seqlens"][:-1]).tolist()
-            assert p["input_ids"].shape[1] == sum(lengths) and (sum(lengths) <= budget or len(lengths) == 1)
-    else:
-        assert sum(p["input_ids"].shape[0] for p in pieces) == len(exs)
-        assert all(p["input_ids"].numel() <= max(budget, p["input_ids"].shape[1]) for p in pieces)

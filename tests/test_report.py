@@ -2,7 +2,6 @@
 render from their documented shape (or say how to run them), compare forces and checks the budget,
 and both pages render in headless Chromium without console errors."""
 import json
-import math
 import os
 import re
 import shutil
@@ -14,15 +13,11 @@ from html.parser import HTMLParser
 
 import pytest
 import yaml
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import tunelab
 from tunelab.errors import ConfigError
 from tunelab.report import FORCED, compare, text_table, write_report
 from tunelab.report import svg
-from tunelab.report.compare import best_indices
-from tunelab.report.html import cell, table
 
 
 # ----------------------------------------------------------------------------- tiny runs
@@ -262,48 +257,6 @@ def test_compare_trains_recipes_with_the_reference_budget(runs, tmp_path):
         s, k = key.split(".")
         assert got[s][k] == ref[s][k], key
     assert got["method"]["r"] == 3 and got["train"]["lr"] == 0.001  # the recipe's own choices stay
-
-
-# ----------------------------------------------------------------------------- properties
-
-@settings(max_examples=60, deadline=None)
-@given(st.floats(-1e6, 1e6), st.floats(0, 1e6))
-def test_ticks_cover_the_range_evenly(lo, span):
-    ticks = svg.nice_ticks(lo, lo + span)
-    assert ticks[0] <= lo + 1e-9 * (1 + abs(lo)) and ticks[-1] >= lo + span - 1e-9 * (1 + abs(lo) + span)
-    steps = [b - a for a, b in zip(ticks, ticks[1:])]
-    assert 2 <= len(ticks) <= 12 and all(math.isclose(s, steps[0], rel_tol=1e-6) for s in steps)
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(-10**12, 10**12)),
-                min_size=1, max_size=6))
-def test_table_cells_carry_exact_values(values):
-    page = Page(table(["x"], [[cell(v, key=f"k{i}")] for i, v in enumerate(values)]))
-    assert [page.value(f"k{i}") for i in range(len(values))] == values
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.one_of(st.none(), st.floats(-100, 100)), min_size=1, max_size=6), st.booleans())
-def test_best_is_the_extreme_and_only_it(values, higher):
-    best = best_indices(values, higher)
-    nums = [v for v in values if v is not None]
-    if len(nums) < 2 or min(nums) == max(nums):
-        assert best == []
-    else:
-        top = max(nums) if higher else min(nums)
-        assert best and all(values[i] == top for i in best)
-        assert all(v != top for i, v in enumerate(values) if i not in best)
-
-
-@settings(max_examples=40, deadline=None)
-@given(st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=40))
-def test_histogram_counts_every_value_and_lines_stay_in_frame(values):
-    counts = [int(t.rsplit(": ", 1)[1]) for t in _rect_titles(svg.histogram(values, title="h"))]
-    assert sum(counts) == len(values)
-    chart = svg.line_chart([svg.Series(name="s", points=list(enumerate(values)))], title="c", width=300, height=200)
-    pts = [tuple(map(float, p.split(","))) for p in Page(chart).polylines[0]["points"]] if len(values) > 1 else []
-    assert all(0 <= x <= 300 and 0 <= y <= 200 for x, y in pts)
 
 
 # ----------------------------------------------------------------------------- in a real browser
