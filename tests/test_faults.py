@@ -323,6 +323,21 @@ def test_second_ctrl_c_aborts_the_checkpoint_write_without_damage(lab):
            resumed_identical=True)
 
 
+def test_ctrl_c_during_the_final_evaluation_stops_at_once(lab):
+    """After the last step there is no step boundary to wait for: Ctrl-C during the final
+    evaluation aborts at once (not silently ignored), and the next start finishes the run."""
+    run = lab.root / "ctrl-c-final-eval"
+    point = f"eval:{STEPS}"
+    child = lab.fs.spawn(["train", str(lab.cfg), f"output={run}"], env={PAUSE: point})
+    assert child.wait_paused(point)
+    child.signal(signal.SIGINT)
+    assert child.wait() == 130, child.stderr()
+    assert "aborted" in child.stderr() and f"resume with: tunelab train {run}" in child.stderr()
+    assert not (run / "eval.json").exists() or "after" not in json.loads((run / "eval.json").read_text())
+    finish(lab, run)
+    assert not differences(run, lab.outcome)
+
+
 # ----------------------------------------------------------------------------- 6. concurrent runs
 
 def test_second_process_on_a_run_directory_is_refused(lab):

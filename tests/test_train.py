@@ -227,3 +227,23 @@ def test_eval_loss_is_deterministic_and_keeps_the_mode(model):
     first, second = (eval_loss(tuned, exs, batch_size=2, pad_id=0) for _ in range(2))
     assert first == second and tuned.training
     assert first == pytest.approx(eval_loss(tuned.eval(), exs, batch_size=2, pad_id=0), rel=1e-6)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_eval_loss_on_target_positions_equals_the_full_logits_loss(model, monkeypatch, batch_size):
+    """eval_loss (head on target positions only, in chunks) equals the mean CE of the full forward's
+    logits over every target token, for chunks smaller than a batch too."""
+    from tiny import random_examples
+
+    import tunelab.eval.task as task
+    from tunelab.data import collate
+    from tunelab.objectives import IGNORE, model_inputs, token_cross_entropy
+
+    exs = random_examples(5, seed=2)
+    with torch.no_grad():
+        b = collate(exs, packing=False, pad_id=0)
+        ce = token_cross_entropy(model(**model_inputs(b)).logits, b["targets"])
+        expected = float(ce.sum() / (b["targets"] != IGNORE).sum())
+    for chunk in (1024, 7):
+        monkeypatch.setattr(task, "EVAL_CHUNK_TOKENS", chunk)
+        assert task.eval_loss(model, exs, batch_size=batch_size, pad_id=0) == pytest.approx(expected, rel=1e-5)

@@ -3,17 +3,25 @@ generation (left padding + KV cache), scored by exact match of the final answer.
 from __future__ import annotations
 
 import time
+
 import torch
+import torch.nn.functional as F
 
 from tunelab.data.records import Example, Record
 from tunelab.eval.config import EvalConfig
-from tunelab.objectives import IGNORE, model_inputs, token_cross_entropy
+from tunelab.objectives import model_inputs, token_cross_entropy, trained_hidden
 from tunelab.training.precision import autocast
+
+
+EVAL_CHUNK_TOKENS = 1024
+"""Target positions projected through the output head at once in eval_loss: bounds the fp32
+(tokens, vocab) logits to ~200 MB for a 49k vocabulary, whatever the eval batch size."""
 
 
 @torch.no_grad()
 def eval_loss(model, examples: list[Example], *, batch_size: int, pad_id: int, precision: str = "fp32") -> float:
-    """Mean CE over every trained token of `examples`."""
+    """Mean CE over every trained token of `examples`. The head runs on target positions only,
+    `EVAL_CHUNK_TOKENS` at a time (the full (B, T, V) logits are never built for a plain head)."""
     from tunelab.data import collate
 
     total, count, was_training = 0.0, 0, model.training
@@ -21,9 +29,15 @@ def eval_loss(model, examples: list[Example], *, batch_size: int, pad_id: int, p
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i:i + batch_size], packing=False, pad_id=pad_id)
         with torch.no_grad(), autocast(precision):
-            logits = model(**model_inputs(batch)).logits
-        total += float(token_cross_entropy(logits, batch["targets"]).sum())
-        count += int((batch["targets"] != IGNORE).sum())
+            hidden, targets = trained_hidden(model, batch)
+            if hidden is None:  # a head that transforms its logits: the plain full forward
+                total += float(token_cross_entropy(model(**model_inputs(batch)).logits, batch["targets"]).sum())
+            else:
+                head = model.get_output_embeddings()
+                total += sum(float(F.cross_entropy(head(hidden[j:j + EVAL_CHUNK_TOKENS]).float(),
+                                                   targets[j:j + EVAL_CHUNK_TOKENS], reduction="sum"))
+                             for j in range(0, len(targets), EVAL_CHUNK_TOKENS))
+        count += len(targets)
     model.train(was_training)
     return total / max(count, 1)
 

@@ -241,6 +241,8 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
         bar.close()
         if stop.requested:
             _interrupt(stop, run_dir, tc.steps, None)
+        stop.release()  # no step boundary left: a signal during the final save/evaluation stops the run
+        # at once (Ctrl-C: "aborted ... resume with"); the next start redoes only what is missing
 
         # ---- final output and evaluation
         model.eval()

@@ -40,8 +40,14 @@ class GracefulStop:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Give the signals back to their previous handlers now (idempotent): from here a signal
+        acts at once instead of waiting for a step boundary that will not come."""
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
+        self._old = {}
 
     def _handle(self, signum, frame) -> None:
         global _received
