@@ -3,6 +3,7 @@ steps, batch, seed and evaluation; each method's own options and learning rate c
 example recipe (examples/methods/<name>.yaml; LoRA and full fine-tuning are defined here).
 
     python bench/methods.py [--steps N] [--num-eval N] [--only a,b]   (1-3 min per method on 2 CPU cores)
+    python bench/methods.py --docs-from bench/results/methods-<machine>-<date>.json   (table only)
 
 Each method runs in its own process (its own peak memory). Writes bench/results/methods-<machine>-
 <date>.json and the table into docs/results/methods.md (between the bench markers). The runs stay
@@ -77,7 +78,8 @@ def run_one(name: str, steps: int, num_eval: int) -> dict:
            "step_s_median": statistics.median(x["step_s"] for x in train[2:] or train),
            "final_loss": statistics.mean(x["loss"] for x in train[-3:]),
            "optimizer_state_bytes": train[-1].get("optimizer_state_bytes")}
-    res["in_dist_accuracy"] = json.loads((run / "eval.json").read_text())["after"]["accuracy"]  # the run's own eval
+    after = json.loads((run / "eval.json").read_text())["after"]  # the run's own evaluation
+    res["in_dist_accuracy"], res["eval_loss"] = after["accuracy"], after["eval_loss"]
     res["ood_accuracy"] = answer_accuracy(model, tok, load_records(SPLITS["ood"], cfg.data), cfg.eval)["accuracy"]
     res["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return res
@@ -113,16 +115,17 @@ def markdown(res: dict) -> str:
             f"exact match on {res['num_eval']} held-out (`split=test`) and {res['num_eval']} out-of-distribution "
             f"(`split=ood`) problems; {res['date']}; command `{res['command']}`; {res['minutes']:.0f} min"
             f"{'' if res.get('complete') else ' so far (run not finished: rows still missing)'}.\n\n"
-            "| method | lr | trainable params | in-dist. exact match | OOD exact match | step s (median) "
-            "| peak RSS MB | loss (last 3) |\n|---|---|---|---|---|---|---|---|\n")
+            "| method | lr | trainable params | in-dist. exact match | OOD exact match | held-out loss "
+            "| step s (median) | peak RSS MB | train loss (last 3) |\n|---|---|---|---|---|---|---|---|---|\n")
     body = []
     for r in res["rows"]:
         if "error" in r:
-            body.append(f"| {r['row']} | failed: {r['error']} | | | | | | |")
+            body.append(f"| {r['row']} | failed: {r['error']} | | | | | | | |")
             continue
         fmt = lambda k, f: format(r[k], f) if k in r else "-"  # noqa: E731
         body.append(f"| {r['row']} | {fmt('lr', 'g')} | {r['trainable_params']:,} | {fmt('in_dist_accuracy', '.1%')} "
-                    f"| {fmt('ood_accuracy', '.1%')} | {fmt('step_s_median', '.2f')} | {fmt('peak_memory_mb', '.0f')} "
+                    f"| {fmt('ood_accuracy', '.1%')} | {fmt('eval_loss', '.4f')} | {fmt('step_s_median', '.2f')} "
+                    f"| {fmt('peak_memory_mb', '.0f')} "
                     f"| {fmt('final_loss', '.3f')} |")
     return head + "\n".join(body) + "\n"
 
@@ -132,8 +135,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--num-eval", type=int, default=24)
     ap.add_argument("--only", default="")
+    ap.add_argument("--docs-from", metavar="JSON", help="only rewrite docs/results/methods.md from a results file")
     a = ap.parse_args()
     from report import write_docs
+
+    if a.docs_from:
+        write_docs(markdown(json.loads(Path(a.docs_from).read_text())), ROOT / "docs" / "results" / "methods.md")
+        return
 
     names = [n for n in rows() if not a.only or n in a.only.split(",")]
     t0 = time.perf_counter()
