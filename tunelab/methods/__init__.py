@@ -43,8 +43,8 @@ class Method:
         raise NotImplementedError
 
     def param_groups(self, model, weight_decay: float) -> list[dict]:
-        # a group may set `lr` (absolute) or `lr_scale` (a multiple of train.lr)
-        """Optimizer groups: decay on matrices, none on vectors (norms, biases)."""
+        """Optimizer groups: decay on matrices, none on vectors (norms, biases). A group may also set
+        `lr` (absolute) or `lr_scale` (a multiple of train.lr, resolved by the optimizer)."""
         params = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         rest = [p for p in params if p.ndim < 2]
