@@ -37,16 +37,6 @@ def report(name: str, **counts) -> None:
             f.write(line + "\n")
 
 
-def chat_rows(n: int = 24, seed: int = 0, poison: str = "") -> list[dict]:
-    rnd = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        a, b = rnd.randint(1, 50), rnd.randint(1, 50)
-        rows.append({"messages": [{"role": "user", "content": f"What is {a} plus {b}{poison}?"},
-                                  {"role": "assistant", "content": f"Step 1: {a} + {b} = {a + b}\n#### {a + b}"}]})
-    return rows
-
-
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

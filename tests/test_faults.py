@@ -21,9 +21,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from faultlab import (CFG, FILES, PAUSE, STEPS, argv_for, chat_rows, corrupt, corruptions, differences, mount_tmpfs,
+from faultlab import (CFG, FILES, PAUSE, STEPS, argv_for, corrupt, corruptions, differences, mount_tmpfs,
                       outcome, pages, report, timeline, umount, write_jsonl)
 from forkserver import ForkServer
+from tiny import chat_rows
 from tunelab.training.checkpoint import list_checkpoints, load_latest, verify
 
 

@@ -160,7 +160,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(method, tiny_dir, tmp_
     """A run stopped by train.steps=3 and resumed with train.steps=6 has the same losses and the
     same output as a run that never stopped (fp32, accumulation on, constant lr)."""
     import tunelab
-    from test_train import base_cfg, chat_rows, losses
+    from test_train import base_cfg, losses
+    from tiny import chat_rows
 
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in chat_rows()))

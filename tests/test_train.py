@@ -8,17 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import tunelab
-
-
-def chat_rows(n=24, seed=0):
-    import random
-    rnd = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        a, b = rnd.randint(1, 50), rnd.randint(1, 50)
-        rows.append({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
-                                  {"role": "assistant", "content": f"Step 1: {a} + {b} = {a + b}\n#### {a + b}"}]})
-    return rows
+from tiny import chat_rows
 
 
 @pytest.fixture

@@ -84,3 +84,17 @@ def random_examples(n: int = 3, seed: int = 0, prompt: int = 4):
         ids = torch.randint(3, 320, (6 + 4 * i,), generator=g).tolist()
         out.append(Example(ids, [-100] * prompt + ids[prompt:]))
     return out
+
+
+def chat_rows(n: int = 24, seed: int = 0, poison: str = "") -> list[dict]:
+    """Arithmetic chat rows "What is a plus b?" with a worked answer; `poison` is appended to each
+    question (e.g. a token that breaks training, for fault tests)."""
+    import random
+
+    rnd = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rnd.randint(1, 50), rnd.randint(1, 50)
+        rows.append({"messages": [{"role": "user", "content": f"What is {a} plus {b}{poison}?"},
+                                  {"role": "assistant", "content": f"Step 1: {a} + {b} = {a + b}\n#### {a + b}"}]})
+    return rows
