@@ -5,11 +5,10 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 
 from tunelab.data.records import Example, Record
 from tunelab.eval.config import EvalConfig
-from tunelab.objectives import model_inputs, token_cross_entropy, trained_hidden
+from tunelab.objectives import chunked_head_cross_entropy, model_inputs, token_cross_entropy, trained_hidden
 from tunelab.training.precision import autocast
 
 
@@ -33,10 +32,8 @@ def eval_loss(model, examples: list[Example], *, batch_size: int, pad_id: int, p
             if hidden is None:  # a head that transforms its logits: the plain full forward
                 total += float(token_cross_entropy(model(**model_inputs(batch)).logits, batch["targets"]).sum())
             else:
-                head = model.get_output_embeddings()
-                total += sum(float(F.cross_entropy(head(hidden[j:j + EVAL_CHUNK_TOKENS]).float(),
-                                                   targets[j:j + EVAL_CHUNK_TOKENS], reduction="sum"))
-                             for j in range(0, len(targets), EVAL_CHUNK_TOKENS))
+                total += float(chunked_head_cross_entropy(hidden, model.get_output_embeddings(), targets,
+                                                          EVAL_CHUNK_TOKENS))
         count += len(targets)
     model.train(was_training)
     return total / max(count, 1)
