@@ -165,3 +165,36 @@ def test_target_pattern_matching_nothing_fails(model):
     from tunelab.errors import ConfigError
     with pytest.warns(UserWarning, match="nope"), pytest.raises(ConfigError, match="target_modules"):
         make("lora", {"target_modules": ["nope"]}).apply(model)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_lora_fused_path_equals_the_module_formula(bias):
+    """LoRALinear's training path (the scaled update accumulated by addmm_) gives the plain
+    formula's output and gradients for x, A and B; gradcheck in float64 checks its backward against
+    finite differences. Dropout, autocast and a trainable base take the plain formula."""
+    from tunelab.methods.lora import LoRALinear, _FrozenBaseLoRA
+
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(24, 40, bias=bias).requires_grad_(False), r=3, scaling=1.7, dropout=0.0)
+    torch.nn.init.normal_(layer.lora_B.weight)  # B = 0 (the init) would hide errors in A's gradient
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    params = [x, layer.lora_A.weight, layer.lora_B.weight]
+    assert layer._fused_ok(x)
+    fused = layer(x)
+    g = torch.randn_like(fused)
+    plain = layer.base_layer(x) + layer.lora_B(layer.lora_A(x)) * layer.scaling
+    torch.testing.assert_close(fused, plain, atol=1e-6, rtol=1e-6)
+    for a, b in zip(torch.autograd.grad(fused, params, g), torch.autograd.grad(plain, params, g)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+    d = layer.double()
+    args = (x.detach().double().reshape(10, 24).requires_grad_(), d.base_layer.weight, d.base_layer.bias,
+            d.lora_A.weight, d.lora_B.weight, 1.7)
+    assert torch.autograd.gradcheck(_FrozenBaseLoRA.apply, args)
+
+    layer.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layer._fused_ok(x)
+    assert not LoRALinear(torch.nn.Linear(24, 40), r=3, scaling=1.0, dropout=0.1).train()._fused_ok(x)
+    layer.base_layer.weight.requires_grad_(True)
+    assert not layer._fused_ok(x)

@@ -23,15 +23,18 @@ def packed_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu = kwargs.get("cu_seq_lens_q")
-    if cu is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+    bounds = cu.tolist() if cu is not None else None
+    if bounds is None or query.shape[0] != 1 or query.shape[2] != key.shape[2] or bounds[0] != 0 \
+            or bounds[-1] != query.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     gqa = query.shape[1] != key.shape[1]
-    bounds = cu.tolist()
-    parts = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
-                                            scale=scaling, dropout_p=dropout if module.training else 0.0,
-                                            enable_gqa=gqa)
-             for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    # split (not slicing): its backward concatenates the pieces' gradients once, where slices
+    # would each build a zero-filled full-size gradient to be summed
+    sizes = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    parts = [F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa,
+                                            dropout_p=dropout if module.training else 0.0)
+             for q, k, v in zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2)) if q.shape[2]]
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
 
 
