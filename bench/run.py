@@ -90,6 +90,16 @@ def startup() -> dict:
     return {"tunelab_help_s": help_s, "builtin_model_load_s": float(out.stdout.strip().splitlines()[-1])}
 
 
+def result_stem(res: dict) -> Path:
+    """bench/results/<machine>-<date>[-<plan>], with the time appended when that run exists already:
+    a second run on the same day never overwrites the first."""
+    stem = f"{res['machine']['name']}-{res['date']}" + ("" if res["plan"] == "full" else f"-{res['plan']}")
+    out = HERE / "results" / stem
+    if out.with_suffix(".json").exists():
+        out = out.with_name(stem + time.strftime("-%H%M"))
+    return out
+
+
 def main(plan_name: str) -> Path:
     from report import markdown, write_docs
     from tunelab.models import pull
@@ -116,7 +126,7 @@ def main(plan_name: str) -> Path:
                                      "print(json.dumps(eval_speed()))"])
     res["startup"] = startup()
     res["bench_seconds"] = time.perf_counter() - started
-    out = HERE / "results" / f"{res['machine']['name']}-{res['date']}"
+    out = result_stem(res)
     out.parent.mkdir(exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1))
     md = markdown(res)
