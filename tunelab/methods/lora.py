@@ -80,8 +80,9 @@ class LoRALinear(nn.Module):
         return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
 
     def _fused_ok(self, x: torch.Tensor) -> bool:
-        """The fused path covers the training default: frozen plain nn.Linear base, no active dropout,
-        no autocast, one dtype. Anything else takes the plain autograd formula."""
+        """The fused path covers fp32 (or any single-dtype) training without autocast, i.e. the CPU
+        default: frozen plain nn.Linear base, no active dropout, one dtype. Anything else (bf16
+        autocast on GPU, dropout, a trainable base) takes the plain autograd formula."""
         base, dt = self.base_layer, x.dtype
         return (type(base) is nn.Linear and not base._forward_hooks and not base._forward_pre_hooks
                 and not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
