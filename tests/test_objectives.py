@@ -71,3 +71,69 @@ def test_chunked_cross_entropy_equals_plain_loss_and_gradients(model, chunk):
     chunked.loss_sum.backward()
     for (n, p), q in zip(model.named_parameters(), other.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 100])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_head_cross_entropy_equals_the_plain_formula(chunk, bias):
+    """The fused head + CE (gradients formed in the forward) equals autograd on
+    CE(linear(h).float()): loss and gradients of h, W and b, for any chunking and a non-unit
+    incoming gradient; float64 gradcheck; frozen W gets no gradient; no_grad gives the value."""
+    from tunelab.objectives._head_ce import head_cross_entropy
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 13, bias=bias)
+    h = torch.randn(11, 8, requires_grad=True)
+    y = torch.randint(0, 13, (11,))
+    fused = head_cross_entropy(h, head, y, chunk)
+    (0.7 * fused).backward()
+    got = [t.grad.clone() for t in (h, *head.parameters())]
+    for t in (h, *head.parameters()):
+        t.grad = None
+    plain = F.cross_entropy(head(h).float(), y, reduction="sum")
+    (0.7 * plain).backward()
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-5)
+    for g, t in zip(got, (h, *head.parameters())):
+        torch.testing.assert_close(g, t.grad, rtol=1e-5, atol=1e-6)
+
+    head64 = torch.nn.Linear(5, 7, bias=bias).double()
+    h64 = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    y64 = torch.randint(0, 7, (6,))
+    assert torch.autograd.gradcheck(lambda x, w, *b: head_cross_entropy(
+        x, _linear_with(head64, w, *b), y64, 4), (h64, *head64.parameters()))
+
+    head.weight.requires_grad_(False)  # the LoRA case: a frozen head, gradients for h only
+    h.grad = head.weight.grad = None
+    head_cross_entropy(h, head, y, chunk).backward()
+    assert head.weight.grad is None
+    torch.testing.assert_close(h.grad, got[0] / 0.7, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        value = head_cross_entropy(h, head, y, chunk)
+    assert not value.requires_grad
+    torch.testing.assert_close(value, plain.detach(), rtol=1e-6, atol=1e-5)
+    empty = head_cross_entropy(h[:0], head, y[:0], chunk)
+    empty.backward()
+    assert float(empty.detach()) == 0.0
+
+
+def _linear_with(head, weight, bias=None):
+    """A plain nn.Linear sharing the given tensors (so gradcheck can perturb them)."""
+    out = torch.nn.Linear(head.in_features, head.out_features, bias=bias is not None).to(weight.dtype)
+    del out.weight
+    out.weight = weight  # a plain attribute: still type nn.Linear, no hooks
+    if bias is not None:
+        del out.bias
+        out.bias = bias
+    return out
+
+
+def test_fused_head_cross_entropy_leaves_a_hooked_head_to_autograd():
+    """A head with a forward hook (a method that adapts it) is not fused: the hook's effect shows."""
+    from tunelab.objectives._head_ce import head_cross_entropy
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 13)
+    h, y = torch.randn(5, 8, requires_grad=True), torch.randint(0, 13, (5,))
+    head.register_forward_hook(lambda mod, args, out: 2 * out)
+    want = F.cross_entropy(2 * F.linear(h, head.weight, head.bias), y, reduction="sum")
+    torch.testing.assert_close(head_cross_entropy(h, head, y, 2), want)

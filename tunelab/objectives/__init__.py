@@ -103,18 +103,12 @@ def trained_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
 
 def chunked_head_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
                                chunk_tokens: int) -> torch.Tensor:
-    """sum_t CE(head(hidden_t), y_t) computed `chunk_tokens` rows at a time, each chunk under
-    activation checkpointing: at most one chunk's (chunk, V) fp32 logits exist at once, in the
-    forward and in the backward (which recomputes them), never the full (N, V)."""
-    from torch.utils.checkpoint import checkpoint
-
-    def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(head(h).float(), y, reduction="sum")
-
-    if hidden.shape[0] <= chunk_tokens:
-        return chunk_loss(hidden, targets)
-    return sum(checkpoint(chunk_loss, hidden[i:i + chunk_tokens], targets[i:i + chunk_tokens], use_reentrant=False)
-               for i in range(0, hidden.shape[0], chunk_tokens))
+    """sum_t CE(head(hidden_t), y_t) computed `chunk_tokens` rows at a time: at most one chunk's
+    (chunk, V) fp32 logits exist at once, never the full (N, V). A plain linear head is fused with
+    the loss (gradients formed in the forward, see _head_ce.py); any other head is checkpointed per
+    chunk."""
+    from tunelab.objectives._head_ce import head_cross_entropy
+    return head_cross_entropy(hidden, head, targets, chunk_tokens)
 
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,98 @@
+"""Output head + cross-entropy, fused: sum_t CE(W h_t + b, y_t) without keeping the logits.
+
+The head is the largest matmul of a small model and its fp32 logits the largest tensor. Autograd
+would keep the (N, V) logits and log-softmax output for the backward and run softmax's backward
+as separate passes. Here each chunk of rows computes its logits, turns them in place into their
+gradient (softmax - one-hot), and multiplies that straight into the gradients of the hidden states
+(and of W, b when they train); the backward only scales those by the incoming gradient. At most one
+chunk's logits exist at a time and nothing is recomputed.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def head_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
+                       chunk_tokens: int) -> torch.Tensor:
+    """sum_t CE(head(hidden_t), y_t) in fp32 logits, `chunk_tokens` rows at a time.
+
+    Fused (above) when `head` is a plain nn.Linear with no hooks and a gradient is wanted; an
+    adapted or hooked head takes the checkpointed per-chunk path, which gives the same values."""
+    if not _plain_linear(head):
+        return _checkpointed(hidden, head, targets, chunk_tokens)
+    args = (hidden, head.weight, head.bias)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)):
+        with torch.no_grad():
+            return _FusedHeadCE.forward(None, *args, targets, chunk_tokens)
+    return _FusedHeadCE.apply(*args, targets, chunk_tokens)
+
+
+def _plain_linear(head: torch.nn.Module) -> bool:
+    return type(head) is torch.nn.Linear and not (head._forward_hooks or head._forward_pre_hooks
+                                                  or getattr(head, "parametrizations", None))
+
+
+def _checkpointed(hidden, head, targets, chunk_tokens):
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head(h).float(), y, reduction="sum")
+
+    if hidden.shape[0] <= chunk_tokens:
+        return chunk_loss(hidden, targets)
+    return sum(checkpoint(chunk_loss, hidden[i:i + chunk_tokens], targets[i:i + chunk_tokens], use_reentrant=False)
+               for i in range(0, hidden.shape[0], chunk_tokens))
+
+
+class _FusedHeadCE(torch.autograd.Function):
+    """hidden (N, d), weight (V, d), bias (V,) or None, targets (N,) -> scalar loss sum.
+
+    The matmuls run in whatever dtype autocast gives them (as `head(h)` would); the logits, the
+    log-sum-exp and the softmax are fp32. Gradients are computed in the forward only when an input
+    needs them (no work under torch.no_grad)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens):
+        need_h = ctx is not None and hidden.requires_grad
+        need_w = ctx is not None and weight.requires_grad
+        need_b = ctx is not None and bias is not None and bias.requires_grad
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=acc) if need_b else None
+        total = hidden.new_zeros((), dtype=acc)
+        for i in range(0, hidden.shape[0], chunk_tokens):
+            h, y = hidden[i:i + chunk_tokens], targets[i:i + chunk_tokens]
+            out = F.linear(h, weight, bias)  # (n, V), in the dtype autocast picks
+            logits = out.to(acc)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            # d loss / d logits = softmax - one-hot, written over the logits
+            logits.sub_(lse[:, None]).exp_()
+            logits[torch.arange(y.shape[0], device=y.device), y] -= 1
+            g = logits.to(out.dtype)
+            if need_h:
+                grad_h[i:i + chunk_tokens] = g.mm(weight.to(g.dtype))
+            if need_w:
+                if g.dtype == h.dtype == acc:
+                    grad_w.addmm_(g.t(), h)
+                else:
+                    grad_w += g.t().mm(h.to(g.dtype))
+            if need_b:
+                grad_b += logits.sum(0)
+        if ctx is not None:
+            ctx.save_for_backward(grad_h, grad_w, grad_b)
+            ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        return (None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
+                None if grad_w is None else (grad_w * grad_out).to(w_dtype),
+                None if grad_b is None else (grad_b * grad_out).to(b_dtype),
+                None, None)
