@@ -61,6 +61,7 @@ def report(name: str, s: Settings, *, step_s: list[float], tokens: list[int], lo
     rates = [t / dt for dt, t in timed]
     out = {"contender": name, "settings": asdict(s), "tokens_per_s": statistics.median(rates),
            "tokens_per_step": statistics.mean(t for _, t in timed), "step_s": [round(x, 3) for x in step_s],
+           "step_tokens": list(tokens),
            "peak_memory_mb": peak_memory_mb(), "startup_s": first_step_end - launched,
            "final_loss": statistics.mean(losses[-3:]), "losses": [round(x, 4) for x in losses],
            **(extra or {})}

@@ -8,12 +8,13 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 def _row(r: dict, hf: dict | None, best_hf: dict | None) -> str:
     if "error" in r:
-        return f"| {r['mode']} | {r['contender']} | failed: {r['error'].strip().splitlines()[-1][:80]} |" + " |" * 8
+        return f"| {r['mode']} | {r['contender']} | failed: {r['error'].strip().splitlines()[-1][:80]} |" + " |" * 9
     speed = r["tokens_per_s"]
     vs_hf = f"{speed / hf['tokens_per_s']:.2f}x" if hf else "-"
     vs_best = f"{speed / best_hf['tokens_per_s']:.2f}x" if best_hf else "-"
     mem = f"{r['peak_memory_mb'] / hf['peak_memory_mb']:.2f}x" if hf else "-"
-    return (f"| {r['mode']} | {r['contender']} | {speed:.0f} | {vs_hf} | {vs_best} | {r['peak_memory_mb']:.0f} "
+    rounds = " / ".join(f"{x['tokens_per_s']:.0f}" for x in r.get("rounds", [])) or "-"
+    return (f"| {r['mode']} | {r['contender']} | {speed:.0f} | {rounds} | {vs_hf} | {vs_best} | {r['peak_memory_mb']:.0f} "
             f"| {mem} | {r['startup_s']:.1f} | {r['final_loss']:.3f} | {100 * r.get('ceiling_fraction', 0):.0f}% |")
 
 
@@ -22,9 +23,9 @@ def markdown(res: dict) -> str:
     lines = [f"Machine: {m['name']} ({m['cpus']} CPUs, {m['processor']}, torch {m['torch']}, "
              f"native bf16: {m['native_bf16']}); plan `{res['plan']}`, {res['date']}; "
              f"command `{res['command']}`; {res['bench_seconds'] / 60:.1f} min.", "",
-             "| mode | contender | real tokens/s (median) | vs HF Trainer | vs faster HF path | peak memory MB "
+             "| mode | contender | real tokens/s (median) | per round | vs HF Trainer | vs faster HF path | peak memory MB "
              "| memory vs HF | start-up s | loss (last 3 steps) | of matmul ceiling |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for mode in dict.fromkeys(r["mode"] for r in res["contenders"]):
         rows = [r for r in res["contenders"] if r["mode"] == mode]
         ok = {r["contender"]: r for r in rows if "error" not in r}
@@ -32,6 +33,11 @@ def markdown(res: dict) -> str:
         hfs = [ok[k] for k in ("hf", "trl") if k in ok]
         best = max(hfs, key=lambda r: r["tokens_per_s"]) if hfs else None
         lines += [_row(r, hf, best) for r in rows]
+    n = max((len(r.get("rounds", [])) for r in res["contenders"]), default=0)
+    if n > 1:
+        lines += ["", f"Each contender ran {n} times per mode, in the order hf, trl, tunelab and then reversed, so "
+                      "that the shared machine's drifting speed favours no one; tokens/s is the median over all "
+                      "timed steps of all rounds, peak memory the highest round."]
     c = res["ceiling"]
     lines += ["", f"Matmul ceiling on the model's GEMM shapes: fp32 {c['fp32_gflops']:.0f} GFLOP/s, "
                   f"bf16 {c['bf16_gflops']:.0f} GFLOP/s (the fraction uses the precision each contender ran in)."]

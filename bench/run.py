@@ -22,8 +22,12 @@ sys.path.insert(0, str(HERE))
 
 PLANS = {  # (steps, warm-up steps excluded from timing), per mode
     "quick": {"lora": (5, 2), "full": (4, 1)},
-    "full": {"lora": (12, 2), "full": (8, 2)},
+    "full": {"lora": (8, 2), "full": (6, 2)},
 }
+ROUNDS = {"quick": 1, "full": 2}
+"""Each contender runs this many times per mode, in the order hf, trl, tunelab and then reversed
+(A B C C B A): the shared machine's speed drifts by 10-20% over minutes, and one pass in a fixed
+order would hand that drift to whoever runs last. Figures pool all rounds' timed steps."""
 CONTENDERS = ("hf", "trl", "tunelab")
 VARIANTS = {  # plan -> extra tunelab rows: (row name, mode, config overrides)
     "quick": [],
@@ -39,6 +43,22 @@ def child(args: list[str], **env_extra: str) -> dict:
     if proc.returncode or not lines:
         return {"error": (proc.stderr or proc.stdout)[-2000:]}
     return json.loads(lines[-1])
+
+
+def pool(runs: list[dict]) -> dict:
+    """One contender's rounds -> one row: median tokens/s over all timed steps of all rounds, the
+    highest peak memory, the median start-up, the first round's loss; each round's own figures are
+    kept under "rounds" (the losses must agree: same seed, same data)."""
+    import statistics
+
+    if any("error" in r for r in runs) or len(runs) == 1:
+        return next((r for r in runs if "error" in r), runs[0])
+    rates = [t / dt for r in runs for dt, t in list(zip(r["step_s"], r["step_tokens"]))[r["settings"]["warmup"]:]]
+    keys = ("tokens_per_s", "peak_memory_mb", "startup_s", "final_loss")
+    return runs[0] | {"tokens_per_s": statistics.median(rates),
+                      "peak_memory_mb": max(r["peak_memory_mb"] for r in runs),
+                      "startup_s": statistics.median(r["startup_s"] for r in runs),
+                      "rounds": [{k: r[k] for k in keys} for r in runs]}
 
 
 def machine() -> dict:
@@ -108,11 +128,14 @@ def main(plan_name: str) -> Path:
     started = time.perf_counter()
     res = {"plan": plan_name, "date": datetime.date.today().isoformat(), "machine": machine(),
            "command": f"make bench BENCH={plan_name}", "contenders": []}
+    rounds = ROUNDS[plan_name]
     for mode, (steps, warmup) in PLANS[plan_name].items():
-        for name in CONTENDERS:
-            print(f"bench: {name} {mode} ({steps} steps)", flush=True)
-            r = child(["bench/contenders.py", name, mode, str(steps), str(warmup)])
-            res["contenders"].append(r | {"contender": name, "mode": mode})
+        runs: dict[str, list[dict]] = {name: [] for name in CONTENDERS}
+        for rnd in range(rounds):
+            for name in (CONTENDERS if rnd % 2 == 0 else CONTENDERS[::-1]):
+                print(f"bench: {name} {mode} ({steps} steps, round {rnd + 1} of {rounds})", flush=True)
+                runs[name].append(child(["bench/contenders.py", name, mode, str(steps), str(warmup)]))
+        res["contenders"] += [pool(runs[name]) | {"contender": name, "mode": mode} for name in CONTENDERS]
     for name, mode, overrides in VARIANTS[plan_name]:  # opt-in settings; start-up includes compile time
         steps, warmup = PLANS[plan_name][mode]
         print(f"bench: {name} {mode} ({steps} steps)", flush=True)
