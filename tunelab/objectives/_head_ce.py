@@ -45,6 +45,13 @@ def _checkpointed(hidden, head, targets, chunk_tokens):
                for i in range(0, hidden.shape[0], chunk_tokens))
 
 
+def _logits(h, weight, bias, acc):
+    """(n, V) logits in dtype `acc` (a fresh tensor, ours to overwrite) and the dtype the matmul
+    ran in (whatever autocast picks, as head(h) would)."""
+    out = F.linear(h, weight, bias)
+    return out.to(acc), out.dtype
+
+
 class _FusedHeadCE(torch.autograd.Function):
     """hidden (N, d), weight (V, d), bias (V,) or None, targets (N,) -> scalar loss sum.
 
@@ -64,16 +71,17 @@ class _FusedHeadCE(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=acc)
         for i in range(0, hidden.shape[0], chunk_tokens):
             h, y = hidden[i:i + chunk_tokens], targets[i:i + chunk_tokens]
-            out = F.linear(h, weight, bias)  # (n, V), in the dtype autocast picks
-            logits = out.to(acc)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            logits, out_dtype = _logits(h, weight, bias, acc)  # (n, V) in acc, ours to overwrite
+            target = logits.gather(1, y[:, None]).squeeze(1)
+            top = logits.amax(-1, keepdim=True)
+            sums = logits.sub_(top).exp_().sum(-1, keepdim=True)  # exp(logit - max), in place
+            total += (top.squeeze(1) + sums.squeeze(1).log() - target).sum()
             if not (need_h or need_w or need_b):
                 continue
             # d loss / d logits = softmax - one-hot, written over the logits
-            logits.sub_(lse[:, None]).exp_()
+            logits.div_(sums)
             logits[torch.arange(y.shape[0], device=y.device), y] -= 1
-            g = logits.to(out.dtype)
+            g = logits.to(out_dtype)
             if need_h:
                 grad_h[i:i + chunk_tokens] = g.mm(weight.to(g.dtype))
             if need_w:
