@@ -13,9 +13,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 CATEGORIES = {  # first matching substring wins
     "matmul (linear/mm/addmm/bmm)": ("addmm", "mm", "linear", "matmul", "bmm"),
     "attention (sdpa)": ("attention", "sdpa", "_flash"),
-    "cross-entropy / log-softmax": ("log_softmax", "nll_loss", "cross_entropy"),
+    "cross-entropy / log-softmax": ("log_softmax", "nll_loss", "cross_entropy", "HeadCE", "logsumexp"),
     "optimizer (AdamW)": ("adam", "_foreach"),
-    "elementwise / norms / rope": ("mul", "add", "silu", "pow", "mean", "rsqrt", "neg", "cat", "div", "sub"),
+    "elementwise / norms / rope": ("mul", "add", "silu", "pow", "mean", "rsqrt", "neg", "cat", "div", "sub",
+                                   "RMSNorm"),
 }
 
 

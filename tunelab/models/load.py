@@ -181,6 +181,8 @@ def load_model(cfg: ModelConfig, padding_side: str = "right"):
     if cfg.attn_implementation == "sdpa":  # same function, but packed rows attend per example
         from tunelab.models.attention import register
         model.set_attn_implementation(register())
+    from tunelab.models.norms import fuse_rms_norms
+    fuse_rms_norms(model)  # same values and gradients (checked per norm class), fewer passes
     gen = model.generation_config
     if gen.pad_token_id is None:
         gen.pad_token_id = tok.pad_token_id

@@ -20,7 +20,7 @@ from tunelab.registry import Registry
 OBJECTIVES: Registry["Objective"] = Registry("objective", __name__)
 register = OBJECTIVES.register
 __all__ = ["IGNORE", "OBJECTIVES", "LossOutput", "Objective", "model_inputs", "register", "token_cross_entropy",
-           "trained_logits", "trained_hidden", "chunked_head_cross_entropy"]
+           "trained_logits", "trained_hidden", "chunked_head_cross_entropy", "sum_cross_entropy"]
 
 
 @dataclass
@@ -109,6 +109,17 @@ def chunked_head_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targ
     chunk."""
     from tunelab.objectives._head_ce import head_cross_entropy
     return head_cross_entropy(hidden, head, targets, chunk_tokens)
+
+
+def sum_cross_entropy(model, batch: dict[str, torch.Tensor], chunk_tokens: int = 4096) -> tuple[torch.Tensor, int]:
+    """(sum of -log p(y_t | y_<t) over the trained positions, their count): SFT's loss, for any
+    objective whose loss is SFT's on a changed batch. The head runs on trained positions only,
+    fused with the loss in chunks (a transformed head: the model's own logits)."""
+    hidden, targets = trained_hidden(model, batch)  # (N, d), (N,)
+    if hidden is None:
+        logits, targets = trained_logits(model, batch)
+        return F.cross_entropy(logits.float(), targets, reduction="sum"), targets.numel()
+    return chunked_head_cross_entropy(hidden, model.get_output_embeddings(), targets, chunk_tokens), targets.numel()
 
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

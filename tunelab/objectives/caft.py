@@ -15,9 +15,11 @@ from torch import nn
 
 from tunelab.config import check
 from tunelab.errors import ConfigError
-from tunelab.objectives import IGNORE, LossOutput, Objective, model_inputs, register
+from tunelab.objectives import IGNORE, LossOutput, Objective, chunked_head_cross_entropy, model_inputs, register
 from tunelab.objectives import _head_is_plain
 from tunelab.objectives._segments import segment_ids
+
+CHUNK = 4096  # trained tokens per head + CE chunk (as SFT's default)
 
 HEADS_FILE = "caft_heads.safetensors"
 
@@ -207,7 +209,7 @@ class CAFT(Objective):
             hidden = model.get_decoder()(**model_inputs(batch)).last_hidden_state  # (B, T, d)
         lm_head, targets = model.get_output_embeddings(), batch["targets"]
         keep = targets != IGNORE
-        main = F.cross_entropy(lm_head(hidden[keep]).float(), targets[keep], reduction="sum")
+        main = chunked_head_cross_entropy(hidden[keep], lm_head, targets[keep], CHUNK)  # SFT's loss
         if weight == 0:
             return LossOutput(main, int(keep.sum()), {"aux_weight": 0.0})
         seg = segment_ids(batch)
@@ -215,8 +217,7 @@ class CAFT(Objective):
         for k, head in enumerate(heads, start=1):
             tk = future_targets(targets, seg, k)  # (B, T)
             keep_k = tk != IGNORE
-            aux = F.cross_entropy(lm_head(run_head(head, hidden, layer_kwargs)[keep_k]).float(), tk[keep_k],
-                                  reduction="sum")
+            aux = chunked_head_cross_entropy(run_head(head, hidden, layer_kwargs)[keep_k], lm_head, tk[keep_k], CHUNK)
             total = total + weight * self.cfg.decay ** k * aux
             metrics[f"aux_loss_{k}"] = float(aux.detach()) / max(int(keep_k.sum()), 1)
         metrics["aux_loss"] = sum(metrics[f"aux_loss_{k}"] for k in range(1, len(heads) + 1)) / len(heads)

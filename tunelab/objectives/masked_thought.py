@@ -4,11 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from tunelab.config import check
 from tunelab.errors import ConfigError
-from tunelab.objectives import IGNORE, LossOutput, Objective, register, trained_logits
+from tunelab.objectives import IGNORE, LossOutput, Objective, register, sum_cross_entropy
 
 
 @dataclass(kw_only=True)
@@ -152,10 +151,10 @@ class MaskedThought(Objective):
         mask_id, vocab = self._resolved(model)
         ids, chosen = mask_response_tokens(batch["input_ids"], batch["targets"], p, mask_id,
                                            self.cfg.replace_rate, vocab)
-        logits, targets = trained_logits(model, batch | {"input_ids": ids})  # (N, V), (N,)
+        loss_sum, count = sum_cross_entropy(model, batch | {"input_ids": ids})  # SFT's loss on masked inputs
         num_resp = int(response_positions(batch["targets"]).sum())
         metrics = {"mask_prob": p, "masked_fraction": float(chosen.sum()) / max(num_resp, 1)}
-        return LossOutput(F.cross_entropy(logits.float(), targets, reduction="sum"), targets.numel(), metrics)
+        return LossOutput(loss_sum, count, metrics)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"step": torch.tensor(self.step)}

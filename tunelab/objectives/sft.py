@@ -3,18 +3,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
-
 from tunelab.errors import ConfigError
-from tunelab.objectives import (LossOutput, Objective, chunked_head_cross_entropy, register, trained_hidden,
-                                trained_logits)
+from tunelab.objectives import LossOutput, Objective, register, sum_cross_entropy
 
 
 @dataclass(kw_only=True)
 class SFTConfig:
     chunk_tokens: int = 4096
     """Apply the output head and cross-entropy to at most this many trained tokens at a time
-    (checkpointed per chunk), so the full (tokens, vocab) fp32 logits never exist at once."""
+    (fused with the loss; see objectives/_head_ce.py), so the full (tokens, vocab) fp32 logits
+    never exist at once."""
 
     def __post_init__(self):
         if self.chunk_tokens < 1:
@@ -30,9 +28,4 @@ class SFT(Objective):
     Config = SFTConfig
 
     def loss(self, model, batch):
-        hidden, targets = trained_hidden(model, batch)  # (N, d), (N,)
-        if hidden is None:  # a head that transforms its logits: the model's own forward
-            logits, targets = trained_logits(model, batch)
-            return LossOutput(F.cross_entropy(logits.float(), targets, reduction="sum"), targets.numel())
-        head = model.get_output_embeddings()
-        return LossOutput(chunked_head_cross_entropy(hidden, head, targets, self.cfg.chunk_tokens), targets.numel())
+        return LossOutput(*sum_cross_entropy(model, batch, self.cfg.chunk_tokens))
