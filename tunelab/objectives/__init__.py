@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.data.collate import IGNORE, model_inputs
+from tunelab.objectives._head_ce import head_cross_entropy as chunked_head_cross_entropy  # fused head + CE
 from tunelab.registry import Registry
 
 OBJECTIVES: Registry["Objective"] = Registry("objective", __name__)
@@ -99,16 +100,6 @@ def trained_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     if hidden is None:
         return model(**model_inputs(batch)).logits[batch["targets"] != IGNORE], targets
     return model.get_output_embeddings()(hidden), targets
-
-
-def chunked_head_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
-                               chunk_tokens: int) -> torch.Tensor:
-    """sum_t CE(head(hidden_t), y_t) computed `chunk_tokens` rows at a time: at most one chunk's
-    (chunk, V) fp32 logits exist at once, never the full (N, V). A plain linear head is fused with
-    the loss (gradients formed in the forward, see _head_ce.py); any other head is checkpointed per
-    chunk."""
-    from tunelab.objectives._head_ce import head_cross_entropy
-    return head_cross_entropy(hidden, head, targets, chunk_tokens)
 
 
 def sum_cross_entropy(model, batch: dict[str, torch.Tensor], chunk_tokens: int = 4096) -> tuple[torch.Tensor, int]:

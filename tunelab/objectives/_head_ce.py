@@ -45,13 +45,6 @@ def _checkpointed(hidden, head, targets, chunk_tokens):
                for i in range(0, hidden.shape[0], chunk_tokens))
 
 
-def _logits(h, weight, bias, acc):
-    """(n, V) logits in dtype `acc` (a fresh tensor, ours to overwrite) and the dtype the matmul
-    ran in (whatever autocast picks, as head(h) would)."""
-    out = F.linear(h, weight, bias)
-    return out.to(acc), out.dtype
-
-
 class _FusedHeadCE(torch.autograd.Function):
     """hidden (N, d), weight (V, d), bias (V,) or None, targets (N,) -> scalar loss sum.
 
@@ -71,7 +64,9 @@ class _FusedHeadCE(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=acc)
         for i in range(0, hidden.shape[0], chunk_tokens):
             h, y = hidden[i:i + chunk_tokens], targets[i:i + chunk_tokens]
-            logits, out_dtype = _logits(h, weight, bias, acc)  # (n, V) in acc, ours to overwrite
+            out = F.linear(h, weight, bias)  # (n, V), in the dtype autocast picks (as head(h) would)
+            logits, out_dtype = out.to(acc), out.dtype  # a fresh tensor: ours to overwrite
+            del out  # under autocast a separate low-precision copy: not kept for the chunk
             target = logits.gather(1, y[:, None]).squeeze(1)
             top = logits.amax(-1, keepdim=True)
             sums = logits.sub_(top).exp_().sum(-1, keepdim=True)  # exp(logit - max), in place
