@@ -110,6 +110,52 @@ def test_per_example_attention_equals_masked_sdpa(model):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-4, msg=n)
 
 
+def _varlen_by_loop(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+    """varlen_attn's documented contract ((N, H, D) rows cut at cu), written as a loop: a stand-in
+    for the CUDA-only kernel, to test what tunelab hands it."""
+    assert window_size == (-1, 0) and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
+    sizes = (cu_q[1:] - cu_q[:-1]).tolist()
+    assert max_q == max_k == max(sizes)
+    parts = [F.scaled_dot_product_attention(a.transpose(0, 1), b.transpose(0, 1), c.transpose(0, 1), is_causal=True,
+                                            scale=scale, enable_gqa=enable_gqa).transpose(0, 1)
+             for a, b, c in zip(q.split(sizes), k.split(sizes), v.split(sizes))]
+    return torch.cat(parts)
+
+
+def _varlen_old(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None):
+    """torch 2.9's signature: no scale, no GQA, causal by flag."""
+    assert is_causal and q.shape[1] == k.shape[1]
+    return _varlen_by_loop(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0))
+
+
+@pytest.mark.parametrize("kernel", [_varlen_by_loop, _varlen_old])
+def test_packed_rows_reach_the_varlen_kernel_as_documented(kernel, monkeypatch):
+    """Where the flash kernel runs (a GPU, half precision), a packed row goes to varlen_attn as
+    (N, H, D) with int32 boundaries and a causal window, and comes back as (1, N, H, D) equal to the
+    per-example loop: for both signatures torch has had, with and without GQA."""
+    import torch.nn.attention.varlen as varlen
+
+    from tunelab.models import attention
+
+    monkeypatch.setattr(varlen, "varlen_attn", kernel)
+    monkeypatch.setattr(attention, "_flash_dtype", lambda q: torch.float32)  # no GPU here: fp32 stand-in
+    torch.manual_seed(0)
+    sizes, heads, dim = [3, 9, 1, 6], 4, 8
+    cu = torch.tensor([0, *sizes]).cumsum(0)
+    module = torch.nn.Module().eval()
+    for kv in (4, 2):
+        q, k, v = (torch.randn(1, h, sum(sizes), dim) for h in (heads, kv, kv))
+        out, _ = attention.packed_sdpa(module, q, k, v, None, cu_seq_lens_q=cu)
+        monkeypatch.setattr(attention, "_flash_dtype", lambda q: None)
+        ref, _ = attention.packed_sdpa(module, q, k, v, None, cu_seq_lens_q=cu)
+        monkeypatch.setattr(attention, "_flash_dtype", lambda q: torch.float32)
+        assert out.shape == ref.shape == (1, sum(sizes), heads, dim)
+        torch.testing.assert_close(out, ref)
+    # a non-default scale the old kernel can't take falls back to the loop
+    if kernel is _varlen_old:
+        assert attention._varlen(q, k, v, cu, max(sizes), 0.5, torch.float32) is None
+
+
 @pytest.mark.parametrize("packing", [True, False])
 @pytest.mark.parametrize("budget", [1, 9, 20, 1000])
 def test_split_batch_keeps_every_example_and_the_loss_sum(packing, budget, model):

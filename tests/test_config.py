@@ -61,3 +61,21 @@ def test_choices_are_listed():
         C.load(None, ["train.precision=fp16"])
     with pytest.raises(ConfigError, match="full.*lora"):
         C.load(None, ["method.name=nope"])
+
+
+def test_split_bound_defaults_by_device_and_an_explicit_value_wins():
+    """train.max_tokens_per_forward unset: 512 on CPU, 16384 on CUDA; a set value (0 too) is kept."""
+    import torch
+
+    from tunelab.training.config import TrainConfig, max_tokens_per_forward_for
+
+    unset = TrainConfig()
+    assert unset.max_tokens_per_forward is None
+    assert max_tokens_per_forward_for(unset, torch.device("cpu")) == 512
+    assert max_tokens_per_forward_for(unset, torch.device("cuda")) == 16384
+    for value in (0, 64):
+        assert max_tokens_per_forward_for(TrainConfig(max_tokens_per_forward=value), torch.device("cuda")) == value
+    with pytest.raises(ConfigError, match="max_tokens_per_forward"):
+        TrainConfig(max_tokens_per_forward=-1)
+    cfg = C.from_dict(C.RunConfig, {"train": {"max_tokens_per_forward": None}}, "x.yaml")
+    assert cfg.train.max_tokens_per_forward is None

@@ -6,6 +6,11 @@ on CPU, the fused causal kernel is not used. `packed_sdpa` instead runs causal S
 example's slice (from `cu_seq_lens_q`), so attention costs sum(len_i^2) and takes the fast
 `is_causal` path. Without `cu_seq_lens_q` (padded batches, generation) it is transformers' SDPA.
 
+On a GPU, with bf16/fp16 compute and no dropout, the row goes instead to PyTorch's
+variable-length flash kernel (`torch.nn.attention.varlen.varlen_attn`) in one call: a per-example
+loop there would launch hundreds of tiny kernels per layer. Equality of the two paths is tested on
+a GPU (tests/test_gpu.py); elsewhere the loop runs.
+
 Registered as attention implementation "tunelab_sdpa" (with SDPA's mask builder), so any model
 that supports SDPA can use it: `model.set_attn_implementation("tunelab_sdpa")`.
 """
@@ -28,14 +33,52 @@ def packed_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Ten
             or bounds[-1] != query.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
+    sizes = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    dtype = _flash_dtype(query)
+    if dtype is not None and not (dropout and module.training):
+        out = _varlen(query, key, value, cu, max(sizes), scaling, dtype)
+        if out is not None:
+            return out, None
     gqa = query.shape[1] != key.shape[1]
     # split (not slicing): its backward concatenates the pieces' gradients once, where slices
     # would each build a zero-filled full-size gradient to be summed
-    sizes = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
     parts = [F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa,
                                             dropout_p=dropout if module.training else 0.0)
              for q, k, v in zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2)) if q.shape[2]]
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _flash_dtype(query: torch.Tensor):
+    """The half dtype the varlen flash kernel would run in, or None where it can't run here."""
+    if not query.is_cuda or torch.cuda.get_device_capability(query.device)[0] < 8:  # flash: Ampere on
+        return None
+    import importlib.util
+    if importlib.util.find_spec("torch.nn.attention.varlen") is None:  # torch < 2.9
+        return None
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
+
+
+def _varlen(query, key, value, cu: torch.Tensor, longest: int, scaling, dtype) -> torch.Tensor | None:
+    """Causal attention of each example in a packed row, in one varlen flash call: (1, N, H, D).
+    None where this torch's varlen_attn can't express the call (its early versions take no scale)."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    default_scale = query.shape[-1] ** -0.5
+    if "scale" not in params and scaling is not None and abs(scaling - default_scale) > 1e-6 * default_scale:
+        return None
+    q, k, v = (t[0].transpose(0, 1).to(dtype) for t in (query, key, value))  # (N, heads, D)
+    if k.shape[1] != q.shape[1] and "enable_gqa" not in params:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    extra = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+    extra |= {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    cu = cu.to(device=q.device, dtype=torch.int32)
+    extra |= {"scale": scaling} if "scale" in params else {}
+    out = varlen_attn(q, k, v, cu, cu, longest, longest, **extra)
+    return out.unsqueeze(0)
 
 
 def register() -> str:

@@ -18,6 +18,7 @@ from tunelab.errors import Interrupted, TunelabError
 from tunelab.eval.task import answer_accuracy, eval_loss
 from tunelab.training import checkpoint as ckpt
 from tunelab.training.batches import BatchStream
+from tunelab.training.config import max_tokens_per_forward_for
 from tunelab.training.memory import tame_allocator
 from tunelab.training.optim import build_optimizer
 from tunelab.training.precision import autocast, resolve_precision
@@ -72,8 +73,9 @@ def forward_backward(model, objective, micro: list[dict], opt, tc, device) -> tu
     on how the step is split, even when an objective decides its token count in the forward pass.
     Returns (mean loss, gradient norm before clipping, tokens counted, mean objective metrics)."""
     loss_sum, total, metrics = 0.0, 0, {}
-    if tc.max_tokens_per_forward and objective.per_token:
-        micro = [piece for b in micro for piece in split_batch(b, tc.max_tokens_per_forward)]
+    bound = max_tokens_per_forward_for(tc, device)
+    if bound and objective.per_token:
+        micro = [piece for b in micro for piece in split_batch(b, bound)]
     for batch in micro:
         with autocast(tc.precision, device):
             out = objective.loss(model, batch)

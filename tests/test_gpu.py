@@ -1,0 +1,98 @@
+"""Checks that need a CUDA GPU (skipped elsewhere; CI has none). Run them where one is lent:
+
+    python -m pytest -q -m gpu tests/test_gpu.py
+
+They guard the GPU-only code paths: the varlen flash attention for packed rows, bf16 training on
+the GPU, and the fused head + cross-entropy under CUDA autocast.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tunelab
+from test_train import base_cfg, losses
+from tiny import chat_rows
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+class _Attn(torch.nn.Module):
+    """What transformers hands an attention function: a module with `training` (and GQA groups)."""
+
+    def __init__(self, groups: int):
+        super().__init__()
+        self.num_key_value_groups = groups
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_varlen_attention_equals_the_per_example_loop(kv_heads, monkeypatch):
+    """Packed rows on the GPU take one varlen flash call; its output and q/k/v gradients equal
+    causal SDPA run example by example (fp32 reference on the same bf16 inputs)."""
+    from tunelab.models import attention
+
+    calls = []
+    real = attention._varlen
+    monkeypatch.setattr(attention, "_varlen", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    sizes = [5, 17, 1, 40, 3]
+    n, heads, dim = sum(sizes), 4, 16
+    cu = torch.tensor([0, *sizes], device="cuda", dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    q, k, v = (torch.randn(1, h, n, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for h in (heads, kv_heads, kv_heads))
+    out, _ = attention.packed_sdpa(_Attn(heads // kv_heads).eval(), q, k, v, None, cu_seq_lens_q=cu)
+    assert calls, "the varlen path was not taken"
+    grad = torch.randn_like(out)
+    got = [out.float(), *torch.autograd.grad(out, (q, k, v), grad)]
+
+    ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    parts = [F.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=kv_heads != heads)
+             for a, b, c in zip(*(t.split(sizes, 2) for t in ref_in))]
+    ref = torch.cat(parts, 2).transpose(1, 2)
+    want = [ref, *torch.autograd.grad(ref, ref_in, grad.float())]
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(g.float(), w, rtol=2e-2, atol=2e-2, msg=name)
+
+
+def test_fp32_rows_on_the_gpu_keep_the_exact_loop():
+    """Without a half dtype the varlen kernel can't run: fp32 packed rows use the per-example loop."""
+    from tunelab.models import attention
+
+    q = torch.randn(1, 2, 6, 8, device="cuda")
+    assert attention._flash_dtype(q) is None
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert attention._flash_dtype(q) == torch.bfloat16
+
+
+def test_bf16_training_on_the_gpu_tracks_fp32(tiny_dir, tmp_path):
+    """A LoRA run on the GPU with bf16 autocast (varlen attention, fused head CE) follows the
+    fp32 run's losses within 2% per step, like the CPU test does."""
+    data_file = tmp_path / "train.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in chat_rows()))
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        cfg = base_cfg(tiny_dir, data_file, tmp_path / precision, steps=4, precision=precision, device="cuda")
+        cfg["method"]["dropout"] = 0.0
+        runs[precision] = tunelab.train(cfg)
+    assert losses(runs["bf16"]) == pytest.approx(losses(runs["fp32"]), rel=2e-2)
+
+
+def test_fused_head_cross_entropy_under_cuda_autocast():
+    """The fused head + CE on the GPU under bf16 autocast equals CE of the autocast logits in fp32."""
+    from tunelab.objectives._head_ce import head_cross_entropy
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 300, bias=False).cuda()
+    h = torch.randn(50, 64, device="cuda", requires_grad=True)
+    y = torch.randint(0, 300, (50,), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fused = head_cross_entropy(h, head, y, 16)
+        plain = F.cross_entropy(head(h).float(), y, reduction="sum")
+    got, want = (torch.autograd.grad(x, (h, head.weight)) for x in (fused, plain))
+    torch.testing.assert_close(fused, plain, rtol=1e-3, atol=1e-2)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2)
