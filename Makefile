@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup model demo test test-fast bench clean
+.PHONY: setup model demo test test-fast bench gpu-kit clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,18 @@ test-fast: setup
 BENCH ?= full
 bench: model
 	$(BIN)/python bench/run.py $(BENCH)
+
+# What a lent GPU machine lacks, in .gpu/ (git-ignored, ~20 MB) to carry there: the built-in's config and
+# tokenizer (the GPU plans use random weights of its shape) and wheels of our HF stack. See bench/GPU.md.
+GPU_WHEELS := transformers peft trl datasets dill multiprocess
+gpu-kit: model
+	rm -rf .gpu && mkdir -p .gpu/kit .gpu/whl
+	cd "$$($(BIN)/python -c "from tunelab.models import pull; print(pull('smollm2-135m'))")" && cp config.json tokenizer.json tokenizer_config.json \
+	  chat_template.jinja generation_config.json $(CURDIR)/.gpu/kit/
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl \
+	  $$($(BIN)/python -c "import importlib.metadata as m; print(' '.join(f'{p}=={m.version(p)}' for p in '$(GPU_WHEELS)'.split()))")
+	du -sh .gpu
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -9,8 +9,17 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-MODEL = "smollm2-135m"
+MODEL = os.environ.get("BENCH_MODEL", "smollm2-135m")
+"""The built-in name, or a model directory (bench/run.py sets it for the random-weight GPU shapes)."""
 DATA = "builtin:arith?n=4000&split=train"
+
+
+def model_path():
+    """The model's HF directory: the built-in's cache, or MODEL itself."""
+    from pathlib import Path
+
+    from tunelab.models.builtin import BUILTIN_MODELS, pull
+    return pull(MODEL) if MODEL in BUILTIN_MODELS else Path(MODEL)
 
 
 @dataclass
@@ -18,7 +27,7 @@ class Settings:
     mode: str = "lora"            # lora | full
     steps: int = 8                # optimizer steps, warm-up included
     warmup: int = 2               # steps excluded from the timing
-    batch_size: int = 8           # examples per optimizer step
+    batch_size: int = int(os.environ.get("BENCH_BATCH", 8))  # examples per optimizer step
     lr: float = 2e-4
     max_length: int = 256
     seed: int = 0

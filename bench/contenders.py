@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODEL, Settings, examples, launched_at, native_bf16, report  # noqa: E402
+from common import MODEL, Settings, examples, launched_at, model_path, native_bf16, report  # noqa: E402
 
 
 class StepClock:
@@ -50,10 +50,9 @@ class StepClock:
 def hf_model(s: Settings):
     import torch
     from peft import LoraConfig, get_peft_model
-    from tunelab.models import pull
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(pull(MODEL), dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(model_path(), dtype=torch.float32, attn_implementation="sdpa")
     if s.mode == "lora":
         model = get_peft_model(model, LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=0.0,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def _row(r: dict, hf: dict | None, best_hf: dict | None) -> str:
@@ -21,7 +20,7 @@ def _row(r: dict, hf: dict | None, best_hf: dict | None) -> str:
 def markdown(res: dict) -> str:
     m = res["machine"]
     lines = [f"Machine: {m['name']} ({m['cpus']} CPUs, {m['processor']}, torch {m['torch']}, "
-             f"native bf16: {m['native_bf16']}); plan `{res['plan']}`, {res['date']}; "
+             f"native bf16: {m['native_bf16']}); model {res.get('model', 'smollm2-135m')}; plan `{res['plan']}`, {res['date']}; "
              f"command `{res['command']}`; {res['bench_seconds'] / 60:.1f} min.", "",
              "| mode | contender | real tokens/s (median) | per round | vs HF Trainer | vs faster HF path | peak memory MB "
              "| memory vs HF | start-up s | loss (last 3 steps) | of matmul ceiling |",
@@ -41,6 +40,10 @@ def markdown(res: dict) -> str:
     c = res["ceiling"]
     lines += ["", f"Matmul ceiling on the model's GEMM shapes: fp32 {c['fp32_gflops']:.0f} GFLOP/s, "
                   f"bf16 {c['bf16_gflops']:.0f} GFLOP/s (the fraction uses the precision each contender ran in)."]
+    mfu = [f"{r['contender']} {r['mode']} {100 * r['mfu']:.0f}%" for r in res["contenders"] if "mfu" in r]
+    if mfu:
+        lines += ["", f"MFU (achieved FLOP/s over the GPU's nominal dense bf16 peak, {res['peak_bf16_tflops']:.0f} "
+                      f"TFLOP/s; {res['model_params'] / 1e6:.0f}M parameters): " + ", ".join(mfu) + "."]
     p = res.get("profile", {})
     if "by_category_pct" in p:
         lines += ["", f"Profile of one tunelab LoRA step ({p['step_ms']:.0f} ms self CPU time):", "",
@@ -52,14 +55,19 @@ def markdown(res: dict) -> str:
                       f"{e['batched_kv_cache_examples_per_s']:.2f} examples/s, one-by-one "
                       f"{e['one_by_one_examples_per_s']:.2f} examples/s ({e['speedup']:.1f}x)."]
     s = res["startup"]
-    lines += ["", f"Start-up: `tunelab --help` {s['tunelab_help_s']:.2f} s; built-in model load from cache "
+    lines += ["", f"Start-up: `tunelab --help` {s['tunelab_help_s']:.2f} s; "
+                  f"{'model load' if res.get('plan', '').startswith('gpu') else 'built-in model load from cache'} "
                   f"{s['builtin_model_load_s']:.1f} s."]
     return "\n".join(lines) + "\n"
 
 
-def write_docs(md: str, path: Path) -> None:
-    """Replace the measured section of docs/results/performance.md (between the markers)."""
-    text = path.read_text() if path.exists() else f"# Performance\n\n{START}\n{END}\n"
-    head, _, rest = text.partition(START)
-    _, _, tail = rest.partition(END)
-    path.write_text(f"{head}{START}\n{md}{END}{tail}")
+def write_docs(md: str, path: Path, section: str = "bench") -> None:
+    """Replace one measured section of docs/results/performance.md (between its markers: "bench"
+    for the CPU plans, "bench-gpu" for the GPU ones); a missing section is appended."""
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
+    text = path.read_text() if path.exists() else "# Performance\n"
+    if start not in text:
+        text = text.rstrip("\n") + f"\n\n{start}\n{end}\n"
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
+    path.write_text(f"{head}{start}\n{md}{end}{tail}")

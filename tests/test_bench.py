@@ -34,3 +34,69 @@ def test_markdown_shows_each_round():
            "ceiling": {"fp32_gflops": 1, "bf16_gflops": 1}, "startup": {"tunelab_help_s": 0.1, "builtin_model_load_s": 1}}
     md = markdown(res)
     assert "| lora | tunelab | 75 | 100 / 50 | 1.00x |" in md and "ran 2 times per mode" in md
+
+
+def test_random_weight_shapes_are_llama_shaped_and_load(tiny_dir, tmp_path):
+    """bench/shapes.py: the ~1B shape is Llama-shaped with about 1B parameters; a built shape keeps
+    the kit's tokenizer and vocabulary, and tunelab loads it as a local model directory."""
+    from shapes import build, count_params, shape_config
+
+    from tunelab.models import load_model, load_tokenizer
+    from tunelab.models.config import ModelConfig
+
+    big = shape_config("llama-1b", tiny_dir)
+    assert big.model_type == "llama" and big.num_key_value_heads < big.num_attention_heads
+    body = count_params(big) - 2 * big.vocab_size * big.hidden_size  # untied input and output embeddings
+    assert 0.9e9 < body < 1.1e9  # 1.17B in all with the built-in's 49,152-token vocabulary
+    assert big.vocab_size == shape_config("llama-tiny", tiny_dir).vocab_size
+    out = build("llama-tiny", tmp_path / "m", tiny_dir)
+    assert build("llama-tiny", out, tiny_dir) == out  # reused, not rebuilt
+    model, _ = load_model(ModelConfig(name=str(out)))
+    assert sum(p.numel() for p in model.parameters()) == count_params(shape_config("llama-tiny", tiny_dir))
+    assert load_tokenizer(ModelConfig(name=str(out))).get_vocab() == load_tokenizer(ModelConfig(name=str(tiny_dir))).get_vocab()
+
+
+def test_mfu_uses_the_devices_nominal_peak(tiny_dir):
+    """On a GPU of known peak each row gets MFU = achieved FLOP/s / nominal bf16 peak, and the table
+    says so; unknown devices and CPUs get none."""
+    from run import add_flops, peak_tflops
+
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA H200") == 989.0 and peak_tflops("Some GPU") is None and peak_tflops(None) is None
+    row = _round([9, 1, 1], [1000] * 3, 1000, 5, 0.5) | {"contender": "tunelab", "mode": "lora"}
+    res = {"machine": {"name": "NVIDIA-H100", "gpu": "NVIDIA H100 80GB HBM3", "cpus": 16, "processor": "x",
+                       "torch": "t", "native_bf16": True},
+           "plan": "gpu", "date": "d", "command": "c", "bench_seconds": 60, "contenders": [row],
+           "ceiling": {"fp32_gflops": 1e5, "bf16_gflops": 5e5}, "startup": {"tunelab_help_s": 0.1, "builtin_model_load_s": 1}}
+    add_flops(res, tiny_dir, res["ceiling"], bf16=True)
+    assert row["mfu"] == row["achieved_gflops"] / 989e3 and row["ceiling_fraction"] == row["achieved_gflops"] / 5e5
+    assert "MFU (achieved FLOP/s over the GPU's nominal dense bf16 peak, 989 TFLOP/s" in markdown(res)
+    res["machine"]["gpu"], row2 = None, dict(row)
+    res["contenders"] = [row2]
+    row2.pop("mfu")
+    add_flops(res, tiny_dir, res["ceiling"], bf16=False)
+    assert "mfu" not in row2 and "MFU" not in markdown(res)
+
+
+def test_gpu_plans_refuse_to_run_without_a_gpu(monkeypatch):
+    import pytest
+    import torch
+
+    import run
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        run.main("gpu-1b")
+
+
+def test_gpu_results_get_their_own_section_of_the_docs(tmp_path):
+    """write_docs replaces only its own section: a GPU run never overwrites the CPU table."""
+    from report import write_docs
+
+    doc = tmp_path / "performance.md"
+    doc.write_text("# Performance\n\nintro\n<!-- bench:start -->\nold cpu\n<!-- bench:end -->\nnotes\n")
+    write_docs("gpu table\n", doc, "bench-gpu")
+    write_docs("new cpu\n", doc)
+    write_docs("gpu table 2\n", doc, "bench-gpu")
+    text = doc.read_text()
+    assert text.startswith("# Performance\n\nintro\n<!-- bench:start -->\nnew cpu\n<!-- bench:end -->\nnotes\n")
+    assert text.count("gpu table") == 1 and "<!-- bench-gpu:start -->\ngpu table 2\n<!-- bench-gpu:end -->" in text
