@@ -16,6 +16,9 @@ that supports SDPA can use it: `model.set_attn_implementation("tunelab_sdpa")`.
 """
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -59,14 +62,18 @@ def _flash_dtype(query: torch.Tensor):
     return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 
+@functools.lru_cache(maxsize=None)
+def _parameters(fn) -> frozenset[str]:
+    """The keyword names `fn` takes (read once per function, not per layer and step)."""
+    return frozenset(inspect.signature(fn).parameters)
+
+
 def _varlen(query, key, value, cu: torch.Tensor, longest: int, scaling, dtype) -> torch.Tensor | None:
     """Causal attention of each example in a packed row, in one varlen flash call: (1, N, H, D).
     None where this torch's varlen_attn can't express the call (its early versions take no scale)."""
-    import inspect
-
     from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
+    params = _parameters(varlen_attn)
     default_scale = query.shape[-1] ** -0.5
     if "scale" not in params and scaling is not None and abs(scaling - default_scale) > 1e-6 * default_scale:
         return None
