@@ -51,12 +51,18 @@ def packed_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
 
 
+@functools.lru_cache(maxsize=None)
+def _flash_runs_on(device: torch.device) -> bool:
+    """Has this torch the varlen kernel (2.9 on), and is `device` a GPU it runs on (Ampere on)?
+    Asked once per device, not per layer and step."""
+    import importlib.util
+    return importlib.util.find_spec("torch.nn.attention.varlen") is not None \
+        and torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def _flash_dtype(query: torch.Tensor):
     """The half dtype the varlen flash kernel would run in, or None where it can't run here."""
-    if not query.is_cuda or torch.cuda.get_device_capability(query.device)[0] < 8:  # flash: Ampere on
-        return None
-    import importlib.util
-    if importlib.util.find_spec("torch.nn.attention.varlen") is None:  # torch < 2.9
+    if not query.is_cuda or not _flash_runs_on(query.device):
         return None
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
     return dtype if dtype in (torch.bfloat16, torch.float16) else None
