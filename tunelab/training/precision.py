@@ -2,26 +2,48 @@
 from __future__ import annotations
 
 import functools
+import os
 from contextlib import nullcontext
 
 import torch
 
+AUTO_PRECISION_ENV = "TUNELAB_AUTO_PRECISION"
+"""Set to `bf16` or `fp32` to make `precision: auto` resolve to it on any device, whatever the
+hardware (the test suite runs the training paths both ways on every machine with it)."""
+
 
 @functools.lru_cache(maxsize=None)
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX-BF16 in /proc/cpuinfo (Linux); elsewhere assume not."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo (Linux); empty elsewhere."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((ln for ln in f if ln.startswith("flags")), "")
+            line = next((ln for ln in f if ln.startswith("flags")), "")
     except OSError:
-        return False
-    return "avx512_bf16" in flags.split() or "amx_bf16" in flags.split()
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16 in /proc/cpuinfo (Linux); elsewhere assume not."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def cpu_isa() -> list[str]:
+    """The vector ISA levels that matter for matmul speed, as named in results files."""
+    names = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16"}
+    return [label for flag, label in names.items() if flag in cpu_flags()]
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> 'bf16' where the device computes bf16 natively, else 'fp32'."""
+    """'auto' -> 'bf16' where the device computes bf16 natively, else 'fp32' (or what
+    $TUNELAB_AUTO_PRECISION says, when set)."""
     if precision != "auto":
         return precision
+    forced = os.environ.get(AUTO_PRECISION_ENV, "").strip()
+    if forced:
+        if forced not in ("bf16", "fp32"):
+            raise ValueError(f"${AUTO_PRECISION_ENV}={forced!r}: must be bf16 or fp32")
+        return forced
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if cpu_has_native_bf16() else "fp32"
