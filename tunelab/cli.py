@@ -19,7 +19,7 @@ def cmd_eval(a) -> None:
     cfg, model, tok, _ = load_trained(a.run)
     if a.num_examples is not None:
         cfg.eval.num_examples = a.num_examples
-    _, records, examples = load_examples(cfg, tok)
+    _, records, examples = load_examples(cfg, tok, say=lambda line: print(line, file=sys.stderr))
     res = evaluate(model, tok, records, examples, cfg)
     print(json.dumps({k: v for k, v in res.items() if k != "samples"}, indent=1))
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.report.rundata import RunData, figures, headline, load_run_data
 
-FORCED = ("data.train", "data.eval", "data.max_length", "train.steps", "train.micro_batch_size",
-          "train.grad_accum", "train.seed", "eval.num_examples")
+FORCED = ("data.train", "data.eval", "data.eval_fraction", "data.eval_max_examples", "data.max_length",
+          "train.steps", "train.micro_batch_size", "train.grad_accum", "train.seed", "eval.num_examples")
 """Config fields every compared run shares: the data (train and eval sets, truncation length), the
 budget (steps x micro-batch x accumulation), the seed, and how many eval examples score the gain."""
 
@@ -25,7 +25,7 @@ budget (steps x micro-batch x accumulation), the seed, and how many eval example
 DIRECTION: tuple[tuple[str, bool | None], ...] = (
     (r"_before$|^base_|[._]base_", None),  # the base model's score: the same for every run of one model
     (r"[._]old_|tuco", None),  # the old answer after a fact update; TuCo measures change, not quality
-    (r"loss|kl|drift|intruder|skipped|bytes|step_s$|startup_s|train_s|forget|lost|gap", False),
+    (r"loss|perplexity|kl|drift|intruder|skipped|bytes|step_s$|startup_s|train_s|forget|lost|gap", False),
     (r"accuracy|retained|tokens_per_s|examples_per_s|_change$|gain", True),
 )
 

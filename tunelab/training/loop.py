@@ -32,12 +32,15 @@ def pick_device(name: str) -> torch.device:
                         ("cpu" if name == "auto" else name))
 
 
-def load_examples(cfg: C.RunConfig, tokenizer):
-    from tunelab.data import encode, load_records
+def load_examples(cfg: C.RunConfig, tokenizer, say=print):
+    """(train Examples, eval Records, eval Examples); `say` gets the line saying what is evaluated
+    (data.eval, or a held-out slice of data.train: tunelab.data.split)."""
+    from tunelab.data import encode
+    from tunelab.data.split import train_eval_records
 
-    train_records = load_records(cfg.data.train, cfg.data)
-    eval_records = load_records(cfg.data.eval, cfg.data) if cfg.data.eval else []
-    for spec, records in ((cfg.data.train, train_records), (cfg.data.eval, eval_records)):
+    train_records, eval_records, what = train_eval_records(cfg.data)
+    say(what)
+    for spec, records in ((cfg.data.train, train_records), (cfg.data.eval or cfg.data.train, eval_records)):
         _check_chat_template(spec, records, tokenizer, cfg)
         if getattr(records, "num_skipped", 0):
             _warn(f"warning: {spec}: skipped {records.num_skipped} malformed rows (data.on_bad_rows=skip); "
@@ -60,9 +63,11 @@ def evaluate(model, tok, eval_records, eval_examples, cfg: C.RunConfig, step: in
     if not eval_records:
         return {}
     pad = tok.pad_token_id
-    n = cfg.eval.num_examples
-    out = {"eval_loss": eval_loss(model, eval_examples[:n], batch_size=cfg.eval.batch_size, pad_id=pad,
-                                  precision=cfg.train.precision)}
+    scored = eval_examples[:cfg.eval.num_examples]
+    out = {}
+    if scored:  # no example, no loss (not a loss of 0)
+        loss = eval_loss(model, scored, batch_size=cfg.eval.batch_size, pad_id=pad, precision=cfg.train.precision)
+        out = {"eval_loss": loss, "perplexity": math.exp(min(loss, 700.0)), "loss_examples": len(scored)}
     pause_point(f"eval:{step}")
     return out | answer_accuracy(model, tok, eval_records, cfg.eval, precision=cfg.train.precision)
 
@@ -178,7 +183,8 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
         results = json.loads(results_path.read_text()) if results_path.exists() and start > 0 else {}
         if start == 0:
             log.write({"step": 0, "kind": "setup", "trainable_params": n_train, "total_params": n_total,
-                       "train_examples": len(train_ex), "truncated": train_ex.num_truncated,
+                       "train_examples": len(train_ex), "eval_examples": len(eval_records),
+                       "truncated": train_ex.num_truncated,
                        "dropped": train_ex.num_dropped, "bad_rows_skipped": train_ex.num_bad_rows,
                        "eval_bad_rows_skipped": eval_ex.num_bad_rows, "startup_s": time.perf_counter() - t_start})
             if cfg.eval.before and eval_records:
@@ -290,3 +296,7 @@ def _report(when: str, res: dict) -> None:
     if "accuracy" in res:
         print(f"eval {when}: accuracy {res['accuracy']:.3f} on {res['num_examples']} held-out examples, "
               f"loss {res['eval_loss']:.4f}")
+    elif "eval_loss" in res:
+        print(f"eval {when}: loss {res['eval_loss']:.4f}, perplexity {res['perplexity']:.2f} on "
+              f"{res['loss_examples']} held-out examples (no gold final answers: an `answer` field or a line "
+              "matching eval.answer_pattern; accuracy not scored)")

@@ -1,0 +1,93 @@
+"""A user's own data, model and folders (issue 16): what is evaluated when data.eval is unset,
+how paths resolve, tool calls, per-message weights, truncation warnings, a retried start."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tunelab
+from tiny import chat_rows
+from tunelab.data import DataConfig
+from tunelab.data.split import HOLDOUT_SEED, holdout_indices, train_eval_records
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def user_cfg(tiny_dir, train, out, **data) -> dict:
+    return {"model": {"name": str(tiny_dir)}, "data": {"train": str(train), "max_length": 64, **data},
+            "method": {"name": "lora", "r": 2},
+            "train": {"steps": 2, "micro_batch_size": 4, "progress": False, "precision": "fp32"},
+            "eval": {"num_examples": 8, "max_new_tokens": 4, "batch_size": 8},
+            "diagnostics": {"after_train": []}, "output": str(out)}
+
+
+def setup_line(run) -> dict:
+    return next(r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "setup")
+
+
+# ---- 1. with a user file and no data.eval, a held-out slice of that file is evaluated
+
+def test_user_file_without_eval_is_scored_on_a_held_out_slice_of_itself(tiny_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "mine.jsonl", chat_rows(40))
+    run = tunelab.train(user_cfg(tiny_dir, data, tmp_path / "run"))
+    out = capsys.readouterr().out
+    assert "eval: 2 of 40 rows of" in out and "data.eval_fraction=0.05" in out and "not trained on" in out
+    res = json.loads((run / "eval.json").read_text())
+    for when in ("before", "after"):
+        assert res[when]["num_examples"] == 2
+        assert all(s["source"].startswith(f"{data}:") for s in res[when]["samples"])  # never builtin:arith
+    assert setup_line(run)["train_examples"] == 38 and setup_line(run)["eval_examples"] == 2
+    held = {s["source"] for s in res["after"]["samples"]}
+    train, held_out, _ = train_eval_records(DataConfig(train=str(data), max_length=64))
+    assert held == {r.source for r in held_out} and not held & {r.source for r in train}
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 3000), fraction=st.floats(0, 0.99), cap=st.integers(1, 500))
+def test_holdout_is_deterministic_disjoint_and_bounded(n, fraction, cap):
+    idx = holdout_indices(n, fraction, cap)
+    assert idx == holdout_indices(n, fraction, cap) and idx == sorted(set(idx))
+    assert all(0 <= i < n for i in idx)
+    expected = 0 if n < 2 or fraction == 0 else min(math.ceil(fraction * n), cap, n - 1)
+    assert len(idx) == expected
+    assert isinstance(HOLDOUT_SEED, str)
+
+
+def test_eval_fraction_zero_evaluates_nothing_and_says_so(tiny_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "mine.jsonl", chat_rows(12))
+    run = tunelab.train(user_cfg(tiny_dir, data, tmp_path / "run", eval_fraction=0))
+    assert "eval: none (data.eval unset and data.eval_fraction=0)" in capsys.readouterr().out
+    assert not (run / "eval.json").exists() and setup_line(run)["train_examples"] == 12
+
+
+def test_named_eval_data_is_used_as_given(tiny_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "mine.jsonl", chat_rows(12))
+    other = write_jsonl(tmp_path / "other.jsonl", chat_rows(5, seed=3))
+    run = tunelab.train(user_cfg(tiny_dir, data, tmp_path / "run", eval=str(other)))
+    assert f"eval: {other} (data.eval), 5 rows" in capsys.readouterr().out
+    assert setup_line(run)["train_examples"] == 12
+    assert json.loads((run / "eval.json").read_text())["after"]["num_examples"] == 5
+
+
+def test_eval_data_without_gold_answers_is_scored_by_loss_and_perplexity(tiny_dir, tmp_path, capsys):
+    rows = [{"instruction": f"Write a line about the number {i}.", "output": f"The number {i} is a fine number."}
+            for i in range(40)]
+    data = write_jsonl(tmp_path / "free.jsonl", rows)
+    run = tunelab.train(user_cfg(tiny_dir, data, tmp_path / "run"))
+    out = capsys.readouterr().out
+    res = json.loads((run / "eval.json").read_text())
+    for when in ("before", "after"):
+        assert "accuracy" not in res[when]
+        assert res[when]["perplexity"] == pytest.approx(math.exp(res[when]["eval_loss"]))
+        assert res[when]["loss_examples"] == 2
+    assert "eval after: loss" in out and "perplexity" in out and "no gold final answers" in out
+    html = (run / "report.html").read_text()
+    assert 'data-key="perplexity_after"' in html and 'data-key="accuracy_after"' not in html
+    assert "no gold final answer" in html
