@@ -11,10 +11,11 @@ def write(tmp_path, text):
     return p
 
 
-def test_defaults_and_overrides(tmp_path):
+def test_defaults_and_overrides(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     p = write(tmp_path, "method:\n  name: lora\n  r: 8\ntrain:\n  steps: 10\n")
     cfg = C.load(p, ["train.steps=50", "output=runs/x", "method.rslora=true", "train.lr=1e-3"])
-    assert cfg.train.steps == 50 and cfg.output == "runs/x" and cfg.train.lr == 1e-3
+    assert cfg.train.steps == 50 and cfg.output == str(tmp_path / "runs/x") and cfg.train.lr == 1e-3
     assert cfg.method.name == "lora" and cfg.method.options.r == 8 and cfg.method.options.rslora
     assert cfg.objective.name == "sft"
 

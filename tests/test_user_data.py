@@ -91,3 +91,90 @@ def test_eval_data_without_gold_answers_is_scored_by_loss_and_perplexity(tiny_di
     html = (run / "report.html").read_text()
     assert 'data-key="perplexity_after"' in html and 'data-key="accuracy_after"' not in html
     assert "no gold final answer" in html
+
+
+# ---- 2. relative paths: a YAML's against its folder, overrides against the working directory
+
+def _project(tmp_path, tiny_dir):
+    """proj/ with a YAML naming its data, model and output relatively, as a user would."""
+    import shutil
+
+    proj = tmp_path / "proj"
+    (proj / "data").mkdir(parents=True)
+    shutil.copytree(tiny_dir, proj / "models" / "tiny")
+    write_jsonl(proj / "data" / "mine.jsonl", chat_rows(12))
+    (proj / "exp.yaml").write_text(
+        "model:\n  name: models/tiny\ndata:\n  train: data/mine.jsonl\n  max_length: 64\n"
+        "method:\n  name: lora\n  r: 2\ntrain:\n  steps: 2\n  micro_batch_size: 4\n  progress: false\n"
+        "eval:\n  num_examples: 2\n  max_new_tokens: 2\ndiagnostics:\n  after_train: []\noutput: runs/exp\n")
+    return proj
+
+
+def test_yaml_paths_resolve_against_its_folder_and_the_run_stores_absolute_paths(tiny_dir, tmp_path,
+                                                                                    monkeypatch, capsys):
+    import yaml
+
+    from tunelab.cli import main
+
+    proj = _project(tmp_path, tiny_dir)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["train", str(proj / "exp.yaml")]) == 0
+    run = proj / "runs" / "exp"
+    stored = yaml.safe_load((run / "config.yaml").read_text())
+    assert stored["model"]["name"] == str(proj / "models" / "tiny")
+    assert stored["data"]["train"] == str(proj / "data" / "mine.jsonl") and stored["output"] == str(run)
+    (tmp_path / "third").mkdir()
+    monkeypatch.chdir(tmp_path / "third")
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    assert json.loads(capsys.readouterr().out)["eval_loss"] > 0
+
+
+def test_overrides_resolve_against_the_working_directory(tiny_dir, tmp_path, monkeypatch):
+    from tunelab import config as C
+
+    proj = _project(tmp_path, tiny_dir)
+    write_jsonl(tmp_path / "cwd.jsonl", chat_rows(4))
+    monkeypatch.chdir(tmp_path)
+    cfg = C.load(proj / "exp.yaml", ["data.train=cwd.jsonl", "output=out/x"])
+    assert cfg.data.train == str(tmp_path / "cwd.jsonl") and cfg.output == str(tmp_path / "out" / "x")
+    assert cfg.model.name == str(proj / "models" / "tiny")
+    assert C.load(None, ["model.name=smollm2-135m"]).model.name == "smollm2-135m"  # built-in names stay
+    assert C.load(None, ["model.name=org/name"]).model.name == "org/name"  # so do hub ids
+    assert C.load(None, ["data.eval=builtin:arith?n=4"]).data.eval == "builtin:arith?n=4"
+
+
+@pytest.mark.parametrize("name", ["./models/nope", "../nope", "/abs/models/nope", "a/b/c"])
+def test_a_missing_path_is_never_sent_to_the_hub(name, tmp_path, monkeypatch):
+    from tunelab.errors import TunelabError
+    from tunelab.models import ModelConfig, load_model
+    from tunelab.models import load as L
+
+    monkeypatch.setattr(L, "_hub", lambda *a: pytest.fail("sent to the hub"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TunelabError, match="no such file or directory"):
+        load_model(ModelConfig(name=name))
+
+
+def test_an_unreachable_hub_is_asked_once_not_retried(monkeypatch):
+    """Offline without HF_HUB_OFFLINE set: one quick connection attempt, then the local HF cache
+    only, instead of huggingface_hub's five retries with back-off."""
+    import socket
+
+    from tunelab.errors import TunelabError
+    from tunelab.models import ModelConfig, load_tokenizer
+    from tunelab.models import load as L
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network is unreachable")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    L._hub_reachable.cache_clear()
+    with pytest.raises(TunelabError, match="unreachable.*not in the local HF cache"):
+        load_tokenizer(ModelConfig(name="someorg/somemodel"))
+    assert len(attempts) == 1
