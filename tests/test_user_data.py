@@ -178,3 +178,28 @@ def test_an_unreachable_hub_is_asked_once_not_retried(monkeypatch):
     with pytest.raises(TunelabError, match="unreachable.*not in the local HF cache"):
         load_tokenizer(ModelConfig(name="someorg/somemodel"))
     assert len(attempts) == 1
+
+
+# ---- 3. a start that failed before any step does not block the corrected command
+
+def test_a_failed_start_does_not_block_the_corrected_retry(tiny_dir, tmp_path, capsys):
+    import yaml
+
+    from tunelab.cli import main
+
+    data = write_jsonl(tmp_path / "mine.jsonl", chat_rows(8))
+    cfg = user_cfg(tiny_dir, tmp_path / "typo.jsonl", tmp_path / "run")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 2
+    assert "typo.jsonl: no such file or directory" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "c.yaml"), f"data.train={data}"]) == 0
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]["train"] == str(data)
+
+
+def test_a_run_with_steps_done_is_still_protected(tiny_dir, tmp_path, capsys):
+    from tunelab.errors import ConfigError
+
+    data = write_jsonl(tmp_path / "mine.jsonl", chat_rows(8))
+    tunelab.train(user_cfg(tiny_dir, data, tmp_path / "run"))
+    with pytest.raises(ConfigError, match="already holds a different run"):
+        tunelab.train(user_cfg(tiny_dir, data, tmp_path / "run"), "train.lr=0.5")
