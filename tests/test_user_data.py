@@ -285,3 +285,41 @@ def test_a_run_trains_on_tool_calls(tmp_path):
     data = write_jsonl(tmp_path / "tools.jsonl", [tool_row()] * 8)
     run = tunelab.train(user_cfg(model_dir, data, tmp_path / "run", eval_fraction=0, max_length=256))
     assert setup_line(run)["train_examples"] == 8 and (run / "final" / "adapter_model.safetensors").exists()
+
+
+# ---- 5. per-message `weight` (OpenAI fine-tuning format)
+
+def test_an_assistant_turn_with_weight_0_does_not_train(tok, tmp_path):
+    from tunelab.data import encode, load_records
+
+    msgs = [{"role": "user", "content": "What is 2 plus 2?"},
+            {"role": "assistant", "content": "5", "weight": 0},
+            {"role": "user", "content": "Wrong, again?"},
+            {"role": "assistant", "content": "4", "weight": 1}]
+    path = write_jsonl(tmp_path / "w.jsonl", [{"messages": msgs}, {"messages": msgs[:2]}])
+    records = load_records(str(path), DataConfig())
+    examples = encode(records, tok, DataConfig())
+    assert trained_text(examples[0], tok) == "4<|im_end|>"
+    assert len(examples) == 1 and examples.num_dropped == 1  # nothing left to train in the second row
+
+
+@pytest.mark.parametrize("message, field", [
+    ({"role": "assistant", "content": "4", "weight": 2}, "messages[1].weight"),
+    ({"role": "assistant", "content": "4", "weight": "0"}, "messages[1].weight"),
+])
+def test_a_bad_weight_names_its_field(message, field, tmp_path):
+    from tunelab.data import load_records
+    from tunelab.errors import DataError
+
+    path = write_jsonl(tmp_path / "w.jsonl", [{"messages": [{"role": "user", "content": "q"}, message]}])
+    with pytest.raises(DataError, match=rf"field '{field.replace('[', '.').replace(']', '.')}': must be 0 or 1"):
+        load_records(str(path), DataConfig())
+
+
+def test_weight_on_a_user_turn_is_refused(tmp_path):
+    from tunelab.data import load_records
+    from tunelab.errors import DataError
+
+    row = {"messages": [{"role": "user", "content": "q", "weight": 0}, {"role": "assistant", "content": "a"}]}
+    with pytest.raises(DataError, match=r"messages.0..weight': only assistant turns have a weight"):
+        load_records(str(write_jsonl(tmp_path / "w.jsonl", [row])), DataConfig())

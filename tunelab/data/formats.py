@@ -176,10 +176,24 @@ def _message(item: Any, where: str) -> Turn:
         extra["tool_calls"] = _tool_calls(item["tool_calls"], f"{where}.tool_calls")
     if role == "tool":
         extra |= {k: _text(item[k], f"{where}.{k}") for k in ("tool_call_id", "name") if item.get(k) is not None}
+    if _weight(item, role, where) == 0:
+        extra["weight"] = 0  # render.assistant_spans leaves this turn untrained
     if extra.get("tool_calls") and item.get("content") is None:
         return Turn(role, "", where, extra=extra)  # a turn that only calls tools
     content = _text(_field(item, "content", where + "."), f"{where}.content", allow_empty=bool(extra))
     return Turn(role, content, where, extra=extra)
+
+
+def _weight(item: dict, role: str, where: str) -> int | None:
+    """OpenAI's per-message `weight`: 0 (do not train this assistant turn) or 1 (train it)."""
+    weight = item.get("weight")
+    if weight is None:
+        return None
+    if role != "assistant":
+        raise RowError(f"{where}.weight", "only assistant turns have a weight (0: not trained, 1: trained)")
+    if weight not in (0, 1) or isinstance(weight, (bool, float)):
+        raise RowError(f"{where}.weight", f"must be 0 or 1, got {weight!r}")
+    return weight
 
 
 def _tool_calls(value: Any, where: str) -> list[dict]:

@@ -1,6 +1,6 @@
 """Records -> Examples (token ids + labels) through the tokenizer's own chat template.
 
-Loss mask, by default: only assistant turns train, each one's content plus the end-of-turn
+Loss mask, by default: only assistant turns train (not those with `weight: 0`), each one's content plus the end-of-turn
 marker that closes it (`<|im_end|>` for ChatML), so the model learns to stop. System and user
 turns and the assistant header (`<|im_start|>assistant\\n`) get label -100. With
 `train_on_prompt` every token trains. Text records train on every token plus an appended eos.
@@ -147,7 +147,7 @@ def assistant_spans(record: Record, text: str, tokenizer: Any) -> list[Span]:
     spans: list[Span] = []
     cursor = 0
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or message.get("weight") == 0:
             continue
         span = _prefix_span(record, i, text, tokenizer) or _search_span(message, text, cursor, tokenizer)
         if span is None:
