@@ -323,3 +323,51 @@ def test_weight_on_a_user_turn_is_refused(tmp_path):
     row = {"messages": [{"role": "user", "content": "q", "weight": 0}, {"role": "assistant", "content": "a"}]}
     with pytest.raises(DataError, match=r"messages.0..weight': only assistant turns have a weight"):
         load_records(str(write_jsonl(tmp_path / "w.jsonl", [row])), DataConfig())
+
+
+# ---- 6. truncation and dropped examples are said at setup, in `data check` and in the report
+
+def long_rows() -> list[dict]:
+    """10 short rows, 2 with a long answer (truncated, still trained), 1 with a long prompt (dropped)."""
+    rows = chat_rows(10)
+    rows += [{"messages": [{"role": "user", "content": "Count."},
+                           {"role": "assistant", "content": " ".join(map(str, range(n)))}]} for n in (40, 60)]
+    rows.append({"messages": [{"role": "user", "content": "Hello world! " * 30}, {"role": "assistant", "content": "Hi"}]})
+    return rows
+
+
+def _longest(tok, path) -> int:
+    from tunelab.data import encode, load_records
+    return max(map(len, encode(load_records(str(path), DataConfig()), tok, DataConfig(max_length=100_000))))
+
+
+def test_truncation_and_drops_are_warned_at_setup_and_shown_in_the_report(tiny_dir, tmp_path, tok, capsys):
+    data = write_jsonl(tmp_path / "long.jsonl", long_rows())
+    run = tunelab.train(user_cfg(tiny_dir, data, tmp_path / "run", eval_fraction=0))
+    err = capsys.readouterr().err
+    longest = _longest(tok, data)
+    assert longest > 64
+    assert (f"warning: data.train: 2 of 13 examples truncated at data.max_length=64 (longest: {longest} tokens); "
+            "1 dropped (no trained token left after truncation)") in err
+    setup = setup_line(run)
+    assert (setup["truncated"], setup["dropped"], setup["longest_example"]) == (2, 1, longest)
+    html = (run / "report.html").read_text()
+    assert "2 truncated at data.max_length=64" in html and f"longest {longest} tokens" in html
+    assert "1 dropped" in html
+
+
+def test_data_check_says_truncation_with_the_longest_length(tok, tmp_path):
+    from tunelab.data import check_data
+
+    data = write_jsonl(tmp_path / "long.jsonl", long_rows())
+    report = check_data(str(data), tok, DataConfig(max_length=64), color=False)
+    assert f"truncated at max_length=64: 2 (longest before truncation: {_longest(tok, data)} tokens)" in report
+    assert "examples: 12 (1 dropped: no trained token after truncation)" in report
+
+
+def test_a_file_whose_every_example_is_dropped_is_a_clear_error(tiny_dir, tmp_path):
+    from tunelab.errors import TunelabError
+
+    data = write_jsonl(tmp_path / "long.jsonl", long_rows()[-1:] * 3)
+    with pytest.raises(TunelabError, match=r"data.train: no example left to train: all 3 were dropped .*max_length=64"):
+        tunelab.train(user_cfg(tiny_dir, data, tmp_path / "run", eval_fraction=0))

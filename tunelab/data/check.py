@@ -48,7 +48,8 @@ def _length_lines(lengths: list[int], examples: Examples, max_length: int) -> li
     return [
         f"tokens per example: min {min(lengths)}, median {statistics.median(lengths):g}, "
         f"mean {statistics.fmean(lengths):.1f}, max {max(lengths)}",
-        f"truncated at max_length={max_length}: {examples.num_truncated}",
+        f"truncated at max_length={max_length}: {examples.num_truncated}"
+        + (f" (longest before truncation: {examples.longest_text()})" if examples.num_truncated else ""),
         f"tokens: {total} total, {trained} trained ({100 * trained / max(total, 1):.1f}%)",
     ]
 

@@ -33,6 +33,8 @@ class Example:
     labels: list[int]
     source: str = ""
     truncated: bool = False
+    partial: bool = False
+    """Only a prefix of a very long row was tokenized (enough for truncation): len is a lower bound."""
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -44,11 +44,30 @@ class Examples(list):
         """Examples dropped because no token trained after truncation."""
         self.num_bad_rows = num_bad_rows
         """Rows skipped as malformed before encoding (data.on_bad_rows=skip)."""
+        self.longest = 0
+        """Tokens of the longest example before truncation (kept or dropped)."""
+        self.longest_partial = False
+        """Whether `longest` is a lower bound: of a very long row only a prefix is tokenized."""
 
     @property
     def num_truncated(self) -> int:
         """Kept examples that were cut at max_length."""
         return sum(ex.truncated for ex in self)
+
+    def longest_text(self) -> str:
+        """`123 tokens`, or `at least 123 tokens` where only a prefix of the row was tokenized."""
+        return f"{'at least ' if self.longest_partial else ''}{self.longest} tokens"
+
+    def cuts(self, max_length: int) -> str | None:
+        """What truncation did, for a warning: `2 of 13 examples truncated at data.max_length=64
+        (longest: 90 tokens); 1 dropped (...)`; None when it did nothing."""
+        parts = []
+        if self.num_truncated:
+            parts.append(f"{self.num_truncated} of {len(self) + self.num_dropped} examples truncated at "
+                         f"data.max_length={max_length} (longest: {self.longest_text()})")
+        if self.num_dropped:
+            parts.append(f"{self.num_dropped} dropped (no trained token left after truncation)")
+        return "; ".join(parts) or None
 
 
 def encode(records: Sequence[Record], tokenizer: Any, cfg: DataConfig) -> Examples:
@@ -57,6 +76,8 @@ def encode(records: Sequence[Record], tokenizer: Any, cfg: DataConfig) -> Exampl
     out = Examples(num_bad_rows=getattr(records, "num_skipped", 0))
     for record in records:
         ex = encode_one(record, tokenizer, cfg.train_on_prompt, max_length=cfg.max_length)
+        if len(ex) > out.longest:
+            out.longest, out.longest_partial = len(ex), ex.partial
         ex = _truncate(ex, cfg.max_length)
         if num_trained(ex) == 0:
             out.num_dropped += 1
@@ -69,8 +90,10 @@ def encode_one(record: Record, tokenizer: Any, train_on_prompt: bool = False,
                max_length: int | None = None) -> Example:
     """One Example from a chat or text record: untruncated, or with `max_length` at least its
     first max_length + MARGIN tokens (what truncation keeps is the same either way)."""
+    partial = max_length is not None and len(record.text or "") > CHARS_PER_TOKEN * (max_length + MARGIN)
     if record.messages is not None:
         text = _render_record(record, tokenizer)
+        partial = max_length is not None and len(text) > CHARS_PER_TOKEN * (max_length + MARGIN)
         spans = [(0, len(text))] if train_on_prompt else assistant_spans(record, text, tokenizer)
         if record.tools or any(m["role"] == "tool" or m.get("tool_calls") for m in record.messages):
             check_tools_rendered(record, text, tokenizer)
@@ -82,7 +105,7 @@ def encode_one(record: Record, tokenizer: Any, train_on_prompt: bool = False,
         labels = list(ids)
     else:
         raise DataError("record has neither messages nor text", file=record.source or "<records>")
-    return Example(input_ids=ids, labels=labels, source=record.source)
+    return Example(input_ids=ids, labels=labels, source=record.source, partial=partial)
 
 
 def num_trained(ex: Example) -> int:

@@ -45,12 +45,23 @@ def headline_section(run: RunData, h: dict) -> str:
                      ("trainable %", h["trainable_pct"], "trainable_pct"),
                      ("time (s)", h["time_s"], "time_s")])
     data = H.table(["data", "source"], [["train", h["train_data"]], ["eval", h["eval_data"]],
-                                        ["train examples", h["train_examples"]]])
+                                        ["train examples", _examples_text(run, h)]])
     cfg = escape(yaml.safe_dump(run.config, sort_keys=False))
     time_note = H.note("time = start-up + optimizer steps (mean logged step time × steps); evaluation and "
                        "checkpoint writes are not included.", "note muted")
     return H.section("Run", cards + data + time_note +
                      f"<details><summary>full config</summary><pre>{cfg}</pre></details>", "headline")
+
+
+def _examples_text(run: RunData, h: dict) -> str:
+    """`120 (2 truncated at data.max_length=64, longest 90 tokens; 1 dropped: ...)`."""
+    s, cuts = run.setup, []
+    if s.get("truncated"):
+        longest = f", longest {s['longest_example']} tokens" if s.get("longest_example") else ""
+        cuts.append(f"{s['truncated']} truncated at data.max_length={run.get('data.max_length')}{longest}")
+    if s.get("dropped"):
+        cuts.append(f"{s['dropped']} dropped: no trained token left after truncation")
+    return H.fmt(h["train_examples"]) + (f" ({'; '.join(cuts)})" if cuts else "")
 
 
 def target_section(run: RunData) -> str:

@@ -45,7 +45,11 @@ def load_examples(cfg: C.RunConfig, tokenizer, say=print):
         if getattr(records, "num_skipped", 0):
             _warn(f"warning: {spec}: skipped {records.num_skipped} malformed rows (data.on_bad_rows=skip); "
                   f"first: {'; '.join(records.skip_reasons)}")
-    return encode(train_records, tokenizer, cfg.data), eval_records, encode(eval_records, tokenizer, cfg.data)
+    train_ex, eval_ex = encode(train_records, tokenizer, cfg.data), encode(eval_records, tokenizer, cfg.data)
+    for name, examples in (("data.train", train_ex), ("eval data", eval_ex)):
+        if (cuts := examples.cuts(cfg.data.max_length)) is not None:
+            _warn(f"warning: {name}: {cuts}")
+    return train_ex, eval_records, eval_ex
 
 
 def _check_chat_template(spec: str, records, tokenizer, cfg: C.RunConfig) -> None:
@@ -153,6 +157,10 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
         objective = OBJECTIVES.get(cfg.objective.name)(cfg.objective.options)
         objective.setup(model, tok)
         train_ex, eval_records, eval_ex = load_examples(cfg, tok)
+        if not train_ex:
+            raise TunelabError(f"data.train: no example left to train: all {train_ex.num_dropped} were dropped (no "
+                               f"trained token after truncation at data.max_length={cfg.data.max_length}); raise "
+                               "data.max_length or shorten the prompts")
         groups = method.param_groups(model, tc.weight_decay) + objective.param_groups(tc.weight_decay)
         opt, sched = build_optimizer(groups, tc)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -184,7 +192,7 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
         if start == 0:
             log.write({"step": 0, "kind": "setup", "trainable_params": n_train, "total_params": n_total,
                        "train_examples": len(train_ex), "eval_examples": len(eval_records),
-                       "truncated": train_ex.num_truncated,
+                       "truncated": train_ex.num_truncated, "longest_example": train_ex.longest,
                        "dropped": train_ex.num_dropped, "bad_rows_skipped": train_ex.num_bad_rows,
                        "eval_bad_rows_skipped": eval_ex.num_bad_rows, "startup_s": time.perf_counter() - t_start})
             if cfg.eval.before and eval_records:
