@@ -371,3 +371,31 @@ def test_a_file_whose_every_example_is_dropped_is_a_clear_error(tiny_dir, tmp_pa
     data = write_jsonl(tmp_path / "long.jsonl", long_rows()[-1:] * 3)
     with pytest.raises(TunelabError, match=r"data.train: no example left to train: all 3 were dropped .*max_length=64"):
         tunelab.train(user_cfg(tiny_dir, data, tmp_path / "run", eval_fraction=0))
+
+
+# ---- 7. a run's adapter loads with AutoPeftModelForCausalLM
+
+@pytest.mark.parametrize("model", ["builtin", "local"])
+def test_auto_peft_model_loads_a_runs_adapter(model, tiny_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+    from peft import AutoPeftModelForCausalLM
+
+    from tunelab.models import builtin
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("TUNELAB_HOME", str(home))
+    shutil.copytree(tiny_dir, home / "models" / "smollm2-135m")  # the built-in's cache, faked tiny
+    (home / "models" / "smollm2-135m" / builtin.MARKER).write_text("{}")
+    name = "smollm2-135m" if model == "builtin" else str(tiny_dir)
+    cfg = user_cfg(name, write_jsonl(tmp_path / "d.jsonl", chat_rows(8)), tmp_path / "run", eval_fraction=0)
+    cfg["train"]["lr"] = 0.05
+    run = tunelab.train(cfg)
+    stored = json.loads((run / "final" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert stored == str(home / "models" / "smollm2-135m" if model == "builtin" else tiny_dir)
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(run / "final").eval()
+    _, ours, _, _ = tunelab.load_run(run)
+    ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
+    with torch.no_grad():
+        assert torch.allclose(peft_model(ids).logits, ours(ids).logits, atol=1e-5)

@@ -116,8 +116,12 @@ def load_trainable_state(method, objective, model, state: dict) -> None:
 
 
 def save_final(run_dir: Path, model, tok, method, objective, cfg: C.RunConfig) -> None:
+    from tunelab.models import resolve_model_path
+
+    base = resolve_model_path(cfg.model.name)  # what the HF ecosystem loads: a directory or a hub id
+
     def fill(tmp: Path) -> None:
-        method.save(model, tok, tmp, cfg.model.name)
+        method.save(model, tok, tmp, base)
         objective.save(tmp)
         tok.save_pretrained(tmp)
         pause_point("fill:final")
