@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,6 +190,19 @@ def _call(loader: Callable, src: _Source, kwargs: dict):
         raise TunelabError(f"could not load model from {src.path}: {e}") from e
 
 
+def _load_weights(loader: Callable, src: _Source, kwargs: dict):
+    """`_call(loader, ...)`; a model that has no SDPA support (Gemma 2) falls back to eager
+    attention, with a note on stderr, instead of a traceback."""
+    try:
+        return _call(loader, src, kwargs)
+    except ValueError as e:
+        if "does not support an attention implementation" not in str(e) or kwargs["attn_implementation"] == "eager":
+            raise
+        print(f"note: {str(e).split(' does not support')[0]} has no SDPA attention in transformers; using "
+              "model.attn_implementation=eager", file=sys.stderr, flush=True)
+        return _call(loader, src, kwargs | {"attn_implementation": "eager"})
+
+
 def load_tokenizer(cfg: ModelConfig, padding_side: str = "right"):
     """The tokenizer for `cfg.name`, with a pad token (eos if it has none) and `padding_side`."""
     return _load_tokenizer(_resolve(cfg), cfg, padding_side)
@@ -211,9 +225,10 @@ def load_model(cfg: ModelConfig, padding_side: str = "right"):
     from transformers import AutoModelForCausalLM
 
     src = _resolve(cfg)
-    model = _call(AutoModelForCausalLM.from_pretrained, src, _model_kwargs(src, cfg))
+    model = _load_weights(AutoModelForCausalLM.from_pretrained, src, _model_kwargs(src, cfg))
     tok = _load_tokenizer(src, cfg, padding_side)
-    if cfg.attn_implementation == "sdpa":  # same function, but packed rows attend per example
+    if cfg.attn_implementation == "sdpa" and model.config._attn_implementation == "sdpa":
+        # same function, but packed rows attend per example
         from tunelab.models.attention import register
         model.set_attn_implementation(register())
     from tunelab.models.norms import fuse_rms_norms
