@@ -92,12 +92,14 @@ def test_trains_two_steps_and_reloads_in_the_hf_ecosystem(arch, method, model_di
                          "train": {"steps": 2, "micro_batch_size": 4, "lr": 0.02, "progress": False, "precision": "fp32"}})
     losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
     assert len(losses) == 2 and all(map(torch.isfinite, torch.tensor(losses)))
-    _, ours, _, _ = tunelab.load_run(run)
+    _, ours, _, trained = tunelab.load_run(run)
     loader = AutoPeftModelForCausalLM if method == "lora" else AutoModelForCausalLM
     theirs = loader.from_pretrained(run / "final", attn_implementation="eager").eval()
     base = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager").eval()
     assert torch.allclose(logits(theirs), logits(ours), atol=1e-5)
     assert not torch.allclose(logits(base), logits(ours), atol=1e-4)  # the two steps changed the model
+    before = logits(ours)
+    assert torch.allclose(logits(trained.merge(ours)), before, atol=1e-5)  # export --merge: the same function
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
