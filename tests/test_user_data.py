@@ -399,3 +399,39 @@ def test_auto_peft_model_loads_a_runs_adapter(model, tiny_dir, tmp_path, monkeyp
     ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
     with torch.no_grad():
         assert torch.allclose(peft_model(ids).logits, ours(ids).logits, atol=1e-5)
+
+
+# ---- 9. `tunelab eval`: another file, no eval data, --num-examples out of range
+
+@pytest.fixture
+def small_run(tiny_dir, tmp_path):
+    data = write_jsonl(tmp_path / "mine.jsonl", chat_rows(12))
+    return tunelab.train(user_cfg(tiny_dir, data, tmp_path / "run", eval_fraction=0))
+
+
+def test_eval_on_another_file(small_run, tmp_path, capsys):
+    from tunelab.cli import main
+
+    other = write_jsonl(tmp_path / "other.jsonl", chat_rows(5, seed=7))
+    capsys.readouterr()
+    assert main(["eval", str(small_run), "--data", str(other), "--num-examples", "3"]) == 0
+    captured = capsys.readouterr()
+    res = json.loads(captured.out)
+    assert res["num_examples"] == 3 and res["loss_examples"] == 3 and f"eval: {other} (data.eval)" in captured.err
+
+
+def test_eval_of_a_run_without_eval_data_says_how_to_give_some(small_run, capsys):
+    from tunelab.cli import main
+
+    assert main(["eval", str(small_run)]) == 2
+    err = capsys.readouterr().err
+    assert "has no eval data" in err and "--data FILE" in err
+
+
+@pytest.mark.parametrize("n", ["-3", "0"])
+def test_eval_num_examples_below_one_is_an_error(n, small_run, tmp_path, capsys):
+    from tunelab.cli import main
+
+    other = write_jsonl(tmp_path / "other.jsonl", chat_rows(5, seed=7))
+    assert main(["eval", str(small_run), "--data", str(other), "--num-examples", n]) == 2
+    assert f"--num-examples: must be >= 1, got {n}" in capsys.readouterr().err

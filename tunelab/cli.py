@@ -13,13 +13,23 @@ def cmd_train(a) -> None:
 
 
 def cmd_eval(a) -> None:
+    import os
+
+    from tunelab.errors import TunelabError
     from tunelab.training.loop import evaluate, load_examples
     from tunelab.training.run import load_trained
 
+    if a.num_examples is not None and a.num_examples < 1:
+        raise TunelabError(f"--num-examples: must be >= 1, got {a.num_examples}")
     cfg, model, tok, _ = load_trained(a.run)
     if a.num_examples is not None:
         cfg.eval.num_examples = a.num_examples
+    if a.data is not None:
+        cfg.data.eval = a.data if a.data.startswith("builtin:") else os.path.abspath(a.data)
     _, records, examples = load_examples(cfg, tok, say=lambda line: print(line, file=sys.stderr))
+    if not records:
+        raise TunelabError(f"{a.run} has no eval data (data.eval unset and data.eval_fraction=0); "
+                           "evaluate it on a file with --data FILE")
     res = evaluate(model, tok, records, examples, cfg)
     print(json.dumps({k: v for k, v in res.items() if k != "samples"}, indent=1))
 
@@ -90,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_train)
     e = sub.add_parser("eval", help="task metrics of a trained run on its eval data")
     e.add_argument("run")
-    e.add_argument("--num-examples", type=int, default=None)
+    e.add_argument("--num-examples", type=int, default=None, help="score the first N eval examples (N >= 1)")
+    e.add_argument("--data", metavar="FILE", help="evaluate on this file (or builtin:NAME?...) instead of the "
+                   "run's eval data")
     e.set_defaults(fn=cmd_eval)
     dg = sub.add_parser("diagnose", help="side effects of a trained run: forgetting, knowledge, tuco, intruder")
     dg.add_argument("run")
