@@ -152,6 +152,12 @@ def resolve_component(registry, raw, path: str) -> ComponentSpec:
         cls = registry.get(name)
     except ConfigError as e:
         raise ConfigError(f"{path}.name: {e}") from None
+    fields = sorted(f.name for f in dataclasses.fields(cls.Config) if f.init)
+    unknown = sorted(map(str, set(opts) - set(fields)))
+    if unknown:  # e.g. LoRA's alpha left in a YAML whose method.name was overridden to full
+        valid = f"its options: {', '.join(fields)}" if fields else "which takes no options"
+        raise ConfigError(f"{path}.{unknown[0]}: not an option of {path} '{name}', {valid} "
+                          f"(a key left from another {path}?)")
     return ComponentSpec(name=name, options=from_dict(cls.Config, opts, path))
 
 
@@ -254,9 +260,11 @@ def load(path: str | Path | None = None, overrides: list[str] = (), base: dict |
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         anchor_paths(raw, Path(path).resolve().parent)
+    by_key = {}
     for item in overrides:
         keys, value = parse_override(item)
         set_path(raw, keys, value)
+        by_key[".".join(keys)] = item
     try:
         cfg = build(raw)
         cfg.model.name, cfg.data.train = _model_path(cfg.model.name, Path.cwd()), _data_path(cfg.data.train, Path.cwd())
@@ -265,6 +273,9 @@ def load(path: str | Path | None = None, overrides: list[str] = (), base: dict |
         return cfg
     except ConfigError as e:
         key = str(e).split(":", 1)[0]
+        given = next((item for k, item in by_key.items() if key == k or key.startswith(k + ".")), None)
+        if given is not None:  # the value came from the command line, not from the YAML line of its key
+            raise ConfigError(f"command line: {given}: {e}") from None
         line = _line_of(root, key.split(".")) if root is not None else None
         where = f"{path}:{line}: " if line else (f"{path}: " if path else "")
         raise ConfigError(f"{where}{e}") from None
