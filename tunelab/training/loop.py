@@ -148,6 +148,8 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
         if device.type == "cpu" and tc.compact_host_memory:
             tame_allocator()
         print(f"device {device}, precision {resolve_precision(tc.precision, device)}")
+        for warning in tc.warnings():
+            _warn(f"warning: {warning}")
 
         # ---- model, method, objective, data
         model, tok = load_model(cfg.model)
