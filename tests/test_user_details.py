@@ -31,3 +31,19 @@ def test_warmup_not_below_steps_is_warned(tiny_dir, tmp_path, capsys):
     assert "peaks at 2/11 of train.lr" in err  # step i of the warm-up uses (i + 1) / 11
     tunelab.train(cfg_for(tiny_dir, tmp_path, "quiet", warmup_steps=1))
     assert "warmup_steps" not in capsys.readouterr().err
+
+
+# ---- b. `tunelab diagnose RUN` on a run that ran no diagnostics after training runs the defaults
+
+def test_diagnose_runs_the_defaults_when_none_ran_after_training(tiny_dir, tmp_path, capsys):
+    from tunelab.cli import main
+
+    cfg = cfg_for(tiny_dir, tmp_path)
+    cfg["diagnostics"]["options"] = {"forgetting": {"num_prompts": 2, "drift_tokens": 4, "num_probes": 2,
+                                                    "answer_tokens": 4}, "tuco": {"num_prompts": 2, "generic": False}}
+    run = tunelab.train(cfg)
+    assert not (run / "diagnostics").exists()
+    capsys.readouterr()
+    assert main(["diagnose", str(run)]) == 0
+    assert "wrote 2 diagnostics" in capsys.readouterr().out
+    assert sorted(p.name for p in (run / "diagnostics").iterdir()) == ["forgetting.json", "tuco.json"]

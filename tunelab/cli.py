@@ -37,6 +37,9 @@ def cmd_eval(a) -> None:
 def cmd_diagnose(a) -> None:
     from tunelab.diagnostics import run_diagnostics
     results = run_diagnostics(a.run, only=a.only)
+    if not results:
+        print(f"no diagnostic applies to {a.run}; name one with --only")
+        return
     print(f"wrote {len(results)} diagnostics to {a.run}/diagnostics/: {', '.join(results)}")
 
 
@@ -107,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     dg = sub.add_parser("diagnose", help="side effects of a trained run: forgetting, knowledge, tuco, intruder")
     dg.add_argument("run")
     dg.add_argument("--only", nargs="+", metavar="NAME", help="run only these diagnostics (default: the run "
-                    "config's diagnostics.after_train, else the cheap ones that fit its data)")
+                    "config's diagnostics.after_train if it names any, else the cheap ones that fit its data)")
     dg.set_defaults(fn=cmd_diagnose)
     r = sub.add_parser("report", help="write RUN/report.html: target gain, loss curve, throughput, side effects")
     r.add_argument("run")
