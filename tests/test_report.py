@@ -365,3 +365,16 @@ def test_pages_render_in_headless_chromium(runs, tmp_path):
         assert all(n in "".join(text.text) for n in needles) and text.tags["svg"] >= 3
         assert "<script" not in page.read_text() and "http" not in page.read_text().replace(
             'xmlns="http://www.w3.org/2000/svg"', "")  # self-contained: no scripts, no network
+
+
+def test_compare_set_that_a_run_directory_cannot_follow_is_refused(runs, tmp_path):
+    """--set on a FORCED field would be overwritten by the reference run directory's value; --set
+    with no recipe to apply it to does nothing. Both are refused, naming why."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(run_cfg(runs["tiny"], runs["data"], tmp_path / "ignored")))
+    with pytest.raises(ConfigError) as e:
+        compare([runs["a"], recipe], tmp_path / "cmp", overrides=["train.steps=5"])
+    assert f"--set train.steps=5: the reference run directory {runs['a']} was trained with train.steps = 3" in str(e.value)
+    with pytest.raises(ConfigError, match="--set applies to YAML recipes; every target is a run directory"):
+        compare([runs["a"], runs["b"]], tmp_path / "cmp", overrides=["method.r=4"])
+    assert not (tmp_path / "cmp" / "runs").exists()  # refused before training anything

@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("targets", nargs="+", help="run directories and/or YAML recipes")
     cp.add_argument("--out", default="runs/compare", help="where compare.html, compare.md, compare.json and trained recipes go")
     cp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="an override for every recipe, e.g. --set train.steps=50 (repeatable)")
+                    help="an override for every recipe, e.g. --set method.r=8 (repeatable; with a run directory as the "
+                    "reference, the shared fields come from it)")
     cp.add_argument("--allow-mismatch", action="store_true",
                     help="compare run directories trained with different data/steps/batch/seed (with a warning)")
     cp.set_defaults(fn=cmd_compare)

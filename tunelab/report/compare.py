@@ -133,6 +133,24 @@ def _unique(names: list[str]) -> list[str]:
     return out
 
 
+def _check_overrides(overrides: list[str], reference: dict, items: list[tuple[str, Path]]) -> None:
+    """Refuse a --set that would do nothing: no recipe to apply it to, or a FORCED field that the
+    reference run directory's value overwrites."""
+    from tunelab import config as C
+
+    if overrides and all(kind == "run" for kind, _ in items):
+        raise ConfigError(f"compare: --set applies to YAML recipes; every target is a run directory "
+                          f"(--set {' '.join(overrides)} would change nothing)")
+    first_run = next((p for kind, p in items if kind == "run"), None)
+    for item in overrides if first_run is not None else []:
+        keys, value = C.parse_override(item)
+        key = ".".join(keys)
+        if key in FORCED and value != reference[key]:
+            raise ConfigError(f"compare: --set {item}: the reference run directory {first_run} was trained with "
+                              f"{key} = {reference[key]!r}, and every recipe is trained with the reference's "
+                              f"{', '.join(FORCED)}; drop --set, or compare recipes only")
+
+
 def prepare(targets: list[str], out: Path, overrides: list[str] = (), allow_mismatch: bool = False) -> Comparison:
     """Check the run directories against the reference, train the recipes, load every run."""
     import tunelab
@@ -147,6 +165,7 @@ def prepare(targets: list[str], out: Path, overrides: list[str] = (), allow_mism
     else:
         first = next(i for i, (k, _) in enumerate(items) if k == "recipe")
         reference = forced_values(C.to_dict(recipe_config(items[first][1], list(overrides), None, out)))
+    _check_overrides(list(overrides), reference, items)
     problems = [m for r in runs.values() for m in mismatches(reference, r)]
     if problems and not allow_mismatch:
         raise ConfigError("compare: the runs were trained with different data, budget or seed:\n  " +
