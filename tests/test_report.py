@@ -378,3 +378,19 @@ def test_compare_set_that_a_run_directory_cannot_follow_is_refused(runs, tmp_pat
     with pytest.raises(ConfigError, match="--set applies to YAML recipes; every target is a run directory"):
         compare([runs["a"], runs["b"]], tmp_path / "cmp", overrides=["method.r=4"])
     assert not (tmp_path / "cmp" / "runs").exists()  # refused before training anything
+
+
+def test_compare_does_not_rank_start_up_time(runs, tmp_path):
+    """The first run a process trains pays for importing the libraries and reading the model from
+    disk: start-up time says which ran first, not which method is faster."""
+    a, b = copy_run(runs["a"], tmp_path / "a"), copy_run(runs["b"], tmp_path / "b")
+    for run, s in ((a, 9.0), (b, 1.0)):
+        lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+        for rec in lines:
+            if rec["kind"] == "setup":
+                rec["startup_s"] = s
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    c, html, _, _ = compare([a, b], tmp_path / "cmp")
+    row = next(r for r in c.rows() if r["figure"] == "startup_s")
+    assert row["values"] == [9.0, 1.0] and row["higher_is_better"] is None and row["best"] == []
+    assert "throughput: startup_s" not in html.read_text()  # no bar chart that reads as a ranking

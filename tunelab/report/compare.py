@@ -21,11 +21,16 @@ FORCED = ("data.train", "data.eval", "data.eval_fraction", "data.eval_max_exampl
 """Config fields every compared run shares: the data (train and eval sets, truncation length), the
 budget (steps x micro-batch x accumulation), the seed, and how many eval examples score the gain."""
 
+ORDER_DEPENDENT = ("startup_s",)
+"""Figures that say which run a process trained first (it also pays for imports and a cold disk),
+not which method is better: shown, never ranked or charted."""
+
 # (regex on the figure's name, higher is better?) -- first match wins; None: no "best" in that row
 DIRECTION: tuple[tuple[str, bool | None], ...] = (
     (r"_before$|^base_|[._]base_", None),  # the base model's score: the same for every run of one model
     (r"[._]old_|tuco", None),  # the old answer after a fact update; TuCo measures change, not quality
-    (r"loss|perplexity|kl|drift|intruder|skipped|bytes|step_s$|startup_s|train_s|forget|lost|gap", False),
+    (r"startup_s", None),  # ORDER_DEPENDENT
+    (r"loss|perplexity|kl|drift|intruder|skipped|bytes|step_s$|train_s|forget|lost|gap", False),
     (r"accuracy|retained|tokens_per_s|examples_per_s|_change$|gain", True),
 )
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tunelab.report import html as H
 from tunelab.report import svg
-from tunelab.report.compare import FORCED, Comparison
+from tunelab.report.compare import FORCED, ORDER_DEPENDENT, Comparison
 from tunelab.report.rundata import headline
 
 
@@ -63,7 +63,8 @@ def table_section(c: Comparison, rows: list[dict]) -> str:
     diag = {r["section"] for r in rows} - {"target", "throughput"}
     missing = [f"{n}: {', '.join(sorted(diag - set(r.diagnostics)))}" for n, r in zip(c.names, c.runs)
                if diag - set(r.diagnostics)]
-    note = H.note("↑ higher is better, ↓ lower is better; the best run in each row is highlighted.")
+    note = H.note("↑ higher is better, ↓ lower is better; the best run in each row is highlighted. Start-up "
+                  "time is not ranked: the first run trained in a process also pays for loading libraries.")
     if missing:
         note += H.note("not run (shown as —): " + escape("; ".join(missing)) +
                        ". Run <code>tunelab diagnose RUN</code> on those runs.")
@@ -103,8 +104,8 @@ def bars_section(c: Comparison, rows: list[dict]) -> str:
     parts, section = [], None
     for r in rows:
         nums = [v for v in r["values"] if H.is_number(v)]
-        if len(set(nums)) < 2:  # nothing to tell apart: the table says it
-            continue
+        if len(set(nums)) < 2 or r["figure"] in ORDER_DEPENDENT:
+            continue  # nothing to tell apart (the table says it), or nothing a method decides
         if r["section"] != section:
             parts.append(("</div>" if section else "") + f'<h3>{escape(r["section"])}</h3><div class="charts">')
             section = r["section"]

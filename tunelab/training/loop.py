@@ -136,6 +136,9 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
     from tunelab.models import load_model
     from tunelab.objectives import OBJECTIVES
 
+    import transformers  # noqa: F401 -- imported before the clock starts: startup_s measures this run's
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401  loading, not the process's imports
+
     with RunLock(run_dir), ExitStack() as stack:
         write_config(cfg, run_dir)
         ckpt.recover(run_dir)
