@@ -47,3 +47,21 @@ def test_diagnose_runs_the_defaults_when_none_ran_after_training(tiny_dir, tmp_p
     assert main(["diagnose", str(run)]) == 0
     assert "wrote 2 diagnostics" in capsys.readouterr().out
     assert sorted(p.name for p in (run / "diagnostics").iterdir()) == ["forgetting.json", "tuco.json"]
+
+
+# ---- f. `generate` computes in the exported model's precision unless asked, and says which
+
+@pytest.mark.parametrize("flag, expected", [([], "fp32"), (["--precision", "run"], "bf16"),
+                                            (["--precision", "bf16"], "bf16")])
+def test_generate_says_its_precision_and_matches_the_exported_model_by_default(flag, expected, tiny_dir, tmp_path,
+                                                                               capsys, monkeypatch):
+    import tunelab.eval.task as task
+    from tunelab.cli import main
+
+    run = tunelab.train(cfg_for(tiny_dir, tmp_path, precision="bf16"))
+    seen = []
+    real = task.generate
+    monkeypatch.setattr(task, "generate", lambda *a, **kw: seen.append(kw["precision"]) or real(*a, **kw))
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "What is 2 plus 1?", "--max-new-tokens", "3", *flag]) == 0
+    assert seen == [expected] and f"greedy, {expected}" in capsys.readouterr().err

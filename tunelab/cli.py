@@ -56,15 +56,22 @@ def cmd_compare(a) -> None:
 
 
 def cmd_generate(a) -> None:
+    import torch
+
     from tunelab.data.records import Record
     from tunelab.data import encode_prompt
     from tunelab.eval.task import generate
+    from tunelab.training.precision import resolve_precision
     from tunelab.training.run import load_trained
 
     cfg, model, tok, _ = load_trained(a.run)
     rec = Record(messages=[{"role": "user", "content": a.prompt}, {"role": "assistant", "content": "."}])
+    precision = resolve_precision(cfg.train.precision, torch.device("cpu")) if a.precision == "run" else a.precision
+    why = "the run's train.precision" if a.precision == "run" else (
+        "the exported model's, as AutoModelForCausalLM loads it" if precision == "fp32" else "--precision")
+    print(f"generate: greedy, {precision} ({why})", file=sys.stderr)
     print(generate(model, tok, [encode_prompt(rec, tok)], max_new_tokens=a.max_new_tokens, batch_size=1,
-                   precision=cfg.train.precision)[0])
+                   precision=precision)[0])
 
 
 def cmd_export(a) -> None:
@@ -129,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("run")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--precision", choices=["fp32", "bf16", "run"], default="fp32",
+                   help="compute precision: fp32 (default: what the exported model computes in), bf16, or the "
+                   "run's train.precision")
     g.set_defaults(fn=cmd_generate)
     x = sub.add_parser("export", help="write a run's model for the HF ecosystem")
     x.add_argument("run")
