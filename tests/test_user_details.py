@@ -65,3 +65,24 @@ def test_generate_says_its_precision_and_matches_the_exported_model_by_default(f
     capsys.readouterr()
     assert main(["generate", str(run), "--prompt", "What is 2 plus 1?", "--max-new-tokens", "3", *flag]) == 0
     assert seen == [expected] and f"greedy, {expected}" in capsys.readouterr().err
+
+
+# ---- g. what a run writes for others to load follows the umask (safetensors writes 0600)
+
+def test_final_output_and_exports_follow_the_umask(tiny_dir, tmp_path):
+    import os
+    import stat
+
+    from tunelab.cli import main
+
+    old = os.umask(0o022)
+    try:
+        run = tunelab.train(cfg_for(tiny_dir, tmp_path))
+        assert main(["export", str(run), "--out", str(tmp_path / "adapter")]) == 0
+        assert main(["export", str(run), "--merge", "--out", str(tmp_path / "merged")]) == 0
+    finally:
+        os.umask(old)
+    for folder in (run / "final", tmp_path / "adapter", tmp_path / "merged"):
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.rglob("*") if p.is_file()}
+        assert any(n.endswith(".safetensors") for n in modes)
+        assert modes == dict.fromkeys(modes, 0o644), (folder, modes)

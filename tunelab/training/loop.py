@@ -127,6 +127,7 @@ def save_final(run_dir: Path, model, tok, method, objective, cfg: C.RunConfig) -
         pause_point("fill:final")
         (tmp / "tunelab.json").write_text(redact(json.dumps({"method": cfg.method.name, "base_model": cfg.model.name,
                                                              "steps": cfg.train.steps})))
+        ckpt.follow_umask(tmp)
     ckpt.atomic_dir(run_dir / "final", fill)
 
 
