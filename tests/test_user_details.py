@@ -86,3 +86,28 @@ def test_final_output_and_exports_follow_the_umask(tiny_dir, tmp_path):
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.rglob("*") if p.is_file()}
         assert any(n.endswith(".safetensors") for n in modes)
         assert modes == dict.fromkeys(modes, 0o644), (folder, modes)
+
+
+# ---- h. `data check --all` lists every bad row, not only the first
+
+def test_data_check_all_lists_every_bad_row(tmp_path, capsys, monkeypatch):
+    import tunelab.models
+    from tiny import tiny_tokenizer
+    from tunelab.cli import main
+
+    monkeypatch.setattr(tunelab.models, "load_tokenizer", lambda cfg: tiny_tokenizer())
+    rows = [json.dumps(r) for r in chat_rows(8)]
+    rows[1] = '{"messages": ['  # bad JSON
+    rows[3] = json.dumps({"messages": [{"role": "user", "content": "q"}]})  # no assistant turn
+    for i in (5, 6):
+        rows[i] = json.dumps({"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]})
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    assert main(["data", "check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:2: invalid JSON" in err and "--all" in err
+    assert main(["data", "check", str(path), "--all"]) == 0
+    out = capsys.readouterr().out
+    assert "rows: 4 loaded, 4 skipped" in out and "bad rows (4):" in out
+    for line in (2, 4, 6, 7):
+        assert f"  {path}:{line}: " in out

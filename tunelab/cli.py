@@ -85,9 +85,16 @@ def cmd_data_check(a) -> None:
     from tunelab.models import load_tokenizer
     from tunelab.models.config import ModelConfig
 
+    from tunelab.errors import DataError, TunelabError
+
     tok = load_tokenizer(ModelConfig(name=a.model))
-    print(check_data(a.path, tok, DataConfig(format=a.format, max_length=a.max_length,
-                                             train_on_prompt=a.train_on_prompt)))
+    cfg = DataConfig(format=a.format, max_length=a.max_length, train_on_prompt=a.train_on_prompt)
+    try:
+        print(check_data(a.path, tok, cfg, list_all=a.all))
+    except DataError as e:
+        if e.line is None:  # not a row's fault (a missing file, an unknown format)
+            raise
+        raise TunelabError(f"{e}\n(the first bad row; `tunelab data check {a.path} --all` lists every one)") from None
 
 
 def cmd_models_pull(a) -> None:
@@ -152,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--format", default="auto")
     c.add_argument("--max-length", type=int, default=1024)
     c.add_argument("--train-on-prompt", action="store_true")
+    c.add_argument("--all", action="store_true", help="skip bad rows and list every one with its reason "
+                   "(default: stop at the first)")
     c.set_defaults(fn=cmd_data_check)
     m = sub.add_parser("models", help="built-in models").add_subparsers(dest="models_cmd", required=True)
     mp = m.add_parser("pull", help="fetch and cache a built-in model")

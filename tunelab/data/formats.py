@@ -49,12 +49,14 @@ class Records(list):
         """Rows skipped as malformed (only with on_bad_rows=skip)."""
         self.first_skipped: list[DataError] = []
         """The errors of the first MAX_REASONS rows skipped, in file order."""
+        self.all_skipped: list[DataError] = []
+        """The error of every row skipped, in file order (`tunelab data check --all`)."""
 
     def skipped(self, errors: list[DataError]) -> None:
-        """Count rows skipped as malformed (`errors` in file order), keeping the first few."""
+        """Count rows skipped as malformed (`errors` in file order), keeping their errors."""
         self.num_skipped += len(errors)
-        first = self.first_skipped + errors[:MAX_REASONS]
-        self.first_skipped = sorted(first, key=lambda e: e.line or 0)[:MAX_REASONS]
+        self.all_skipped = sorted(self.all_skipped + errors, key=lambda e: e.line or 0)
+        self.first_skipped = self.all_skipped[:MAX_REASONS]
 
     @property
     def skip_reasons(self) -> list[str]:
