@@ -111,3 +111,16 @@ def test_data_check_all_lists_every_bad_row(tmp_path, capsys, monkeypatch):
     assert "rows: 4 loaded, 4 skipped" in out and "bad rows (4):" in out
     for line in (2, 4, 6, 7):
         assert f"  {path}:{line}: " in out
+
+
+# ---- i. the forgetting line after training shows the retained accuracy
+
+def test_the_forgetting_summary_line_shows_retained_accuracy():
+    import tunelab.diagnostics.forgetting  # noqa: F401 -- registers it
+    from tunelab.diagnostics._runner import _brief
+
+    summary = {"kl_drift": 0.125, "kl_drift_max_prompt": 0.5, "base_probe_accuracy": 0.75, "num_probes_kept": 48,
+               "retained_accuracy": 0.625, "conjugate_base_accuracy": 0.5, "conjugate_tuned_accuracy": 0.5,
+               "num_probes_lost": 18, "recovered_by_conjugate": 0.25}
+    line = _brief({"name": "forgetting", "summary": summary, "details": {}})
+    assert "retained_accuracy 0.625" in line and "kl_drift 0.125" in line

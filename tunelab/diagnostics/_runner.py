@@ -105,5 +105,7 @@ def run_after_train(run_dir) -> dict[str, dict]:
 def _brief(result: dict) -> str:
     if "not_applicable" in result["details"]:
         return f"not applicable: {result['details']['not_applicable']}"
-    items = list(result["summary"].items())[:4]
+    summary = result["summary"]
+    cls = DIAGNOSTICS.get(result["name"]) if result.get("name") in DIAGNOSTICS.names() else None
+    items = [(k, summary[k]) for k in cls.brief if k in summary] if cls and cls.brief else list(summary.items())[:4]
     return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in items)
