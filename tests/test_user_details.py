@@ -124,3 +124,25 @@ def test_the_forgetting_summary_line_shows_retained_accuracy():
                "num_probes_lost": 18, "recovered_by_conjugate": 0.25}
     line = _brief({"name": "forgetting", "summary": summary, "details": {}})
     assert "retained_accuracy 0.625" in line and "kl_drift 0.125" in line
+
+
+# ---- j. a target_modules entry that matches nothing
+
+def test_target_modules_entries_matching_nothing(capsys):
+    import warnings
+
+    from tiny import tiny_model
+    from tunelab.errors import ConfigError
+    from tunelab.methods.lora import LoRA, LoRAConfig
+
+    with pytest.raises(ConfigError) as e:
+        LoRA(LoRAConfig(target_modules=["qproj", "v_prj"])).apply(tiny_model())
+    msg = str(e.value)
+    assert "method.target_modules: 'qproj', 'v_prj' match no linear layer" in msg
+    assert "the model's linear layers are named: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in msg
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said on stderr, not as a Python warning that filters may hide
+        model = LoRA(LoRAConfig(target_modules=["q_proj", "c_attn"])).apply(tiny_model())
+    assert "warning: method.target_modules: 'c_attn' matches no linear layer of this model; 'q_proj' matches 2" \
+        in capsys.readouterr().err
+    assert sum(".lora_A" in n for n, _ in model.named_parameters()) == 2

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-import warnings
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,10 +155,25 @@ def select_linears(model: nn.Module, patterns: list[str], conv1d: bool = False) 
                if (isinstance(m, nn.Linear) or (conv1d and is_conv1d(m))) and m is not head]
     if "all-linear" in patterns:
         return linears
-    for p in patterns:
-        if not any(_matches(n, p) for n in linears):
-            warnings.warn(f"method.target_modules: pattern '{p}' matches no linear layer")
+    _check_patterns(patterns, linears)
     return [n for n in linears if any(_matches(n, p) for p in patterns)]
+
+
+def _check_patterns(patterns: list[str], linears: list[str]) -> None:
+    """An entry that matches no layer is an error naming it and the layers there are, unless
+    another entry matches (a recipe meant for several architectures): then a warning on stderr."""
+    counts = {p: sum(_matches(n, p) for n in linears) for p in patterns}
+    dead = [repr(p) for p, k in counts.items() if not k]
+    if not dead:
+        return
+    verb = "matches" if len(dead) == 1 else "match"
+    if len(dead) == len(patterns):
+        leaves = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in linears}))
+        raise ConfigError(f"method.target_modules: {', '.join(dead)} {verb} no linear layer; the model's linear "
+                          f"layers are named: {leaves}")
+    live = ", ".join(f"{p!r} matches {k}" for p, k in counts.items() if k)
+    print(f"warning: method.target_modules: {', '.join(dead)} {verb} no linear layer of this model; {live}",
+          file=sys.stderr, flush=True)
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
