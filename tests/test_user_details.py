@@ -146,3 +146,20 @@ def test_target_modules_entries_matching_nothing(capsys):
     assert "warning: method.target_modules: 'c_attn' matches no linear layer of this model; 'q_proj' matches 2" \
         in capsys.readouterr().err
     assert sum(".lora_A" in n for n, _ in model.named_parameters()) == 2
+
+
+# ---- k. the TuCo median in the summary is the median the report shows
+
+def test_tuco_summary_median_is_the_shown_median():
+    import statistics
+
+    import torch
+
+    from tunelab.diagnostics.tuco import summary_figures
+    from tunelab.report.diagviews import quantiles
+
+    values = torch.tensor([0.1, 0.4, 0.2, 0.3])  # an even count: torch.median would say 0.2
+    figures = summary_figures("eval", values)
+    shown = quantiles(values.tolist())["median"]
+    assert figures["tuco_eval_median"] == pytest.approx(statistics.median(values.tolist())) == pytest.approx(shown)
+    assert figures["tuco_eval_mean"] == pytest.approx(0.25)
