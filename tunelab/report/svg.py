@@ -48,8 +48,9 @@ def tick(v: float) -> str:
     return f"{int(v):,}" if float(v).is_integer() and abs(v) < 1e6 else f"{v:.3g}"
 
 
-def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """Round tick values (1, 2, 2.5, 5 x 10^k steps) covering [lo, hi]; a flat range gets a band."""
+def nice_ticks(lo: float, hi: float, count: int = 5, integer: bool = False) -> list[float]:
+    """Round tick values (1, 2, 2.5, 5 x 10^k steps) covering [lo, hi]; a flat range gets a band.
+    `integer` (an axis of steps): whole-number ticks only (steps 1, 2, 5 x 10^k, at least 1)."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return [0.0]
     if not math.isfinite(hi - lo):  # a span beyond float range: its ends are the only ticks
@@ -58,8 +59,10 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
         pad = abs(lo) * 0.5 or 1.0
         lo, hi = lo - pad, hi + pad
     raw = (hi - lo) / max(count - 1, 1)
+    if integer:
+        raw = max(raw, 1.0)
     mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    step = next(m * mag for m in ((1, 2, 5, 10) if integer else (1, 2, 2.5, 5, 10)) if m * mag >= raw)
     first = math.floor(lo / step) * step
     n = int(math.ceil((hi - first) / step - 1e-9)) + 1
     digits = max(0, 2 - math.floor(math.log10(step)))  # drop float noise below the step's precision
@@ -71,7 +74,7 @@ class _Frame:
 
     def __init__(self, width: int, height: int, xs: list[float], ys: list[float], left: int = 58):
         self.w, self.h, self.left, self.top, self.right, self.bottom = width, height, left, 28, 14, 34
-        self.xt = nice_ticks(min(xs), max(xs))
+        self.xt = nice_ticks(min(xs), max(xs), integer=all(float(x).is_integer() for x in xs))
         self.yt = nice_ticks(min(ys), max(ys))
 
     def x(self, v: float) -> float:
