@@ -394,3 +394,24 @@ def test_compare_does_not_rank_start_up_time(runs, tmp_path):
     row = next(r for r in c.rows() if r["figure"] == "startup_s")
     assert row["values"] == [9.0, 1.0] and row["higher_is_better"] is None and row["best"] == []
     assert "throughput: startup_s" not in html.read_text()  # no bar chart that reads as a ranking
+
+
+def test_compare_charts_give_each_run_one_colour(runs, tmp_path):
+    """A run has the same colour in the loss curves, the bar charts and the scatter plots; "best"
+    is marked by a label, not by a colour that is another run's (green was run 3's curve)."""
+    dirs = [copy_run(runs[k], tmp_path / n) for k, n in (("a", "a"), ("b", "b"), ("a", "c"))]
+    for run, kl in zip(dirs, (0.25, 0.0625, 0.5)):
+        fake_diagnostics(run)
+        f = run / "diagnostics/forgetting.json"
+        f.write_text(f.read_text().replace('"kl_drift": 0.125', f'"kl_drift": {kl}'))
+    _, html, _, _ = compare(dirs, tmp_path / "cmp")
+    page = html.read_text()
+    curves = dict(re.findall(r'<polyline fill="none" stroke="([^"]+)"[^>]*><title>([^<]*)</title>', page))
+    colour = {name: c for c, name in curves.items()}
+    assert len(set(colour.values())) == 3
+    bars = re.findall(r'<rect [^>]*fill="([^"]+)"[^>]*><title>([abc]): ', page)
+    assert bars and all(fill == colour[name] for fill, name in bars)
+    dots = re.findall(r'<circle [^>]*fill="([^"]+)"[^>]*><title>([abc]): KL', page)
+    assert dots and all(fill == colour[name] for fill, name in dots)
+    kl_chart = page[page.index("forgetting: kl_drift"):]
+    assert ">best</text>" in kl_chart[:kl_chart.index("</svg>")]

@@ -111,7 +111,8 @@ def bars_section(c: Comparison, rows: list[dict]) -> str:
             section = r["section"]
         parts.append(svg.bar_chart(c.names, [v if H.is_number(v) else None for v in r["values"]],
                                    title=f"{r['section']}: {r['figure']}", y_label=r["figure"],
-                                   highlight=r["best"][0] if len(r["best"]) == 1 else None))
+                                   highlight=r["best"][0] if len(r["best"]) == 1 else None,
+                                   colors=[svg.PALETTE[i % len(svg.PALETTE)] for i in range(len(c.names))]))
     body = "".join(parts) + ("</div>" if section else "")
     return H.section("Per figure", body or H.note("every figure is the same for all runs"), "bars")
 
