@@ -63,7 +63,14 @@ def test_holdout_is_deterministic_disjoint_and_bounded(n, fraction, cap):
 def test_eval_fraction_zero_evaluates_nothing_and_says_so(tiny_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "mine.jsonl", chat_rows(12))
     run = tunelab.train(user_cfg(tiny_dir, data, tmp_path / "run", eval_fraction=0))
-    assert "eval: none (data.eval unset and data.eval_fraction=0)" in capsys.readouterr().out
+    assert "eval: none (data.eval: holdout, data.eval_fraction=0)" in capsys.readouterr().out
+    assert not (run / "eval.json").exists() and setup_line(run)["train_examples"] == 12
+
+
+def test_eval_null_evaluates_nothing_and_says_so(tiny_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "mine.jsonl", chat_rows(12))
+    run = tunelab.train(user_cfg(tiny_dir, data, tmp_path / "run", eval=None))
+    assert "eval: none (data.eval is null)" in capsys.readouterr().out
     assert not (run / "eval.json").exists() and setup_line(run)["train_examples"] == 12
 
 

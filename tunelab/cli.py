@@ -28,7 +28,7 @@ def cmd_eval(a) -> None:
         cfg.data.eval = a.data if a.data.startswith("builtin:") else os.path.abspath(a.data)
     _, records, examples = load_examples(cfg, tok, say=lambda line: print(line, file=sys.stderr))
     if not records:
-        raise TunelabError(f"{a.run} has no eval data (data.eval unset and data.eval_fraction=0); "
+        raise TunelabError(f"{a.run} has no eval data (data.eval: null, or data.eval_fraction=0); "
                            "evaluate it on a file with --data FILE")
     res = evaluate(model, tok, records, examples, cfg)
     print(json.dumps({k: v for k, v in res.items() if k != "samples"}, indent=1))

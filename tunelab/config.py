@@ -215,7 +215,8 @@ def _join(value: str, base: Path) -> str:
 
 
 def _data_path(value: str, base: Path) -> str:
-    return value if not value or value.startswith("builtin:") else _join(value, base)
+    from tunelab.data.config import HOLDOUT
+    return value if not value or value == HOLDOUT or value.startswith("builtin:") else _join(value, base)
 
 
 def _model_path(value: str, base: Path) -> str:

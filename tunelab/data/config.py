@@ -5,6 +5,8 @@ from typing import Literal
 
 from tunelab.errors import ConfigError
 
+HOLDOUT = "holdout"
+"""`data.eval` meaning: a held-out slice of `data.train` (tunelab.data.split)."""
 Format = Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt", "text"]
 
 
@@ -12,14 +14,14 @@ Format = Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt", 
 class DataConfig:
     train: str = "builtin:arith?n=2000&split=train"
     """Training data: a file (.jsonl/.json/.csv/.parquet), a `datasets` directory, or builtin:NAME?opts."""
-    eval: str | None = None
-    """Evaluation data (same forms as `train`). Unset (null): a held-out slice of `train` (see
-    `eval_fraction`); a built-in task is evaluated only when named here or in `train`."""
+    eval: str | None = HOLDOUT
+    """Evaluation data (same forms as `train`); `holdout` (the default): a held-out slice of `train`
+    (see `eval_fraction`); null: no evaluation. A built-in task is evaluated only when named."""
     eval_fraction: float = 0.05
-    """With `eval` unset: the share of the training rows held out for evaluation (deterministic,
+    """With `eval: holdout`: the share of the training rows held out for evaluation (deterministic,
     removed from training, at least one row left to train). 0: evaluate nothing."""
     eval_max_examples: int = 200
-    """With `eval` unset: at most this many rows are held out."""
+    """With `eval: holdout`: at most this many rows are held out."""
     format: Format = "auto"
     """Row format; `auto` detects it from the fields of the first row."""
     max_length: int = 1024

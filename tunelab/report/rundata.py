@@ -172,9 +172,9 @@ def headline(run: RunData) -> dict:
 
 
 def eval_source(run: RunData) -> str | None:
-    """What the run is evaluated on: data.eval, else the held-out slice of data.train (or None)."""
-    if run.get("data.eval") or run.get("data.eval_fraction") is None:
-        return run.get("data.eval")  # a run written before eval_fraction existed: data.eval as is
+    """What the run is evaluated on: data.eval, or the held-out slice of data.train (or None)."""
+    if run.get("data.eval") != "holdout":
+        return run.get("data.eval")
     if not run.get("data.eval_fraction"):
         return None
     return f"a held-out slice of {run.get('data.train')} (data.eval_fraction={run.get('data.eval_fraction')})"

@@ -40,7 +40,7 @@ def load_examples(cfg: C.RunConfig, tokenizer, say=print):
 
     train_records, eval_records, what = train_eval_records(cfg.data)
     say(what)
-    for spec, records in ((cfg.data.train, train_records), (cfg.data.eval or cfg.data.train, eval_records)):
+    for spec, records in ((cfg.data.train, train_records), (cfg.data.eval or "eval data", eval_records)):
         _check_chat_template(spec, records, tokenizer, cfg)
         if getattr(records, "num_skipped", 0):
             _warn(f"warning: {spec}: skipped {records.num_skipped} malformed rows (data.on_bad_rows=skip); "
