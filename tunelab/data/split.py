@@ -40,7 +40,7 @@ def train_eval_records(cfg: DataConfig) -> tuple[Records, Records, str]:
         return train, Records(format=train.format), "eval: none (data.eval: holdout, data.eval_fraction=0)"
     held = set(holdout_indices(len(train), cfg.eval_fraction, cfg.eval_max_examples))
     kept = Records([r for i, r in enumerate(train) if i not in held], format=train.format)
-    kept.num_skipped, kept.first_skipped = train.num_skipped, train.first_skipped
+    kept.num_skipped, kept.first_skipped, kept.all_skipped = train.num_skipped, train.first_skipped, train.all_skipped
     evals = Records([r for i, r in enumerate(train) if i in held], format=train.format)
     if not evals:
         return kept, evals, f"eval: none ({cfg.train} has too few rows to hold any out)"
