@@ -203,10 +203,15 @@ def test_facts_names_are_unique_and_invented():
     ("Step 1: 3 + 4 = 7\n#### 7", "7"),
     ("#### 5\nthen more\n#### 6\n", "6"),
     ("#### 14 \nTrailing words 99", "14"),
-    ("no marker, but 3 then 1,234.5 here", "1234.5"),
-    ("5-3 is a range", "3"),
-    ("it dropped to -3 degrees", "-3"),
-    ("Step 1: 3 + 4 = 7\n#### ", "7"),
+    ("no marker, it ends with 3 then 1,234.5", "1234.5"),
+    ("the total is 42.", "42"),
+    ("it dropped to -3!\n", "-3"),
+    ("the range is 5-3", "3"),  # '-' is a sign only after a non-word
+    # without a marker, a number counts only where the output ends with it (#16.11e)
+    ("1 + 28 + 13 = 36 +", "1 + 28 + 13 = 36 +"),
+    ("no marker, but 3 then 1,234.5 here", "no marker, but 3 then 1,234.5 here"),
+    ("it dropped to -3 degrees", "it dropped to -3 degrees"),
+    ("Step 1: 3 + 4 = 7\n#### ", "Step 1: 3 + 4 = 7\n####"),
     ("  Velmora lives in Quenth. ", "Velmora lives in Quenth."),
     ("", ""),
 ])
@@ -225,6 +230,12 @@ def test_extract_answer_custom_pattern():
 ])
 def test_normalize(raw, expected):
     assert normalize(raw) == expected
+
+
+def test_a_number_in_the_middle_of_a_generation_is_not_its_answer():
+    assert not exact_match("1 + 28 + 13 = 36 +", "36")
+    assert not exact_match("36 is close, but 5 + 9", "36")
+    assert exact_match("1 + 28 + 13 = 42", "42") and exact_match("#### 36\nand then 1 + 2", "36")
 
 
 def test_exact_and_contains_match():

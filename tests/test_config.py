@@ -11,10 +11,11 @@ def write(tmp_path, text):
     return p
 
 
-def test_defaults_and_overrides(tmp_path):
+def test_defaults_and_overrides(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     p = write(tmp_path, "method:\n  name: lora\n  r: 8\ntrain:\n  steps: 10\n")
     cfg = C.load(p, ["train.steps=50", "output=runs/x", "method.rslora=true", "train.lr=1e-3"])
-    assert cfg.train.steps == 50 and cfg.output == "runs/x" and cfg.train.lr == 1e-3
+    assert cfg.train.steps == 50 and cfg.output == str(tmp_path / "runs/x") and cfg.train.lr == 1e-3
     assert cfg.method.name == "lora" and cfg.method.options.r == 8 and cfg.method.options.rslora
     assert cfg.objective.name == "sft"
 
@@ -79,3 +80,25 @@ def test_split_bound_defaults_by_device_and_an_explicit_value_wins():
         TrainConfig(max_tokens_per_forward=-1)
     cfg = C.from_dict(C.RunConfig, {"train": {"max_tokens_per_forward": None}}, "x.yaml")
     assert cfg.train.max_tokens_per_forward is None
+
+
+def test_an_override_error_is_blamed_on_the_command_line_not_the_yaml(tmp_path):
+    p = write(tmp_path, "model:\n  name: smollm2-135m\ntrain:\n  steps: 10\n  lr: 0.001\n")
+    with pytest.raises(ConfigError) as e:
+        C.load(p, ["output=runs/x", "train.steps=abc"])
+    msg = str(e.value)
+    assert msg.startswith("command line: train.steps=abc: train.steps: expected int") and f"{p}" not in msg
+    with pytest.raises(ConfigError, match=r"^command line: method.name=lorax: method.name: "):
+        C.load(p, ["method.name=lorax"])
+    with pytest.raises(ConfigError, match=rf"^{p}:4: train.steps"):  # a YAML error still names its line
+        C.load(write(tmp_path, "model:\n  name: smollm2-135m\ntrain:\n  steps: ten\n"), ["output=runs/x"])
+
+
+@pytest.mark.parametrize("name, valid", [("full", "which takes no options"),
+                                         ("hft", "its options: ")])
+def test_options_of_another_method_say_which_method_they_were_checked_against(tmp_path, name, valid):
+    p = write(tmp_path, "method:\n  name: lora\n  r: 8\n  alpha: 16\n")
+    with pytest.raises(ConfigError) as e:
+        C.load(p, [f"method.name={name}"])
+    msg = str(e.value)
+    assert f"method.alpha: not an option of method '{name}', {valid}" in msg and "left from another method" in msg

@@ -365,3 +365,4 @@ def test_pages_render_in_headless_chromium(runs, tmp_path):
         assert all(n in "".join(text.text) for n in needles) and text.tags["svg"] >= 3
         assert "<script" not in page.read_text() and "http" not in page.read_text().replace(
             'xmlns="http://www.w3.org/2000/svg"', "")  # self-contained: no scripts, no network
+

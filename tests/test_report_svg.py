@@ -62,3 +62,17 @@ def test_scatter_draws_every_complete_point_inside_the_frame(pairs):
     dots = re.findall(r'<circle cx="([-\d.]+)" cy="([-\d.]+)"[^>]*><title>([^<]*)</title>', chart)
     assert [t.split(":")[0] for *_, t in dots] == [f"r{i}" for i, (_, y) in enumerate(pairs) if y is not None]
     assert all(0 <= float(x) <= 300 and 0 <= float(y) <= 200 for x, y, _ in dots)
+
+
+@settings(max_examples=60, deadline=None)
+@given(first=st.integers(0, 50), n=st.integers(1, 12), stride=st.integers(1, 40))
+def test_step_axes_have_whole_number_ticks(first, n, stride):
+    """A chart over training steps never labels step 0.5 (#16.11l)."""
+    import re
+
+    points = [(first + i * stride, 1.0 / (i + 1)) for i in range(n)]
+    chart = svg.line_chart([svg.Series(name="loss", points=points)], title="loss", height=260)
+    x_labels = re.findall(r'<text x="[\d.]+" y="242" text-anchor="middle">([^<]*)</text>', chart)
+    assert x_labels and all(re.fullmatch(r"-?[\d,]+", t) for t in x_labels), x_labels
+    values = [int(t.replace(",", "")) for t in x_labels]
+    assert values[0] <= first and values[-1] >= first + (n - 1) * stride  # the ticks still cover the steps

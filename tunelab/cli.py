@@ -13,13 +13,23 @@ def cmd_train(a) -> None:
 
 
 def cmd_eval(a) -> None:
+    import os
+
+    from tunelab.errors import TunelabError
     from tunelab.training.loop import evaluate, load_examples
     from tunelab.training.run import load_trained
 
+    if a.num_examples is not None and a.num_examples < 1:
+        raise TunelabError(f"--num-examples: must be >= 1, got {a.num_examples}")
     cfg, model, tok, _ = load_trained(a.run)
     if a.num_examples is not None:
         cfg.eval.num_examples = a.num_examples
-    _, records, examples = load_examples(cfg, tok)
+    if a.data is not None:
+        cfg.data.eval = a.data if a.data.startswith("builtin:") else os.path.abspath(a.data)
+    _, records, examples = load_examples(cfg, tok, say=lambda line: print(line, file=sys.stderr))
+    if not records:
+        raise TunelabError(f"{a.run} has no eval data (data.eval: null, or data.eval_fraction=0); "
+                           "evaluate it on a file with --data FILE")
     res = evaluate(model, tok, records, examples, cfg)
     print(json.dumps({k: v for k, v in res.items() if k != "samples"}, indent=1))
 
@@ -27,6 +37,9 @@ def cmd_eval(a) -> None:
 def cmd_diagnose(a) -> None:
     from tunelab.diagnostics import run_diagnostics
     results = run_diagnostics(a.run, only=a.only)
+    if not results:
+        print(f"no diagnostic applies to {a.run}; name one with --only")
+        return
     print(f"wrote {len(results)} diagnostics to {a.run}/diagnostics/: {', '.join(results)}")
 
 
@@ -43,15 +56,22 @@ def cmd_compare(a) -> None:
 
 
 def cmd_generate(a) -> None:
+    import torch
+
     from tunelab.data.records import Record
     from tunelab.data import encode_prompt
     from tunelab.eval.task import generate
+    from tunelab.training.precision import resolve_precision
     from tunelab.training.run import load_trained
 
     cfg, model, tok, _ = load_trained(a.run)
     rec = Record(messages=[{"role": "user", "content": a.prompt}, {"role": "assistant", "content": "."}])
+    precision = resolve_precision(cfg.train.precision, torch.device("cpu")) if a.precision == "run" else a.precision
+    why = "the run's train.precision" if a.precision == "run" else (
+        "the exported model's, as AutoModelForCausalLM loads it" if precision == "fp32" else "--precision")
+    print(f"generate: greedy, {precision} ({why})", file=sys.stderr)
     print(generate(model, tok, [encode_prompt(rec, tok)], max_new_tokens=a.max_new_tokens, batch_size=1,
-                   precision=cfg.train.precision)[0])
+                   precision=precision)[0])
 
 
 def cmd_export(a) -> None:
@@ -65,9 +85,16 @@ def cmd_data_check(a) -> None:
     from tunelab.models import load_tokenizer
     from tunelab.models.config import ModelConfig
 
+    from tunelab.errors import DataError, TunelabError
+
     tok = load_tokenizer(ModelConfig(name=a.model))
-    print(check_data(a.path, tok, DataConfig(format=a.format, max_length=a.max_length,
-                                             train_on_prompt=a.train_on_prompt)))
+    cfg = DataConfig(format=a.format, max_length=a.max_length, train_on_prompt=a.train_on_prompt)
+    try:
+        print(check_data(a.path, tok, cfg, list_all=a.all))
+    except DataError as e:
+        if e.line is None:  # not a row's fault (a missing file, an unknown format)
+            raise
+        raise TunelabError(f"{e}\n(the first bad row; `tunelab data check {a.path} --all` lists every one)") from None
 
 
 def cmd_models_pull(a) -> None:
@@ -90,12 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_train)
     e = sub.add_parser("eval", help="task metrics of a trained run on its eval data")
     e.add_argument("run")
-    e.add_argument("--num-examples", type=int, default=None)
+    e.add_argument("--num-examples", type=int, default=None, help="score the first N eval examples (N >= 1)")
+    e.add_argument("--data", metavar="FILE", help="evaluate on this file (or builtin:NAME?...) instead of the "
+                   "run's eval data")
     e.set_defaults(fn=cmd_eval)
     dg = sub.add_parser("diagnose", help="side effects of a trained run: forgetting, knowledge, tuco, intruder")
     dg.add_argument("run")
     dg.add_argument("--only", nargs="+", metavar="NAME", help="run only these diagnostics (default: the run "
-                    "config's diagnostics.after_train, else the cheap ones that fit its data)")
+                    "config's diagnostics.after_train if it names any, else the cheap ones that fit its data)")
     dg.set_defaults(fn=cmd_diagnose)
     r = sub.add_parser("report", help="write RUN/report.html: target gain, loss curve, throughput, side effects")
     r.add_argument("run")
@@ -105,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("targets", nargs="+", help="run directories and/or YAML recipes")
     cp.add_argument("--out", default="runs/compare", help="where compare.html, compare.md, compare.json and trained recipes go")
     cp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="an override for every recipe, e.g. --set train.steps=50 (repeatable)")
+                    help="an override for every recipe, e.g. --set method.r=8 (repeatable; with a run directory as the "
+                    "reference, the shared fields come from it)")
     cp.add_argument("--allow-mismatch", action="store_true",
                     help="compare run directories trained with different data/steps/batch/seed (with a warning)")
     cp.set_defaults(fn=cmd_compare)
@@ -113,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("run")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--precision", choices=["fp32", "bf16", "run"], default="fp32",
+                   help="compute precision: fp32 (default: what the exported model computes in), bf16, or the "
+                   "run's train.precision")
     g.set_defaults(fn=cmd_generate)
     x = sub.add_parser("export", help="write a run's model for the HF ecosystem")
     x.add_argument("run")
@@ -126,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--format", default="auto")
     c.add_argument("--max-length", type=int, default=1024)
     c.add_argument("--train-on-prompt", action="store_true")
+    c.add_argument("--all", action="store_true", help="skip bad rows and list every one with its reason "
+                   "(default: stop at the first)")
     c.set_defaults(fn=cmd_data_check)
     m = sub.add_parser("models", help="built-in models").add_subparsers(dest="models_cmd", required=True)
     mp = m.add_parser("pull", help="fetch and cache a built-in model")

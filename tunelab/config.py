@@ -5,7 +5,9 @@ and turns dicts into dataclasses, naming the key path (and YAML line) of any bad
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ from tunelab.data.config import DataConfig
 from tunelab.diagnostics.config import DiagnosticsConfig
 from tunelab.errors import ConfigError
 from tunelab.eval.config import EvalConfig
-from tunelab.models.config import ModelConfig
+from tunelab.models.config import ModelConfig, looks_like_path
 from tunelab.training.config import TrainConfig
 
 
@@ -150,6 +152,12 @@ def resolve_component(registry, raw, path: str) -> ComponentSpec:
         cls = registry.get(name)
     except ConfigError as e:
         raise ConfigError(f"{path}.name: {e}") from None
+    fields = sorted(f.name for f in dataclasses.fields(cls.Config) if f.init)
+    unknown = sorted(map(str, set(opts) - set(fields)))
+    if unknown:  # e.g. LoRA's alpha left in a YAML whose method.name was overridden to full
+        valid = f"its options: {', '.join(fields)}" if fields else "which takes no options"
+        raise ConfigError(f"{path}.{unknown[0]}: not an option of {path} '{name}', {valid} "
+                          f"(a key left from another {path}?)")
     return ComponentSpec(name=name, options=from_dict(cls.Config, opts, path))
 
 
@@ -200,10 +208,49 @@ def build(raw: dict, source: str = "config") -> RunConfig:
     return cfg
 
 
+# ----------------------------------------------------------------------------- relative paths
+
+def _join(value: str, base: Path) -> str:
+    return os.path.abspath(os.path.join(base, os.path.expanduser(value)))
+
+
+def _data_path(value: str, base: Path) -> str:
+    from tunelab.data.config import HOLDOUT
+    return value if not value or value == HOLDOUT or value.startswith("builtin:") else _join(value, base)
+
+
+def _model_path(value: str, base: Path) -> str:
+    """A built-in name or a hub id stays as it is; a path is made absolute."""
+    from tunelab.models.builtin import BUILTIN_MODELS
+
+    if value in BUILTIN_MODELS:
+        return value
+    path = _join(value, base)
+    return path if os.path.exists(path) or looks_like_path(value) else value
+
+
+PATH_FIELDS: dict[tuple[str, ...], Any] = {
+    ("model", "name"): _model_path, ("data", "train"): _data_path, ("data", "eval"): _data_path,
+    ("output",): _join,
+}
+"""The config fields that may hold a path, and how a relative one is made absolute against a folder."""
+
+
+def anchor_paths(raw: dict, base: Path) -> None:
+    """Make the relative paths among PATH_FIELDS in `raw` absolute against `base`, in place."""
+    for keys, absolute in PATH_FIELDS.items():
+        node = raw
+        for k in keys[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str):
+            node[keys[-1]] = absolute(node[keys[-1]], base)
+
+
 def load(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
     """Read YAML `path` (or start from `base`), apply `a.b=c` overrides, validate. Errors name
-    the file, the line and the key path."""
-    raw, root = dict(base or {}), None
+    the file, the line and the key path. Relative paths in the YAML resolve against its folder,
+    those in overrides, `base` and defaults against the working directory; all come back absolute."""
+    raw, root = copy.deepcopy(base or {}), None
     if path is not None:
         text = Path(path).read_text()
         try:
@@ -213,13 +260,23 @@ def load(path: str | Path | None = None, overrides: list[str] = (), base: dict |
             raise ConfigError(f"{path}: invalid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        anchor_paths(raw, Path(path).resolve().parent)
+    by_key = {}
     for item in overrides:
         keys, value = parse_override(item)
         set_path(raw, keys, value)
+        by_key[".".join(keys)] = item
     try:
-        return build(raw)
+        cfg = build(raw)
+        cfg.model.name, cfg.data.train = _model_path(cfg.model.name, Path.cwd()), _data_path(cfg.data.train, Path.cwd())
+        cfg.data.eval = cfg.data.eval and _data_path(cfg.data.eval, Path.cwd())
+        cfg.output = _join(cfg.output, Path.cwd())
+        return cfg
     except ConfigError as e:
         key = str(e).split(":", 1)[0]
+        given = next((item for k, item in by_key.items() if key == k or key.startswith(k + ".")), None)
+        if given is not None:  # the value came from the command line, not from the YAML line of its key
+            raise ConfigError(f"command line: {given}: {e}") from None
         line = _line_of(root, key.split(".")) if root is not None else None
         where = f"{path}:{line}: " if line else (f"{path}: " if path else "")
         raise ConfigError(f"{where}{e}") from None

@@ -9,6 +9,7 @@ from tunelab.errors import TunelabError
 
 
 def export(run_dir, out, merge: bool = False) -> Path:
+    from tunelab.training.checkpoint import follow_umask
     from tunelab.training.run import load_trained
 
     out = Path(out)
@@ -18,6 +19,7 @@ def export(run_dir, out, merge: bool = False) -> Path:
         if not (Path(run_dir) / "final").is_dir():
             raise TunelabError(f"{run_dir}: no final/ output yet; train the run to the end first")
         shutil.copytree(Path(run_dir) / "final", out, dirs_exist_ok=True)
+        follow_umask(out)
         return out
     _, model, tok, method = load_trained(run_dir)
     if not method.supports_merge:
@@ -26,4 +28,5 @@ def export(run_dir, out, merge: bool = False) -> Path:
     merged = method.merge(model)
     merged.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
+    follow_umask(out)
     return out

@@ -17,12 +17,17 @@ COLORS = ("\x1b[1;32m", "\x1b[0m")
 """Bold green around trained spans on a terminal."""
 
 
-def check_data(spec: str, tokenizer: Any, cfg: DataConfig, color: bool | None = None) -> str:
+def check_data(spec: str, tokenizer: Any, cfg: DataConfig, color: bool | None = None,
+               list_all: bool = False) -> str:
     """A text report on `spec` as it would be trained with `tokenizer` and `cfg`.
-    `color=None` colours trained tokens only when stdout is a terminal."""
+    `color=None` colours trained tokens only when stdout is a terminal. With `list_all`, bad rows
+    are skipped and every one is listed with its reason (otherwise the first stops the check,
+    unless cfg.on_bad_rows is skip)."""
+    import dataclasses
+
     from tunelab.data import load_records  # the package imports this module
 
-    records = load_records(spec, cfg)
+    records = load_records(spec, dataclasses.replace(cfg, on_bad_rows="skip") if list_all else cfg)
     examples = encode(records, tokenizer, cfg)
     lengths = [len(ex) for ex in examples]
     lines = [
@@ -31,6 +36,8 @@ def check_data(spec: str, tokenizer: Any, cfg: DataConfig, color: bool | None = 
         f"format: {getattr(records, 'format', '?')}",
         f"examples: {len(examples)} ({examples.num_dropped} dropped: no trained token after truncation)",
     ]
+    if list_all and records.all_skipped:
+        lines += [f"bad rows ({len(records.all_skipped)}):", *(f"  {e}" for e in records.all_skipped)]
     if not examples:
         return "\n".join(lines)
     lines += _length_lines(lengths, examples, cfg.max_length)
@@ -48,7 +55,8 @@ def _length_lines(lengths: list[int], examples: Examples, max_length: int) -> li
     return [
         f"tokens per example: min {min(lengths)}, median {statistics.median(lengths):g}, "
         f"mean {statistics.fmean(lengths):.1f}, max {max(lengths)}",
-        f"truncated at max_length={max_length}: {examples.num_truncated}",
+        f"truncated at max_length={max_length}: {examples.num_truncated}"
+        + (f" (longest before truncation: {examples.longest_text()})" if examples.num_truncated else ""),
         f"tokens: {total} total, {trained} trained ({100 * trained / max(total, 1):.1f}%)",
     ]
 

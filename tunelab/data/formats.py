@@ -5,7 +5,8 @@ Validation is strict because a silently malformed conversation trains the wrong 
 problem raises a DataError naming file, line and a field path such as `messages[2].role`.
 
 Formats:
-- `messages`: {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+- `messages`: {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...],
+  "tools": [schema, ...] (optional)}; an assistant turn may carry OpenAI `tool_calls` (content null)
 - `prompt_completion`: {"prompt": str | messages, "completion": str | messages}
 - `alpaca`: {"instruction": str, "input": str (optional), "output": str, "system": str (optional)}
 - `sharegpt`: {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}
@@ -14,8 +15,10 @@ Any row may carry an `answer` (str or number), the reference answer for exact-ma
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from typing import Any
 
 from tunelab.data.readers import Row
@@ -46,12 +49,14 @@ class Records(list):
         """Rows skipped as malformed (only with on_bad_rows=skip)."""
         self.first_skipped: list[DataError] = []
         """The errors of the first MAX_REASONS rows skipped, in file order."""
+        self.all_skipped: list[DataError] = []
+        """The error of every row skipped, in file order (`tunelab data check --all`)."""
 
     def skipped(self, errors: list[DataError]) -> None:
-        """Count rows skipped as malformed (`errors` in file order), keeping the first few."""
+        """Count rows skipped as malformed (`errors` in file order), keeping their errors."""
         self.num_skipped += len(errors)
-        first = self.first_skipped + errors[:MAX_REASONS]
-        self.first_skipped = sorted(first, key=lambda e: e.line or 0)[:MAX_REASONS]
+        self.all_skipped = sorted(self.all_skipped + errors, key=lambda e: e.line or 0)
+        self.first_skipped = self.all_skipped[:MAX_REASONS]
 
     @property
     def skip_reasons(self) -> list[str]:
@@ -68,6 +73,9 @@ class Turn:
     """Field path of the message, e.g. `conversations[3]`."""
     role_key: str = "role"
     """The source's name for the role field; empty for a plain-string prompt or completion."""
+    extra: dict = dc_field(default_factory=dict)
+    """Other message fields kept for the chat template: `tool_calls` (assistant), `tool_call_id`
+    and `name` (tool)."""
 
 
 # ---------------------------------------------------------------- field checks
@@ -118,37 +126,130 @@ def _turns(value: Any, field: str, role_key: str, content_key: str, roles: dict[
     return turns
 
 
+def _next_roles(prev: Turn | None) -> tuple[str, ...]:
+    """The roles that may follow `prev`: user first; an assistant turn after a user turn; after
+    an assistant turn a user turn, or tool turns answering its tool_calls; after a tool turn,
+    another tool turn or the assistant."""
+    if prev is None or (prev.role == "assistant" and not prev.extra.get("tool_calls")):
+        return ("user",)
+    if prev.role == "user":
+        return ("assistant",)
+    return ("tool",) if prev.role == "assistant" else ("tool", "assistant")
+
+
 def _check_order(turns: list[Turn], field: str) -> None:
     """An optional leading system turn, then user/assistant alternating, starting with user
-    and ending with assistant (the turn that trains)."""
+    and ending with assistant (the turn that trains); tool turns answer an assistant turn's
+    tool_calls before the assistant goes on."""
     body = turns[1:] if turns and turns[0].role == "system" else turns
     if not body:
         raise RowError(field, "has no user or assistant turn")
-    for i, turn in enumerate(body):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if turn.role != expected:
-            why = "system turn only allowed first" if turn.role == "system" else "turns must alternate"
-            raise RowError(turn.where + (f".{turn.role_key}" if turn.role_key else ""),
-                           f"expected a {expected} turn, got {turn.role} ({why}: system?, user, assistant, user, ...)")
+    for prev, turn in zip([None, *body], body):
+        allowed = _next_roles(prev)
+        if turn.role in allowed:
+            continue
+        where = turn.where + (f".{turn.role_key}" if turn.role_key else "")
+        if turn.role == "tool":
+            raise RowError(where, "a tool turn must follow an assistant turn with tool_calls (or another tool turn)")
+        if allowed == ("tool",):
+            raise RowError(where, f"expected a tool turn answering the tool_calls of {prev.where}, got {turn.role}")
+        why = "system turn only allowed first" if turn.role == "system" else "turns must alternate"
+        raise RowError(where, f"expected a {allowed[-1]} turn, got {turn.role} ({why}: system?, user, assistant, user, ...)")
     if body[-1].role != "assistant":
         raise RowError(field, "the conversation must end with an assistant turn")
 
 
-def _messages(turns: list[Turn]) -> list[dict[str, str]]:
-    return [{"role": t.role, "content": t.content} for t in turns]
+def _messages(turns: list[Turn]) -> list[dict[str, Any]]:
+    return [{"role": t.role, "content": t.content, **t.extra} for t in turns]
+
+
+# ---------------------------------------------------------------- OpenAI messages with tools
+
+def _message(item: Any, where: str) -> Turn:
+    """One OpenAI chat message: system/user/assistant/tool; an assistant turn may carry
+    `tool_calls` (then `content` may be null), a tool turn `tool_call_id` and `name`."""
+    if not isinstance(item, dict):
+        raise RowError(where, f"expected an object, got {type(item).__name__}")
+    role = _text(_field(item, "role", where + "."), f"{where}.role")
+    if role not in MESSAGE_ROLES:
+        raise RowError(f"{where}.role", f"unknown role {role!r}; expected one of {sorted(MESSAGE_ROLES)}")
+    extra: dict[str, Any] = {}
+    if role == "assistant" and item.get("tool_calls") is not None:
+        extra["tool_calls"] = _tool_calls(item["tool_calls"], f"{where}.tool_calls")
+    if role == "tool":
+        extra |= {k: _text(item[k], f"{where}.{k}") for k in ("tool_call_id", "name") if item.get(k) is not None}
+    if _weight(item, role, where) == 0:
+        extra["weight"] = 0  # render.assistant_spans leaves this turn untrained
+    if extra.get("tool_calls") and item.get("content") is None:
+        return Turn(role, "", where, extra=extra)  # a turn that only calls tools
+    content = _text(_field(item, "content", where + "."), f"{where}.content", allow_empty=bool(extra))
+    return Turn(role, content, where, extra=extra)
+
+
+def _weight(item: dict, role: str, where: str) -> int | None:
+    """OpenAI's per-message `weight`: 0 (do not train this assistant turn) or 1 (train it)."""
+    weight = item.get("weight")
+    if weight is None:
+        return None
+    if role != "assistant":
+        raise RowError(f"{where}.weight", "only assistant turns have a weight (0: not trained, 1: trained)")
+    if weight not in (0, 1) or isinstance(weight, (bool, float)):
+        raise RowError(f"{where}.weight", f"must be 0 or 1, got {weight!r}")
+    return weight
+
+
+def _tool_calls(value: Any, where: str) -> list[dict]:
+    """OpenAI `tool_calls` in the shape chat templates read (transformers' convention):
+    {"type": "function", "function": {"name": str, "arguments": dict}} (+ "id"); OpenAI's
+    arguments are a JSON string, decoded here."""
+    calls = []
+    for j, call in enumerate(_list(value, where)):
+        at = f"{where}[{j}]"
+        if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+            raise RowError(f"{at}.function", "missing field (expected {\"function\": {\"name\": ..., \"arguments\": ...}})")
+        fn = call["function"]
+        name = _text(_field(fn, "name", f"{at}.function."), f"{at}.function.name")
+        out = {"type": "function", "function": {"name": name, "arguments": _arguments(fn.get("arguments"), at)}}
+        calls.append(out | ({"id": _text(call["id"], f"{at}.id")} if call.get("id") is not None else {}))
+    return calls
+
+
+def _arguments(value: Any, at: str) -> dict:
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise RowError(f"{at}.function.arguments", f"not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise RowError(f"{at}.function.arguments", f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _tools(row: dict) -> list[dict] | None:
+    """The row's OpenAI `tools` (function schemas), passed to the chat template as they are."""
+    tools = row.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise RowError("tools", f"expected a list of tool schemas (objects), got {type(tools).__name__}")
+    return tools
 
 
 # ---------------------------------------------------------------- formats
 
 CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+MESSAGE_ROLES = {*CHAT_ROLES, "tool"}
+"""Roles of the `messages` format (OpenAI chat): a `tool` turn carries a tool's result."""
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant"}
 
 
 def _from_messages(row: dict) -> Record:
-    turns = _turns(_field(row, "messages"), "messages", "role", "content", CHAT_ROLES)
+    turns = [_message(item, f"messages[{i}]") for i, item in enumerate(_list(_field(row, "messages"), "messages"))]
     _check_order(turns, "messages")
-    return Record(messages=_messages(turns))
+    return Record(messages=_messages(turns), tools=_tools(row))
 
 
 def _from_sharegpt(row: dict) -> Record:

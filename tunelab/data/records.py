@@ -9,8 +9,12 @@ from typing import Any
 @dataclass
 class Record:
     """One row after format detection: either chat `messages` or raw `text`."""
-    messages: list[dict[str, str]] | None = None
-    """[{"role": "system"|"user"|"assistant", "content": str}, ...]; the last turn is the assistant's."""
+    messages: list[dict[str, Any]] | None = None
+    """[{"role": "system"|"user"|"assistant"|"tool", "content": str, ...}, ...]; the last turn is the
+    assistant's. An assistant turn may carry `tool_calls` ([{"type": "function", "function":
+    {"name", "arguments": dict}}]), a tool turn `tool_call_id` and `name`."""
+    tools: list[dict[str, Any]] | None = None
+    """Tool (function) schemas offered in the conversation, passed to the chat template."""
     text: str | None = None
     """Raw text for language-model rows (every token trains)."""
     answer: str | None = None
@@ -29,6 +33,8 @@ class Example:
     labels: list[int]
     source: str = ""
     truncated: bool = False
+    partial: bool = False
+    """Only a prefix of a very long row was tokenized (enough for truncation): len is a lower bound."""
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -49,6 +49,8 @@ class Diagnostic:
     version: ClassVar[int] = 1
     cheap: ClassVar[bool] = True
     """Whether it runs after training by default (where `makes_sense` agrees)."""
+    brief: ClassVar[tuple[str, ...]] = ()
+    """The summary figures of its one-line log after training (default: the first four)."""
     merges_tuned: ClassVar[bool] = False
     """Whether it folds the tuned model's change into its weights (ctx.merged()); such diagnostics
     run after the others of the same call."""

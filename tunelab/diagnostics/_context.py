@@ -80,11 +80,13 @@ class Context:
         return self._answerers[key]
 
     def eval_prompts(self, n: int, max_length: int) -> list[list[int]]:
-        """Token ids of the first `n` prompts of the run's eval data (the train data if it has none):
-        chat records up to the generation prompt, text records' first `max_length` tokens."""
-        from tunelab.data import encode_prompt, load_records
+        """Token ids of the first `n` prompts of the run's eval data (data.eval, or the rows held
+        out of data.train; the train data if it has none): chat records up to the generation
+        prompt, text records' first `max_length` tokens."""
+        from tunelab.data import encode_prompt
+        from tunelab.data.split import train_eval_records
 
-        spec = self.cfg.data.eval or self.cfg.data.train
-        records = load_records(spec, self.cfg.data)[:n]
+        train, evals, _ = train_eval_records(self.cfg.data)
+        records = (evals or train)[:n]
         return [encode_prompt(r, self.tokenizer)[-max_length:] if r.messages
                 else self.tokenizer(r.text, add_special_tokens=True)["input_ids"][:max_length] for r in records]

@@ -17,10 +17,12 @@ def default_names(run_cfg) -> list[str]:
     return [n for n in DIAGNOSTICS.names() if DIAGNOSTICS.get(n).cheap and DIAGNOSTICS.get(n).makes_sense(run_cfg)]
 
 
-def select(run_cfg, only: list[str] | None) -> list[str]:
-    """`only`, else the config's `diagnostics.after_train`, else the defaults; names are checked."""
+def select(run_cfg, only: list[str] | None, after_train: bool = False) -> list[str]:
+    """`only`, else the config's `diagnostics.after_train`, else the defaults; names are checked.
+    An empty `after_train` means none after training; asked for later (`tunelab diagnose RUN`),
+    the defaults run."""
     names = only if only is not None else run_cfg.diagnostics.after_train
-    if names is None:
+    if names is None or (not names and only is None and not after_train):
         return default_names(run_cfg)
     for name in names:
         if name not in DIAGNOSTICS.names():
@@ -68,7 +70,7 @@ def is_current(run_dir: Path, name: str, run_cfg) -> bool:
 
 
 def run_diagnostics(run_dir, only: list[str] | None = None, *, skip_current: bool = False,
-                    keep_going: bool = False, log=print) -> dict[str, dict]:
+                    keep_going: bool = False, after_train: bool = False, log=print) -> dict[str, dict]:
     """Run the selected diagnostics on a trained run (see tunelab.diagnostics.run_diagnostics).
     With `skip_current`, results already written for this final output and options are kept; with
     `keep_going`, a diagnostic that fails with a user-facing error is reported and skipped."""
@@ -77,7 +79,7 @@ def run_diagnostics(run_dir, only: list[str] | None = None, *, skip_current: boo
 
     ctx = Context(run_dir)
     results = {}
-    names = select(ctx.cfg, only)
+    names = select(ctx.cfg, only, after_train)
     for name in sorted(names, key=lambda n: DIAGNOSTICS.get(n).merges_tuned):  # stable: merging ones last
         if skip_current and is_current(ctx.run_dir, name, ctx.cfg):
             results[name] = json.loads((ctx.run_dir / OUT_DIR / f"{name}.json").read_text())
@@ -97,11 +99,13 @@ def run_after_train(run_dir) -> dict[str, dict]:
     """What `tunelab.train` calls when the loop returns: the configured diagnostics, skipping those
     already current (so resuming a finished run recomputes nothing). A diagnostic's failure does
     not fail the training run: it is reported with the command that reruns it."""
-    return run_diagnostics(run_dir, skip_current=True, keep_going=True)
+    return run_diagnostics(run_dir, skip_current=True, keep_going=True, after_train=True)
 
 
 def _brief(result: dict) -> str:
     if "not_applicable" in result["details"]:
         return f"not applicable: {result['details']['not_applicable']}"
-    items = list(result["summary"].items())[:4]
+    summary = result["summary"]
+    cls = DIAGNOSTICS.get(result["name"]) if result.get("name") in DIAGNOSTICS.names() else None
+    items = [(k, summary[k]) for k in cls.brief if k in summary] if cls and cls.brief else list(summary.items())[:4]
     return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in items)

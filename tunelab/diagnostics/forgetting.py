@@ -131,6 +131,7 @@ class Forgetting(Diagnostic):
     """KL drift on generic instructions, retained general knowledge, conjugate prompting."""
 
     Config = ForgettingConfig
+    brief = ("kl_drift", "retained_accuracy", "base_probe_accuracy", "conjugate_tuned_accuracy")
 
     def run(self, ctx) -> Findings:
         from tunelab.diagnostics._generic import GENERIC_INSTRUCTIONS

@@ -209,6 +209,13 @@ def distribution(values: torch.Tensor, quantiles: list[float]) -> dict:
     return {"values": [round(v, 6) for v in values.tolist()], "quantiles": {str(q): v for q, v in zip(quantiles, qs)}}
 
 
+def summary_figures(name: str, values: torch.Tensor) -> dict[str, float]:
+    """Mean and median TuCo of one prompt set. The median is the midpoint of the two middle values
+    for an even count (as the report's quantiles compute it), not torch.median's lower one."""
+    return {f"tuco_{name}_mean": float(values.mean()),
+            f"tuco_{name}_median": float(torch.quantile(values.double(), 0.5))}
+
+
 @register("tuco")
 class TuningContribution(Diagnostic):
     """TuCo per prompt (eval prompts, and generic instructions), with summary quantiles and the
@@ -227,7 +234,7 @@ class TuningContribution(Diagnostic):
         for name, prompts in sets.items():
             dec = tuco_of_prompts(ctx.base, ctx.tuned, prompts, tok.pad_token_id, c.batch_size)
             values = dec.tuco
-            summary |= {f"tuco_{name}_mean": float(values.mean()), f"tuco_{name}_median": float(values.median())}
+            summary |= summary_figures(name, values)
             details[name] = distribution(values, c.quantiles)
             details[f"{name}_per_layer"] = {
                 "columns": ["layer", "ftc_norm", "ptc_norm"],

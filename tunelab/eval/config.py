@@ -23,8 +23,8 @@ class EvalConfig:
     """exact_match: the extracted final answer equals the reference; contains: the reference
     appears in the generated text (for short factual answers)."""
     answer_pattern: str = r"####\s*(.+?)\s*$"
-    """Regex whose first group is the final answer; without a match the last number (or the whole
-    text, if it has none) is the answer."""
+    """Regex whose first group is the final answer; without a match, a number the output ends with
+    (only spaces and closing punctuation after it), else the whole text, is the answer."""
 
     def __post_init__(self):
         for name in ("every", "num_examples"):

@@ -3,7 +3,7 @@
 Which to use where:
 - `exact_match` — numeric / short-form tasks whose completions end in a marked answer line, e.g.
   `builtin:arith` ("... #### 14"). The answer is pulled out with `extract_answer` (the pattern's
-  group, else the last number, else the whole text) and compared after `normalize`.
+  group, else a number the text ends with, else the whole text) and compared after `normalize`.
 - `contains_match` — free-text answers such as `builtin:facts` probes, where the model says a sentence
   ("Velmora lives in Quenth.") and the reference is a short value ("Quenth"). `exact_match` would
   compare the whole sentence with "Quenth" and fail; `contains_match` asks whether the value
@@ -20,20 +20,25 @@ DEFAULT_PATTERN = r"####\s*(.+?)\s*$"
 _NUMBER = re.compile(r"(?:(?<!\w)-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?:(?<!\w)-)?\.\d+")
 """An int or decimal, optionally with thousands commas; a '-' counts as a sign only after a non-word."""
 _THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_TRAILER = re.compile(r"[\s.!?)\]\"'*]*")
+"""What may follow a final number that is the answer: spaces and closing punctuation only."""
 
 
 def extract_answer(text: str, pattern: str = DEFAULT_PATTERN) -> str:
     """The final answer in a generation: the first group of the last match of `pattern` (multiline,
-    so `$` is an end of line; empty matches are skipped); else the last number in the text (commas dropped); else the stripped
-    text."""
+    so `$` is an end of line; empty matches are skipped); else the last number in the text when the
+    text ends with it (only spaces and closing punctuation after it; commas dropped), so that
+    "1 + 28 + 13 = 36 +" has no answer rather than 36; else the stripped text."""
     compiled = re.compile(pattern, re.MULTILINE)
     found = [(m.group(1) if compiled.groups else m.group(0)) or "" for m in compiled.finditer(text)]
     found = [f.strip() for f in found if f.strip()]  # an empty '####' line is no answer
     if found:
         return found[-1]
-    numbers = _NUMBER.findall(text)
-    if numbers:
-        return numbers[-1].replace(",", "")
+    last = None
+    for last in _NUMBER.finditer(text):
+        pass
+    if last is not None and _TRAILER.fullmatch(text, last.end()):
+        return last.group().replace(",", "")
     return text.strip()
 
 

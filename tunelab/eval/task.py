@@ -2,6 +2,7 @@
 generation (left padding + KV cache), scored by exact match of the final answer."""
 from __future__ import annotations
 
+import re
 import time
 
 import torch
@@ -68,12 +69,27 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     return outs
 
 
+def has_gold_answer(record: Record, pattern: str) -> bool:
+    """Whether generation can be scored on `record`: a chat record with an `answer` field, or whose
+    last assistant turn has a final-answer line matching `pattern` (GSM8K's `#### 42`). Free-text
+    replies have none: their gain is measured by loss and perplexity instead."""
+    from tunelab.data import reference_answer
+
+    if not record.messages:
+        return False
+    if record.answer is not None:
+        return True
+    reply = reference_answer(record)
+    return bool(reply) and re.search(pattern, reply, re.MULTILINE) is not None
+
+
 def answer_accuracy(model, tokenizer, records: list[Record], cfg: EvalConfig, precision: str = "fp32") -> dict:
-    """Score the first `cfg.num_examples` chat records by generating their last assistant turn."""
+    """Score the first `cfg.num_examples` records with a gold answer (`has_gold_answer`) by
+    generating their last assistant turn; {} when none has one."""
     from tunelab.data import encode_prompt, reference_answer
     from tunelab.eval.metrics import contains_match, exact_match
 
-    chat = [r for r in records if r.messages][: cfg.num_examples]
+    chat = [r for r in records if has_gold_answer(r, cfg.answer_pattern)][: cfg.num_examples]
     if not chat:
         return {}
     was_training = model.training

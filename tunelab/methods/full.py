@@ -23,12 +23,11 @@ class FullFineTuning(Method):
         model.save_pretrained(out_dir, safe_serialization=True)
 
     def load(self, model, out_dir: Path) -> None:
-        from tunelab.training.checkpoint import read_safetensors_dir
-
-        state = read_safetensors_dir(out_dir)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if getattr(model.config, "tie_word_embeddings", False):  # saved once, under the embedding
-            missing = [k for k in missing if k != "lm_head.weight"]
+        # through transformers' own loader: it maps the names save_pretrained wrote back to the
+        # model's (GPT-NeoX saves lm_head as embed_out) and ties what is tied
+        saved = type(model).from_pretrained(out_dir, dtype=model.dtype, use_safetensors=True,
+                                            attn_implementation="eager")  # only its weights are used
+        missing, unexpected = model.load_state_dict(saved.state_dict(), strict=False)
         if missing or unexpected:
             raise ValueError(f"{out_dir}: weights do not match the model (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-import warnings
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,11 +58,12 @@ class LoRAConfig:
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a low-rank trainable branch."""
 
-    def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float):
+    def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float):
         super().__init__()
         self.base_layer = base
-        self.lora_A = nn.Linear(base.in_features, r, bias=False, dtype=base.weight.dtype, device=base.weight.device)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False, dtype=base.weight.dtype, device=base.weight.device)
+        n_in, n_out = features(base)
+        self.lora_A = nn.Linear(n_in, r, bias=False, dtype=base.weight.dtype, device=base.weight.device)
+        self.lora_B = nn.Linear(r, n_out, bias=False, dtype=base.weight.dtype, device=base.weight.device)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -90,10 +91,13 @@ class LoRALinear(nn.Module):
                 and not torch.is_autocast_enabled(x.device.type)
                 and base.weight.dtype == dt and self.lora_A.weight.dtype == dt and self.lora_B.weight.dtype == dt)
 
-    def merged_linear(self) -> nn.Linear:
-        """The base layer with W += s * B A folded in (in the base weight's dtype)."""
+    def merged_linear(self) -> nn.Module:
+        """The base layer with W += s * B A folded in (in the base weight's dtype; transposed for
+        a Conv1D, whose weight is (in, out))."""
         base = self.base_layer
         delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        if is_conv1d(base):
+            delta = delta.t()
         with torch.no_grad():
             base.weight.add_(delta.to(base.weight.dtype))
         return base
@@ -132,16 +136,44 @@ def _matches(name: str, pattern: str) -> bool:
     return pattern == leaf or name.endswith("." + pattern) or re.fullmatch(pattern, name) is not None
 
 
-def select_linears(model: nn.Module, patterns: list[str]) -> list[str]:
-    """Names of the nn.Linear modules matched by `patterns` (never the output head)."""
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 and kin): a linear layer whose weight is stored (in, out)."""
+    from transformers.pytorch_utils import Conv1D
+    return isinstance(module, Conv1D)
+
+
+def features(layer: nn.Module) -> tuple[int, int]:
+    """(in, out) features of an nn.Linear or a Conv1D."""
+    return tuple(layer.weight.shape) if is_conv1d(layer) else (layer.in_features, layer.out_features)
+
+
+def select_linears(model: nn.Module, patterns: list[str], conv1d: bool = False) -> list[str]:
+    """Names of the nn.Linear modules (and with `conv1d`, transformers' Conv1D ones) matched by
+    `patterns` (never the output head)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    linears = [n for n, m in model.named_modules()
+               if (isinstance(m, nn.Linear) or (conv1d and is_conv1d(m))) and m is not head]
     if "all-linear" in patterns:
         return linears
-    for p in patterns:
-        if not any(_matches(n, p) for n in linears):
-            warnings.warn(f"method.target_modules: pattern '{p}' matches no linear layer")
+    _check_patterns(patterns, linears)
     return [n for n in linears if any(_matches(n, p) for p in patterns)]
+
+
+def _check_patterns(patterns: list[str], linears: list[str]) -> None:
+    """An entry that matches no layer is an error naming it and the layers there are, unless
+    another entry matches (a recipe meant for several architectures): then a warning on stderr."""
+    counts = {p: sum(_matches(n, p) for n in linears) for p in patterns}
+    dead = [repr(p) for p, k in counts.items() if not k]
+    if not dead:
+        return
+    verb = "matches" if len(dead) == 1 else "match"
+    if len(dead) == len(patterns):
+        leaves = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in linears}))
+        raise ConfigError(f"method.target_modules: {', '.join(dead)} {verb} no linear layer; the model's linear "
+                          f"layers are named: {leaves}")
+    live = ", ".join(f"{p!r} matches {k}" for p, k in counts.items() if k)
+    print(f"warning: method.target_modules: {', '.join(dead)} {verb} no linear layer of this model; {live}",
+          file=sys.stderr, flush=True)
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -162,8 +194,9 @@ class LoRA(Method):
     def apply(self, model):
         for p in model.parameters():
             p.requires_grad_(False)
-        self._all_linear_names = select_linears(model, ["all-linear"])
-        names = select_linears(model, self.cfg.target_modules)
+        self._all_linear_names = select_linears(model, ["all-linear"], conv1d=True)
+        names = select_linears(model, self.cfg.target_modules, conv1d=True)
+        self._fan_in_fan_out = any(is_conv1d(model.get_submodule(n)) for n in names)
         if not names:
             raise ConfigError(f"method.target_modules: {self.cfg.target_modules} matches no linear layer")
         for n in names:
@@ -181,7 +214,7 @@ class LoRA(Method):
         return {
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
             "r": self.cfg.r, "lora_alpha": self.cfg.alpha, "lora_dropout": self.cfg.dropout,
-            "use_rslora": self.cfg.rslora, "bias": "none", "fan_in_fan_out": False,
+            "use_rslora": self.cfg.rslora, "bias": "none", "fan_in_fan_out": self._fan_in_fan_out,
             "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
             "target_modules": self._peft_targets(leaves),
         }

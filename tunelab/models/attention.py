@@ -37,6 +37,9 @@ def packed_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Ten
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     sizes = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    if not _plain_causal(kwargs, max(sizes)):  # a sliding window that bites, or a logit softcap: the masked kernel
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
     dtype = _flash_dtype(query)
     if dtype is not None and not (dropout and module.training):
         out = _varlen(query, key, value, cu, max(sizes), scaling, dtype)
@@ -49,6 +52,14 @@ def packed_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Ten
                                             dropout_p=dropout if module.training else 0.0)
              for q, k, v in zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2)) if q.shape[2]]
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _plain_causal(kwargs: dict, longest: int) -> bool:
+    """Whether plain causal attention within each example is what the layer asks: no logit
+    softcap or attention sinks, and no sliding window shorter than the longest example (Mistral,
+    Gemma 2/3 and Qwen's sliding layers pass theirs as `sliding_window`; the mask carries it)."""
+    window = kwargs.get("sliding_window")
+    return (window is None or longest <= window) and kwargs.get("softcap") is None and kwargs.get("s_aux") is None
 
 
 @functools.lru_cache(maxsize=None)

@@ -20,3 +20,10 @@ class ModelConfig:
     `sdpa_masked` is transformers' SDPA with a block-diagonal mask over the whole packed row."""
     allow_pickle: bool = False
     """Allow loading pickle-based weights (.bin/.pt); even then they load with weights_only=True."""
+
+
+def looks_like_path(name: str) -> bool:
+    """A model name that can only be a path: it starts with /, ./, ../ or ~, names a .gguf file,
+    or has more than one '/' (a hub id is `org/name`)."""
+    return name.startswith(("/", "./", "../", "~")) or name in (".", "..") or \
+        name.lower().endswith(".gguf") or name.count("/") > 1

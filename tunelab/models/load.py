@@ -5,16 +5,19 @@ Each kind of `model.name` is a `_Strategy` in `_STRATEGIES`, tried in order: the
 """
 from __future__ import annotations
 
+import functools
 import json
+import os
 import pickle
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import TunelabError
 from tunelab.models.builtin import BUILTIN_MODELS, pull
-from tunelab.models.config import ModelConfig
+from tunelab.models.config import ModelConfig, looks_like_path
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -27,6 +30,8 @@ class _Source:
     path: str
     gguf_file: str | None = None
     hub: bool = False
+    offline: bool = False
+    """A hub id while the hub is unreachable: the local HF cache only."""
 
 
 @dataclass(frozen=True)
@@ -53,12 +58,39 @@ def _local(name: str, cfg: ModelConfig) -> _Source:
     return _Source(str(path))
 
 
+def _missing(name: str, cfg: ModelConfig) -> _Source:
+    raise TunelabError(f"model.name {name}: no such file or directory (a path, so not looked up on the hub; "
+                       f"relative paths in a YAML file resolve against its folder)")
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_reachable() -> bool:
+    """One quick connection to the hub's endpoint. When it fails, hub ids load from the local HF
+    cache only (local_files_only), instead of huggingface_hub retrying for half a minute."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
+def _offline() -> bool:
+    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+    return any(f and f.strip().lower() in ("1", "on", "yes", "true") for f in flags) or not _hub_reachable()
+
+
 def _hub(name: str, cfg: ModelConfig) -> _Source:
     from transformers import PretrainedConfig
 
-    src = _Source(name, hub=True)
+    src = _Source(name, hub=True, offline=_offline())
     # transformers would quietly swap a known model_type's auto_map for its own class; we refuse instead.
-    config, _ = _call(PretrainedConfig.get_config_dict, src, {"revision": cfg.revision})
+    config, _ = _call(PretrainedConfig.get_config_dict, src, {"revision": cfg.revision, **({"local_files_only": True} if src.offline else {})})
     _check_remote_code(config, name, cfg)
     return src
 
@@ -67,6 +99,7 @@ _STRATEGIES: tuple[_Strategy, ...] = (
     _Strategy("built-in", lambda n: n in BUILTIN_MODELS, _builtin),
     _Strategy("gguf", lambda n: n.lower().endswith(".gguf"), _gguf),
     _Strategy("local", lambda n: Path(n).expanduser().exists(), _local),
+    _Strategy("missing path", looks_like_path, _missing),
     _Strategy("hub", lambda n: bool(_HUB_ID.match(n)), _hub),
 )
 
@@ -115,6 +148,8 @@ def _common_kwargs(src: _Source, cfg: ModelConfig) -> dict:
         kw["gguf_file"] = src.gguf_file
     if src.hub:
         kw["revision"] = cfg.revision
+    if src.offline:
+        kw["local_files_only"] = True
     return kw
 
 
@@ -149,9 +184,23 @@ def _call(loader: Callable, src: _Source, kwargs: dict):
         if src.hub:
             raise TunelabError(
                 f"could not load hub model '{src.path}' (revision {kwargs.get('revision') or 'main'}): "
-                "the Hugging Face hub is unreachable or offline and it is not in the local HF cache. "
+                f"the Hugging Face hub is {'unreachable or offline' if src.offline else 'unreachable'} and it is not "
+                "in the local HF cache. "
                 f"Use a local model directory or a built-in name ({', '.join(sorted(BUILTIN_MODELS))}).") from e
         raise TunelabError(f"could not load model from {src.path}: {e}") from e
+
+
+def _load_weights(loader: Callable, src: _Source, kwargs: dict):
+    """`_call(loader, ...)`; a model that has no SDPA support (Gemma 2) falls back to eager
+    attention, with a note on stderr, instead of a traceback."""
+    try:
+        return _call(loader, src, kwargs)
+    except ValueError as e:
+        if "does not support an attention implementation" not in str(e) or kwargs["attn_implementation"] == "eager":
+            raise
+        print(f"note: {str(e).split(' does not support')[0]} has no SDPA attention in transformers; using "
+              "model.attn_implementation=eager", file=sys.stderr, flush=True)
+        return _call(loader, src, kwargs | {"attn_implementation": "eager"})
 
 
 def load_tokenizer(cfg: ModelConfig, padding_side: str = "right"):
@@ -176,9 +225,10 @@ def load_model(cfg: ModelConfig, padding_side: str = "right"):
     from transformers import AutoModelForCausalLM
 
     src = _resolve(cfg)
-    model = _call(AutoModelForCausalLM.from_pretrained, src, _model_kwargs(src, cfg))
+    model = _load_weights(AutoModelForCausalLM.from_pretrained, src, _model_kwargs(src, cfg))
     tok = _load_tokenizer(src, cfg, padding_side)
-    if cfg.attn_implementation == "sdpa":  # same function, but packed rows attend per example
+    if cfg.attn_implementation == "sdpa" and model.config._attn_implementation == "sdpa":
+        # same function, but packed rows attend per example
         from tunelab.models.attention import register
         model.set_attn_implementation(register())
     from tunelab.models.norms import fuse_rms_norms

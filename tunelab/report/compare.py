@@ -16,16 +16,21 @@ from pathlib import Path
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.report.rundata import RunData, figures, headline, load_run_data
 
-FORCED = ("data.train", "data.eval", "data.max_length", "train.steps", "train.micro_batch_size",
-          "train.grad_accum", "train.seed", "eval.num_examples")
+FORCED = ("data.train", "data.eval", "data.eval_fraction", "data.eval_max_examples", "data.max_length",
+          "train.steps", "train.micro_batch_size", "train.grad_accum", "train.seed", "eval.num_examples")
 """Config fields every compared run shares: the data (train and eval sets, truncation length), the
 budget (steps x micro-batch x accumulation), the seed, and how many eval examples score the gain."""
+
+ORDER_DEPENDENT = ("startup_s",)
+"""Figures that say which run a process trained first (it also pays for imports and a cold disk),
+not which method is better: shown, never ranked or charted."""
 
 # (regex on the figure's name, higher is better?) -- first match wins; None: no "best" in that row
 DIRECTION: tuple[tuple[str, bool | None], ...] = (
     (r"_before$|^base_|[._]base_", None),  # the base model's score: the same for every run of one model
     (r"[._]old_|tuco", None),  # the old answer after a fact update; TuCo measures change, not quality
-    (r"loss|kl|drift|intruder|skipped|bytes|step_s$|startup_s|train_s|forget|lost|gap", False),
+    (r"startup_s", None),  # ORDER_DEPENDENT
+    (r"loss|perplexity|kl|drift|intruder|skipped|bytes|step_s$|train_s|forget|lost|gap", False),
     (r"accuracy|retained|tokens_per_s|examples_per_s|_change$|gain", True),
 )
 
@@ -133,6 +138,24 @@ def _unique(names: list[str]) -> list[str]:
     return out
 
 
+def _check_overrides(overrides: list[str], reference: dict, items: list[tuple[str, Path]]) -> None:
+    """Refuse a --set that would do nothing: no recipe to apply it to, or a FORCED field that the
+    reference run directory's value overwrites."""
+    from tunelab import config as C
+
+    if overrides and all(kind == "run" for kind, _ in items):
+        raise ConfigError(f"compare: --set applies to YAML recipes; every target is a run directory "
+                          f"(--set {' '.join(overrides)} would change nothing)")
+    first_run = next((p for kind, p in items if kind == "run"), None)
+    for item in overrides if first_run is not None else []:
+        keys, value = C.parse_override(item)
+        key = ".".join(keys)
+        if key in FORCED and value != reference[key]:
+            raise ConfigError(f"compare: --set {item}: the reference run directory {first_run} was trained with "
+                              f"{key} = {reference[key]!r}, and every recipe is trained with the reference's "
+                              f"{', '.join(FORCED)}; drop --set, or compare recipes only")
+
+
 def prepare(targets: list[str], out: Path, overrides: list[str] = (), allow_mismatch: bool = False) -> Comparison:
     """Check the run directories against the reference, train the recipes, load every run."""
     import tunelab
@@ -147,6 +170,7 @@ def prepare(targets: list[str], out: Path, overrides: list[str] = (), allow_mism
     else:
         first = next(i for i, (k, _) in enumerate(items) if k == "recipe")
         reference = forced_values(C.to_dict(recipe_config(items[first][1], list(overrides), None, out)))
+    _check_overrides(list(overrides), reference, items)
     problems = [m for r in runs.values() for m in mismatches(reference, r)]
     if problems and not allow_mismatch:
         raise ConfigError("compare: the runs were trained with different data, budget or seed:\n  " +

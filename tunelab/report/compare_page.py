@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tunelab.report import html as H
 from tunelab.report import svg
-from tunelab.report.compare import FORCED, Comparison
+from tunelab.report.compare import FORCED, ORDER_DEPENDENT, Comparison
 from tunelab.report.rundata import headline
 
 
@@ -63,7 +63,8 @@ def table_section(c: Comparison, rows: list[dict]) -> str:
     diag = {r["section"] for r in rows} - {"target", "throughput"}
     missing = [f"{n}: {', '.join(sorted(diag - set(r.diagnostics)))}" for n, r in zip(c.names, c.runs)
                if diag - set(r.diagnostics)]
-    note = H.note("↑ higher is better, ↓ lower is better; the best run in each row is highlighted.")
+    note = H.note("↑ higher is better, ↓ lower is better; the best run in each row is highlighted. Start-up "
+                  "time is not ranked: the first run trained in a process also pays for loading libraries.")
     if missing:
         note += H.note("not run (shown as —): " + escape("; ".join(missing)) +
                        ". Run <code>tunelab diagnose RUN</code> on those runs.")
@@ -103,14 +104,15 @@ def bars_section(c: Comparison, rows: list[dict]) -> str:
     parts, section = [], None
     for r in rows:
         nums = [v for v in r["values"] if H.is_number(v)]
-        if len(set(nums)) < 2:  # nothing to tell apart: the table says it
-            continue
+        if len(set(nums)) < 2 or r["figure"] in ORDER_DEPENDENT:
+            continue  # nothing to tell apart (the table says it), or nothing a method decides
         if r["section"] != section:
             parts.append(("</div>" if section else "") + f'<h3>{escape(r["section"])}</h3><div class="charts">')
             section = r["section"]
         parts.append(svg.bar_chart(c.names, [v if H.is_number(v) else None for v in r["values"]],
                                    title=f"{r['section']}: {r['figure']}", y_label=r["figure"],
-                                   highlight=r["best"][0] if len(r["best"]) == 1 else None))
+                                   highlight=r["best"][0] if len(r["best"]) == 1 else None,
+                                   colors=[svg.PALETTE[i % len(svg.PALETTE)] for i in range(len(c.names))]))
     body = "".join(parts) + ("</div>" if section else "")
     return H.section("Per figure", body or H.note("every figure is the same for all runs"), "bars")
 

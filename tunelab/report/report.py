@@ -45,12 +45,23 @@ def headline_section(run: RunData, h: dict) -> str:
                      ("trainable %", h["trainable_pct"], "trainable_pct"),
                      ("time (s)", h["time_s"], "time_s")])
     data = H.table(["data", "source"], [["train", h["train_data"]], ["eval", h["eval_data"]],
-                                        ["train examples", h["train_examples"]]])
+                                        ["train examples", _examples_text(run, h)]])
     cfg = escape(yaml.safe_dump(run.config, sort_keys=False))
     time_note = H.note("time = start-up + optimizer steps (mean logged step time × steps); evaluation and "
                        "checkpoint writes are not included.", "note muted")
     return H.section("Run", cards + data + time_note +
                      f"<details><summary>full config</summary><pre>{cfg}</pre></details>", "headline")
+
+
+def _examples_text(run: RunData, h: dict) -> str:
+    """`120 (2 truncated at data.max_length=64, longest 90 tokens; 1 dropped: ...)`."""
+    s, cuts = run.setup, []
+    if s.get("truncated"):
+        longest = f", longest {s['longest_example']} tokens" if s.get("longest_example") else ""
+        cuts.append(f"{s['truncated']} truncated at data.max_length={run.get('data.max_length')}{longest}")
+    if s.get("dropped"):
+        cuts.append(f"{s['dropped']} dropped: no trained token left after truncation")
+    return H.fmt(h["train_examples"]) + (f" ({'; '.join(cuts)})" if cuts else "")
 
 
 def target_section(run: RunData) -> str:
@@ -59,13 +70,22 @@ def target_section(run: RunData) -> str:
         return H.section("Target task", H.note("no evaluation yet (the run has no eval data, or it has not "
                                                "finished): set <code>data.eval</code> to measure the gain."),
                          "target")
+    scored = t["accuracy_before"] is not None or t["accuracy_after"] is not None
+    metrics = (("accuracy", "accuracy"), ("eval_loss", "eval loss")) if scored else \
+        (("eval_loss", "eval loss"), ("perplexity", "perplexity"))
     rows = [[label, H.cell(t[f"{m}_before"], f"{m}_before"), H.cell(t[f"{m}_after"], f"{m}_after"),
              _change_cell(t[f"{m}_change"], f"{m}_change", higher_better=m == "accuracy")]
-            for m, label in (("accuracy", "accuracy"), ("eval_loss", "eval loss"))]
-    n = (run.results.get("after") or {}).get("num_examples")
+            for m, label in metrics]
+    after = run.results.get("after") or {}
     body = H.table(["metric", "before", "after", "change"], rows, css_id="target-table")
-    body += H.note(f"exact-match accuracy on {H.fmt(n)} held-out examples; eval loss over the eval data's "
-                   f"trained tokens.") + accuracy_chart(run) + samples_table(run)
+    if scored:
+        note = (f"{escape(run.get('eval.metric') or 'exact_match')} accuracy of the final answer on "
+                f"{H.fmt(after.get('num_examples'))} held-out examples; eval loss over the eval data's trained tokens.")
+    else:
+        note = (f"The eval data has no gold final answer (an <code>answer</code> field or a line matching "
+                f"<code>eval.answer_pattern</code>), so accuracy is not scored: eval loss and perplexity over "
+                f"the trained tokens of {H.fmt(after.get('loss_examples'))} held-out examples show the gain.")
+    body += H.note(note + f" Evaluated: {escape(str(headline(run)['eval_data']))}.") + accuracy_chart(run) + samples_table(run)
     return H.section("Target task", body, "target")
 
 

@@ -114,10 +114,10 @@ def _diff(a, b):
 
 
 def target_figures(run: RunData) -> dict[str, float | None]:
-    """Task accuracy and eval loss before and after training, and their change."""
+    """Task accuracy, eval loss and perplexity before and after training, and their change."""
     before, after = run.results.get("before") or {}, run.results.get("after") or {}
     out = {}
-    for metric in ("accuracy", "eval_loss"):
+    for metric in ("accuracy", "eval_loss", "perplexity"):
         b, a = _num(before.get(metric)), _num(after.get(metric))
         out |= {f"{metric}_before": b, f"{metric}_after": a, f"{metric}_change": _diff(b, a)}
     return out
@@ -162,13 +162,22 @@ def headline(run: RunData) -> dict:
     n_train, n_total = _num(run.setup.get("trainable_params")), _num(run.setup.get("total_params"))
     return {
         "method": run.get("method.name"), "objective": run.get("objective.name"), "model": run.get("model.name"),
-        "train_data": run.get("data.train"), "eval_data": run.get("data.eval"),
+        "train_data": run.get("data.train"), "eval_data": eval_source(run),
         "steps": steps_done(run), "planned_steps": run.get("train.steps"),
         "trainable_params": n_train, "total_params": n_total,
         "trainable_pct": 100 * n_train / n_total if n_train is not None and n_total else None,
         "train_examples": _num(run.setup.get("train_examples")),
         "time_s": _sum_or_none(_num(run.setup.get("startup_s")), train_seconds(run)),
     }
+
+
+def eval_source(run: RunData) -> str | None:
+    """What the run is evaluated on: data.eval, or the held-out slice of data.train (or None)."""
+    if run.get("data.eval") != "holdout":
+        return run.get("data.eval")
+    if not run.get("data.eval_fraction"):
+        return None
+    return f"a held-out slice of {run.get('data.train')} (data.eval_fraction={run.get('data.eval_fraction')})"
 
 
 def _sum_or_none(*xs):

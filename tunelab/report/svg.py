@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from html import escape
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
-BEST, MUTED = "#2ca02c", "#9aa5b1"
+MUTED = "#9aa5b1"
 
 
 @dataclass(kw_only=True)
@@ -48,8 +48,9 @@ def tick(v: float) -> str:
     return f"{int(v):,}" if float(v).is_integer() and abs(v) < 1e6 else f"{v:.3g}"
 
 
-def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """Round tick values (1, 2, 2.5, 5 x 10^k steps) covering [lo, hi]; a flat range gets a band."""
+def nice_ticks(lo: float, hi: float, count: int = 5, integer: bool = False) -> list[float]:
+    """Round tick values (1, 2, 2.5, 5 x 10^k steps) covering [lo, hi]; a flat range gets a band.
+    `integer` (an axis of steps): whole-number ticks only (steps 1, 2, 5 x 10^k, at least 1)."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return [0.0]
     if not math.isfinite(hi - lo):  # a span beyond float range: its ends are the only ticks
@@ -58,8 +59,10 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
         pad = abs(lo) * 0.5 or 1.0
         lo, hi = lo - pad, hi + pad
     raw = (hi - lo) / max(count - 1, 1)
+    if integer:
+        raw = max(raw, 1.0)
     mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    step = next(m * mag for m in ((1, 2, 5, 10) if integer else (1, 2, 2.5, 5, 10)) if m * mag >= raw)
     first = math.floor(lo / step) * step
     n = int(math.ceil((hi - first) / step - 1e-9)) + 1
     digits = max(0, 2 - math.floor(math.log10(step)))  # drop float noise below the step's precision
@@ -71,7 +74,7 @@ class _Frame:
 
     def __init__(self, width: int, height: int, xs: list[float], ys: list[float], left: int = 58):
         self.w, self.h, self.left, self.top, self.right, self.bottom = width, height, left, 28, 14, 34
-        self.xt = nice_ticks(min(xs), max(xs))
+        self.xt = nice_ticks(min(xs), max(xs), integer=all(float(x).is_integer() for x in xs))
         self.yt = nice_ticks(min(ys), max(ys))
 
     def x(self, v: float) -> float:
@@ -151,9 +154,11 @@ def _legend(series: list[Series], width: int) -> list[str]:
 
 
 def bar_chart(labels: list[str], values: list[float | None], *, title: str, y_label: str = "",
-              highlight: int | None = None, width: int | None = None, height: int = 220) -> str:
-    """Vertical bars, one per label (missing values leave a gap); bar number `highlight` is drawn
-    in the 'best' colour."""
+              highlight: int | None = None, colors: list[str] | None = None, width: int | None = None,
+              height: int = 220) -> str:
+    """Vertical bars, one per label (missing values leave a gap), in `colors` (one per bar; a run's
+    colour elsewhere on the page) or all in the first palette colour; bar number `highlight` gets
+    a dark outline and a "best" label (a colour of its own would be some other run's)."""
     n = len(labels)
     width = width or max(260, min(900, 70 + 34 * n))
     finite = [v for v in values if v is not None and math.isfinite(v)]
@@ -167,10 +172,14 @@ def bar_chart(labels: list[str], values: list[float | None], *, title: str, y_la
         x0 = f.left + i * slot + slot * 0.15
         if v is not None and math.isfinite(v):
             y0, y1 = f.y(max(v, 0)), f.y(min(v, 0))
-            color = BEST if i == highlight else PALETTE[0]
+            color = colors[i] if colors else PALETTE[0]
+            outline = ' stroke="#111" stroke-width="2"' if i == highlight else ""
             parts.append(f'<rect x="{x0:.1f}" y="{y0:.1f}" width="{slot * 0.7:.1f}" '
-                         f'height="{max(y1 - y0, 0.5):.1f}" fill="{color}">'
-                         f'<title>{escape(lab)}: {fmt_num(v)}</title></rect>')
+                         f'height="{max(y1 - y0, 0.5):.1f}" fill="{color}"{outline}>'
+                         f'<title>{escape(lab)}: {fmt_num(v)}{" (best)" if i == highlight else ""}</title></rect>')
+            if i == highlight:
+                parts.append(f'<text x="{x0 + slot * 0.35:.1f}" y="{y0 - 4:.1f}" text-anchor="middle" '
+                             f'class="label">best</text>')
         if i % every == 0:
             parts.append(f'<text x="{x0 + slot * 0.35:.1f}" y="{height - f.bottom + 16}" '
                          f'text-anchor="middle">{escape(lab)}</text>')
@@ -205,15 +214,15 @@ def histogram(values: list[float], *, title: str, x_label: str = "", bins: int |
 
 def scatter(points: list[tuple[str, float | None, float | None]], *, title: str, x_label: str, y_label: str,
             width: int = 440, height: int = 280) -> str:
-    """One labelled dot per (name, x, y); points with a missing or non-finite coordinate are left out."""
-    pts = [(n, x, y) for n, x, y in points
+    """One labelled dot per (name, x, y), coloured by its place in `points` (as line_chart colours
+    its series); points with a missing or non-finite coordinate are left out."""
+    pts = [(PALETTE[i % len(PALETTE)], n, x, y) for i, (n, x, y) in enumerate(points)
            if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)]
     if not pts:
         return _empty(width, height, title)
-    f = _Frame(width, height, [p[1] for p in pts], [p[2] for p in pts])
+    f = _Frame(width, height, [p[2] for p in pts], [p[3] for p in pts])
     parts = f.axes(x_label, y_label)
-    for i, (name, x, y) in enumerate(pts):
-        color = PALETTE[i % len(PALETTE)]
+    for color, name, x, y in pts:
         parts.append(f'<circle cx="{f.x(x):.1f}" cy="{f.y(y):.1f}" r="5" fill="{color}" stroke="#fff">'
                      f'<title>{escape(name)}: {escape(x_label)} {fmt_num(x)}, {escape(y_label)} {fmt_num(y)}'
                      f'</title></circle><text x="{f.x(x) + 7:.1f}" y="{f.y(y) - 6:.1f}">{escape(name)}</text>')

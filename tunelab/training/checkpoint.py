@@ -255,3 +255,13 @@ def recover(root: Path) -> None:
                 continue
         if p.name.startswith((".tmp-", ".del-", ".old-")):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def follow_umask(directory: Path) -> None:
+    """Give every file under `directory` the mode a plain `open` would (0666 less the umask):
+    safetensors writes 0600, which hides a model from the other users it is exported for."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in Path(directory).rglob("*"):
+        if p.is_file():
+            os.chmod(p, 0o666 & ~mask)

@@ -74,6 +74,16 @@ class TrainConfig:
         self.betas = list(self.betas)
 
 
+    def warnings(self) -> list[str]:
+        """Settings that are valid but do not do what they say (printed when training starts)."""
+        out = []
+        if self.warmup_steps >= self.steps:  # warm-up step i sets lr = train.lr * (i + 1) / (warmup_steps + 1)
+            out.append(f"train.warmup_steps={self.warmup_steps} is not below train.steps={self.steps}: the run "
+                       f"ends inside the warm-up, so the learning rate peaks at {self.steps}/{self.warmup_steps + 1} "
+                       f"of train.lr and never decays")
+        return out
+
+
 INF = math.inf
 _RANGES: dict[str, tuple[float, float]] = {
     "steps": (1, INF), "micro_batch_size": (1, INF), "grad_accum": (1, INF), "log_every": (1, INF),

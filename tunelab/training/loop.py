@@ -32,17 +32,24 @@ def pick_device(name: str) -> torch.device:
                         ("cpu" if name == "auto" else name))
 
 
-def load_examples(cfg: C.RunConfig, tokenizer):
-    from tunelab.data import encode, load_records
+def load_examples(cfg: C.RunConfig, tokenizer, say=print):
+    """(train Examples, eval Records, eval Examples); `say` gets the line saying what is evaluated
+    (data.eval, or a held-out slice of data.train: tunelab.data.split)."""
+    from tunelab.data import encode
+    from tunelab.data.split import train_eval_records
 
-    train_records = load_records(cfg.data.train, cfg.data)
-    eval_records = load_records(cfg.data.eval, cfg.data) if cfg.data.eval else []
-    for spec, records in ((cfg.data.train, train_records), (cfg.data.eval, eval_records)):
+    train_records, eval_records, what = train_eval_records(cfg.data)
+    say(what)
+    for spec, records in ((cfg.data.train, train_records), (cfg.data.eval or "eval data", eval_records)):
         _check_chat_template(spec, records, tokenizer, cfg)
         if getattr(records, "num_skipped", 0):
             _warn(f"warning: {spec}: skipped {records.num_skipped} malformed rows (data.on_bad_rows=skip); "
                   f"first: {'; '.join(records.skip_reasons)}")
-    return encode(train_records, tokenizer, cfg.data), eval_records, encode(eval_records, tokenizer, cfg.data)
+    train_ex, eval_ex = encode(train_records, tokenizer, cfg.data), encode(eval_records, tokenizer, cfg.data)
+    for name, examples in (("data.train", train_ex), ("eval data", eval_ex)):
+        if (cuts := examples.cuts(cfg.data.max_length)) is not None:
+            _warn(f"warning: {name}: {cuts}")
+    return train_ex, eval_records, eval_ex
 
 
 def _check_chat_template(spec: str, records, tokenizer, cfg: C.RunConfig) -> None:
@@ -60,9 +67,11 @@ def evaluate(model, tok, eval_records, eval_examples, cfg: C.RunConfig, step: in
     if not eval_records:
         return {}
     pad = tok.pad_token_id
-    n = cfg.eval.num_examples
-    out = {"eval_loss": eval_loss(model, eval_examples[:n], batch_size=cfg.eval.batch_size, pad_id=pad,
-                                  precision=cfg.train.precision)}
+    scored = eval_examples[:cfg.eval.num_examples]
+    out = {}
+    if scored:  # no example, no loss (not a loss of 0)
+        loss = eval_loss(model, scored, batch_size=cfg.eval.batch_size, pad_id=pad, precision=cfg.train.precision)
+        out = {"eval_loss": loss, "perplexity": math.exp(min(loss, 700.0)), "loss_examples": len(scored)}
     pause_point(f"eval:{step}")
     return out | answer_accuracy(model, tok, eval_records, cfg.eval, precision=cfg.train.precision)
 
@@ -107,13 +116,18 @@ def load_trainable_state(method, objective, model, state: dict) -> None:
 
 
 def save_final(run_dir: Path, model, tok, method, objective, cfg: C.RunConfig) -> None:
+    from tunelab.models import resolve_model_path
+
+    base = resolve_model_path(cfg.model.name)  # what the HF ecosystem loads: a directory or a hub id
+
     def fill(tmp: Path) -> None:
-        method.save(model, tok, tmp, cfg.model.name)
+        method.save(model, tok, tmp, base)
         objective.save(tmp)
         tok.save_pretrained(tmp)
         pause_point("fill:final")
         (tmp / "tunelab.json").write_text(redact(json.dumps({"method": cfg.method.name, "base_model": cfg.model.name,
                                                              "steps": cfg.train.steps})))
+        ckpt.follow_umask(tmp)
     ckpt.atomic_dir(run_dir / "final", fill)
 
 
@@ -122,6 +136,9 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
     from tunelab.methods import METHODS
     from tunelab.models import load_model
     from tunelab.objectives import OBJECTIVES
+
+    import transformers  # noqa: F401 -- imported before the clock starts: startup_s measures this run's
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401  loading, not the process's imports
 
     with RunLock(run_dir), ExitStack() as stack:
         write_config(cfg, run_dir)
@@ -135,6 +152,8 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
         if device.type == "cpu" and tc.compact_host_memory:
             tame_allocator()
         print(f"device {device}, precision {resolve_precision(tc.precision, device)}")
+        for warning in tc.warnings():
+            _warn(f"warning: {warning}")
 
         # ---- model, method, objective, data
         model, tok = load_model(cfg.model)
@@ -148,6 +167,10 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
         objective = OBJECTIVES.get(cfg.objective.name)(cfg.objective.options)
         objective.setup(model, tok)
         train_ex, eval_records, eval_ex = load_examples(cfg, tok)
+        if not train_ex:
+            raise TunelabError(f"data.train: no example left to train: all {train_ex.num_dropped} were dropped (no "
+                               f"trained token after truncation at data.max_length={cfg.data.max_length}); raise "
+                               "data.max_length or shorten the prompts")
         groups = method.param_groups(model, tc.weight_decay) + objective.param_groups(tc.weight_decay)
         opt, sched = build_optimizer(groups, tc)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -178,7 +201,8 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
         results = json.loads(results_path.read_text()) if results_path.exists() and start > 0 else {}
         if start == 0:
             log.write({"step": 0, "kind": "setup", "trainable_params": n_train, "total_params": n_total,
-                       "train_examples": len(train_ex), "truncated": train_ex.num_truncated,
+                       "train_examples": len(train_ex), "eval_examples": len(eval_records),
+                       "truncated": train_ex.num_truncated, "longest_example": train_ex.longest,
                        "dropped": train_ex.num_dropped, "bad_rows_skipped": train_ex.num_bad_rows,
                        "eval_bad_rows_skipped": eval_ex.num_bad_rows, "startup_s": time.perf_counter() - t_start})
             if cfg.eval.before and eval_records:
@@ -290,3 +314,7 @@ def _report(when: str, res: dict) -> None:
     if "accuracy" in res:
         print(f"eval {when}: accuracy {res['accuracy']:.3f} on {res['num_examples']} held-out examples, "
               f"loss {res['eval_loss']:.4f}")
+    elif "eval_loss" in res:
+        print(f"eval {when}: loss {res['eval_loss']:.4f}, perplexity {res['perplexity']:.2f} on "
+              f"{res['loss_examples']} held-out examples (no gold final answers: an `answer` field or a line "
+              "matching eval.answer_pattern; accuracy not scored)")

@@ -52,6 +52,13 @@ def is_run_dir(path: str | Path) -> bool:
     return (Path(path) / "config.yaml").is_file()
 
 
+def has_progress(run_dir: Path) -> bool:
+    """Whether a run directory holds trained state (a checkpoint or final/), not only the
+    config.yaml of a start that failed on its inputs."""
+    ckpts = run_dir / "checkpoints"
+    return (run_dir / "final").exists() or (ckpts.is_dir() and any(ckpts.iterdir()))
+
+
 # ----------------------------------------------------------------------------- no secrets on disk
 
 _SECRET_NAME = re.compile(r"(^|_)(TOKEN|KEY|SECRET|PASSWORD)$", re.I)
@@ -90,7 +97,7 @@ def resolve(target, overrides: list[str] = ()) -> tuple[C.RunConfig, Path]:
     else:
         raise ConfigError(f"{target}: neither a config file nor a run directory")
     run_dir = Path(cfg.output)
-    if is_run_dir(run_dir):
+    if is_run_dir(run_dir) and has_progress(run_dir):  # a start that failed before any step is replaced
         same = C.to_dict(C.load(run_dir / "config.yaml")) == C.to_dict(cfg)
         if not same:
             raise ConfigError(f"output: {run_dir} already holds a different run; resume it with "
