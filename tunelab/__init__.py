@@ -16,7 +16,7 @@ def train(config, *overrides: str) -> Path:
     """Train from a YAML path, a dict, a RunConfig, or an existing run directory (resumes).
     `overrides` are `key.path=value` strings. Returns the run directory."""
     from tunelab.training.loop import train as _train
-    from tunelab.training.run import resolve
+    from tunelab.run.rundir import resolve
 
     cfg, run_dir = resolve(config, list(overrides))
     run_dir = _train(cfg, run_dir)
@@ -28,5 +28,5 @@ def train(config, *overrides: str) -> Path:
 
 
 def load_run(run_dir):
-    from tunelab.training.run import load_trained
+    from tunelab.training.final import load_trained
     return load_trained(run_dir)

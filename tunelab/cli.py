@@ -14,7 +14,7 @@ def cmd_train(a) -> None:
 
 def cmd_eval(a) -> None:
     from tunelab.training.loop import evaluate, load_examples
-    from tunelab.training.run import load_trained
+    from tunelab.training.final import load_trained
 
     cfg, model, tok, _ = load_trained(a.run)
     if a.num_examples is not None:
@@ -46,7 +46,7 @@ def cmd_generate(a) -> None:
     from tunelab.data.records import Record
     from tunelab.data import encode_prompt
     from tunelab.eval.task import generate
-    from tunelab.training.run import load_trained
+    from tunelab.training.final import load_trained
 
     cfg, model, tok, _ = load_trained(a.run)
     rec = Record(messages=[{"role": "user", "content": a.prompt}, {"role": "assistant", "content": "."}])
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _say(message: str) -> None:
     """Print to stderr with secrets redacted; bytes a terminal cannot show are escaped, not fatal."""
-    from tunelab.training.run import redact
+    from tunelab.run.rundir import redact
     print(redact(message).encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr, flush=True)
 
 

@@ -9,7 +9,7 @@ from tunelab.errors import TunelabError
 
 
 def export(run_dir, out, merge: bool = False) -> Path:
-    from tunelab.training.run import load_trained
+    from tunelab.training.final import load_trained
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):

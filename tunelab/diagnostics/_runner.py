@@ -38,7 +38,7 @@ def run_state(run_dir: Path) -> str | None:
 def run_one(ctx, name: str) -> dict:
     """Run diagnostic `name` on `ctx` with the run config's options; write and return its result."""
     from tunelab.config import to_dict
-    from tunelab.training.checkpoint import atomic_write_text
+    from tunelab.run.files import atomic_write_text
 
     cfg = ctx.cfg.diagnostics.config_of(name)
     diag = DIAGNOSTICS.get(name)(cfg)

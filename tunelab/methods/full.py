@@ -23,7 +23,7 @@ class FullFineTuning(Method):
         model.save_pretrained(out_dir, safe_serialization=True)
 
     def load(self, model, out_dir: Path) -> None:
-        from tunelab.training.checkpoint import read_safetensors_dir
+        from tunelab.run.files import read_safetensors_dir
 
         state = read_safetensors_dir(out_dir)
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -85,7 +85,7 @@ def best_indices(values: list, higher_is_better: bool | None) -> list[int]:
 
 def split_targets(targets: list[str]) -> list[tuple[str, Path]]:
     """[(kind, path)] with kind `run` (a run directory) or `recipe` (a YAML file)."""
-    from tunelab.training.run import is_run_dir
+    from tunelab.run.rundir import is_run_dir
 
     out = []
     for t in targets:

@@ -21,15 +21,12 @@ from tunelab.training.batches import BatchStream
 from tunelab.training.config import max_tokens_per_forward_for
 from tunelab.training.memory import tame_allocator
 from tunelab.training.optim import build_optimizer
-from tunelab.training.precision import autocast, resolve_precision
+from tunelab.training.final import is_complete, save_final
 from tunelab.training.progress import Progress
-from tunelab.training.run import MetricsLog, RunLock, fits, redact, write_config
-from tunelab.training.signals import GracefulStop, pause_point
-
-
-def pick_device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
-                        ("cpu" if name == "auto" else name))
+from tunelab.run.device import autocast, pick_device, resolve_precision
+from tunelab.run.files import atomic_write_text, recover
+from tunelab.run.rundir import MetricsLog, RunLock, fits, redact, write_config
+from tunelab.run.signals import GracefulStop, pause_point
 
 
 def load_examples(cfg: C.RunConfig, tokenizer):
@@ -106,17 +103,6 @@ def load_trainable_state(method, objective, model, state: dict) -> None:
     method.load_trainable_state(model, {k: v for k, v in state.items() if not k.startswith(prefix)})
 
 
-def save_final(run_dir: Path, model, tok, method, objective, cfg: C.RunConfig) -> None:
-    def fill(tmp: Path) -> None:
-        method.save(model, tok, tmp, cfg.model.name)
-        objective.save(tmp)
-        tok.save_pretrained(tmp)
-        pause_point("fill:final")
-        (tmp / "tunelab.json").write_text(redact(json.dumps({"method": cfg.method.name, "base_model": cfg.model.name,
-                                                             "steps": cfg.train.steps})))
-    ckpt.atomic_dir(run_dir / "final", fill)
-
-
 def train(cfg: C.RunConfig, run_dir: Path) -> Path:
     """Train `cfg` in `run_dir`, resuming from its newest valid checkpoint if there is one."""
     from tunelab.methods import METHODS
@@ -125,8 +111,8 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
 
     with RunLock(run_dir), ExitStack() as stack:
         write_config(cfg, run_dir)
-        ckpt.recover(run_dir)
-        ckpt.recover(run_dir / "checkpoints")
+        recover(run_dir)
+        recover(run_dir / "checkpoints")
         t_start = time.perf_counter()
         tc = cfg.train
         torch.manual_seed(tc.seed)
@@ -171,7 +157,7 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
         stream = BatchStream(train_ex, tc.micro_batch_size, seed=tc.seed, packing=cfg.data.packing,
                              pad_id=tok.pad_token_id, **data_pos)
 
-        if _is_complete(run_dir, tc.steps, start, need_eval=bool(eval_records)):
+        if is_complete(run_dir, tc.steps, start, need_eval=bool(eval_records)):
             print(f"{run_dir} is already trained to step {start}; nothing to do")
             return run_dir
         results_path = run_dir / "eval.json"
@@ -184,7 +170,7 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
             if cfg.eval.before and eval_records:
                 results["before"] = evaluate(model, tok, eval_records, eval_ex, cfg, step=0)
                 _report("before", results["before"])
-                ckpt.atomic_write_text(results_path, redact(json.dumps(results, indent=1)))
+                atomic_write_text(results_path, redact(json.dumps(results, indent=1)))
 
         def save(n: int) -> None:  # a resumable checkpoint of the first n steps
             ckpt.save_checkpoint(run_dir / "checkpoints" / f"step-{n}", optimizer=opt, scheduler=sched,
@@ -252,16 +238,8 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
         if eval_records:
             results["after"] = evaluate(model, tok, eval_records, eval_ex, cfg, step=tc.steps)
             _report("after", results["after"])
-            ckpt.atomic_write_text(results_path, redact(json.dumps(results, indent=1)))
+            atomic_write_text(results_path, redact(json.dumps(results, indent=1)))
         return run_dir
-
-
-def _is_complete(run_dir: Path, steps: int, start: int, need_eval: bool) -> bool:
-    """Trained to `steps`, final/ written for them and (with eval data) the final evaluation done;
-    a crash between any two of these is finished on the next start."""
-    meta, results = run_dir / "final" / "tunelab.json", run_dir / "eval.json"
-    return start == steps and meta.exists() and json.loads(meta.read_text()).get("steps") == steps \
-        and (not need_eval or (results.exists() and "after" in json.loads(results.read_text())))
 
 
 def _interrupt(stop: GracefulStop, run_dir: Path, step: int, save) -> None:

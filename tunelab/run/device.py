@@ -1,10 +1,16 @@
-"""Choosing and applying the compute precision."""
+"""Choosing the device and the compute precision, and applying the precision (autocast)."""
 from __future__ import annotations
 
 import functools
 from contextlib import nullcontext
 
 import torch
+
+
+def pick_device(name: str) -> torch.device:
+    """train.device: `auto` is cuda when available, else cpu."""
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
+                        ("cpu" if name == "auto" else name))
 
 
 @functools.lru_cache(maxsize=None)

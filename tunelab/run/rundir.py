@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tunelab import config as C
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.run.files import atomic_write_text
 
 
 class RunLock:
@@ -72,7 +73,6 @@ def write_config(cfg: C.RunConfig, run_dir: Path) -> None:
     """RUN/config.yaml, atomically (a killed process never leaves half a config) and redacted."""
     import yaml
 
-    from tunelab.training.checkpoint import atomic_write_text
     atomic_write_text(run_dir / "config.yaml", redact(yaml.safe_dump(C.to_dict(cfg), sort_keys=False)))
 
 
@@ -96,31 +96,6 @@ def resolve(target, overrides: list[str] = ()) -> tuple[C.RunConfig, Path]:
             raise ConfigError(f"output: {run_dir} already holds a different run; resume it with "
                               f"`tunelab train {run_dir}` or choose another output=...")
     return cfg, run_dir
-
-
-def load_trained(run_dir: str | Path, device: str = "cpu"):
-    """Rebuild a run's trained model: base model + method + what it saved (final/, else the
-    newest valid checkpoint). Returns (cfg, model, tokenizer, method)."""
-    from tunelab.methods import METHODS
-    from tunelab.models import load_model
-    from tunelab.training.checkpoint import load_latest
-
-    run_dir = Path(run_dir)
-    if not is_run_dir(run_dir):
-        raise TunelabError(f"{run_dir}: not a run directory (no config.yaml)")
-    cfg = C.load(run_dir / "config.yaml")
-    model, tok = load_model(cfg.model)
-    method = METHODS.get(cfg.method.name)(cfg.method.options)
-    model = method.apply(model)
-    if (run_dir / "final").is_dir():
-        with fits(run_dir / "final", cfg):
-            method.load(model, run_dir / "final")
-    elif (found := load_latest(run_dir / "checkpoints")) is not None:
-        with fits(found[0], cfg):
-            method.load_trainable_state(model, found[1]["trainable"])
-    else:
-        raise TunelabError(f"{run_dir}: has neither final/ nor a valid checkpoint; train it first")
-    return cfg, model.to(device).eval(), tok, method
 
 
 @contextmanager
@@ -157,7 +132,6 @@ class MetricsLog:
             return
         keep = [ln for ln in self.path.read_text(errors="replace").splitlines()
                 if (rec := _record(ln)) is not None and rec["step"] <= step]
-        from tunelab.training.checkpoint import atomic_write_text
         atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
 
     def write(self, record: dict) -> None:
