@@ -14,8 +14,8 @@ from test_methods_sparse import adam, step
 from tiny import tiny_model
 
 
-
 # ----------------------------------------------------------------------------- HFT
+
 
 def test_hft_freezes_exactly_half_per_layer():
     from tunelab.methods.hft import ATTENTION, FFN, NORMS, frozen_half, layer_modules

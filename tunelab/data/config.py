@@ -1,15 +1,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
-from tunelab.errors import ConfigError
+from tunelab.options import Options
 
 Format = Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt", "text"]
 
 
 @dataclass(kw_only=True)
-class DataConfig:
+class DataConfig(Options):
+    ranges: ClassVar = {"max_length": ">= 8"}
     train: str = "builtin:arith?n=2000&split=train"
     """Training data: a file (.jsonl/.json/.csv/.parquet), a `datasets` directory, or builtin:NAME?opts."""
     eval: str | None = "builtin:arith?n=200&split=test"
@@ -24,7 +25,3 @@ class DataConfig:
     """Also put loss on prompt (system/user) tokens; by default only assistant/completion tokens train."""
     on_bad_rows: Literal["error", "skip"] = "error"
     """A malformed row stops with file:line:field (`error`), or is skipped and counted (`skip`)."""
-
-    def __post_init__(self):
-        if self.max_length < 8:
-            raise ConfigError(f"max_length: must be >= 8, got {self.max_length}")

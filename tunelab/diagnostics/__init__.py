@@ -20,16 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from tunelab.registry import Registry
+from tunelab.registry import DIAGNOSTICS, Component
 
-DIAGNOSTICS: Registry["Diagnostic"] = Registry("diagnostic", __name__)
 register = DIAGNOSTICS.register
 __all__ = ["DIAGNOSTICS", "Diagnostic", "Findings", "register", "run_diagnostics"]
-
-
-@dataclass(kw_only=True)
-class NoOptions:
-    """This diagnostic takes no options."""
 
 
 @dataclass
@@ -39,22 +33,17 @@ class Findings:
     details: dict[str, Any]
 
 
-class Diagnostic:
+class Diagnostic(Component):
     """Base class. `run(ctx)` measures the run behind `ctx` (tunelab.diagnostics._context.Context:
     the run's config, base and tuned models, tokenizer, method) and returns Findings.
     `not_applicable(ctx)` returns a reason when the diagnostic cannot run on this run."""
 
-    name: ClassVar[str]
-    Config: ClassVar[type] = NoOptions
     version: ClassVar[int] = 1
     cheap: ClassVar[bool] = True
     """Whether it runs after training by default (where `makes_sense` agrees)."""
     merges_tuned: ClassVar[bool] = False
     """Whether it folds the tuned model's change into its weights (ctx.merged()); such diagnostics
     run after the others of the same call."""
-
-    def __init__(self, cfg: Any = None):
-        self.cfg = cfg if cfg is not None else self.Config()
 
     @classmethod
     def makes_sense(cls, run_cfg) -> bool:

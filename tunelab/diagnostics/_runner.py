@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tunelab.diagnostics import DIAGNOSTICS, Findings
 from tunelab.errors import ConfigError
+from tunelab.options import to_dict
 
 OUT_DIR = "diagnostics"
 
@@ -37,7 +38,6 @@ def run_state(run_dir: Path) -> str | None:
 
 def run_one(ctx, name: str) -> dict:
     """Run diagnostic `name` on `ctx` with the run config's options; write and return its result."""
-    from tunelab.config import to_dict
     from tunelab.run.files import atomic_write_text
 
     cfg = ctx.cfg.diagnostics.config_of(name)
@@ -56,7 +56,6 @@ def run_one(ctx, name: str) -> dict:
 
 def is_current(run_dir: Path, name: str, run_cfg) -> bool:
     """Whether RUN/diagnostics/<name>.json was written for this final output with these options."""
-    from tunelab.config import to_dict
 
     path = run_dir / OUT_DIR / f"{name}.json"
     try:

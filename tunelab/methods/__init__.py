@@ -6,36 +6,24 @@ The loop, checkpointing, export and eval only call the hooks of `Method`; they n
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
-from tunelab.registry import Registry
+from tunelab.registry import METHODS, Component
 
-METHODS: Registry["Method"] = Registry("method", __name__)
 register = METHODS.register
 
 
-@dataclass(kw_only=True)
-class NoOptions:
-    """This method takes no options."""
-
-
-class Method:
+class Method(Component):
     """Base class. A method transforms a model in place (`apply`) and then answers, through hooks,
     what trains (`trainable_state`, `param_groups`), what to do each step (`on_step`), how to save
     what it trained in a form the Hugging Face ecosystem loads (`save`/`load`), how to fold it into
     a plain model (`merge`) and how to run the base model again (`disabled`)."""
 
-    name: ClassVar[str]
-    Config: ClassVar[type] = NoOptions
     supports_disable: ClassVar[bool] = True
     """Whether `disabled()` can recover the base model's function."""
     supports_merge: ClassVar[bool] = True
     """Whether `merge()` folds the change into a plain HF model with the same function."""
-
-    def __init__(self, cfg: Any = None):
-        self.cfg = cfg if cfg is not None else self.Config()
 
     # -- set-up ---------------------------------------------------------------------------
     def apply(self, model):

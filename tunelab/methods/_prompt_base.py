@@ -16,12 +16,14 @@ from torch import nn
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.methods import Method
 from tunelab.methods._prefix import PrefixSource, PromptSource, attach_prefix, prefix_disabled
+from tunelab.options import Options, require
 
 WEIGHTS_FILE, CONFIG_FILE = "tunelab_adapter.safetensors", "tunelab_adapter.json"
 
 
 @dataclass(kw_only=True)
-class SoftPromptConfig:
+class SoftPromptConfig(Options):
+    ranges: ClassVar = {"num_virtual_tokens": ">= 1"}
     num_virtual_tokens: int = 20
     """n: how many virtual tokens the soft prompt has."""
     init: Literal["vocab", "text", "random"] = "vocab"
@@ -31,11 +33,9 @@ class SoftPromptConfig:
     init_text: str | None = None
     """Text for init 'text' (e.g. a task instruction), tokenized with the model's tokenizer."""
 
-    def __post_init__(self):
-        if self.num_virtual_tokens < 1:
-            raise ConfigError(f"num_virtual_tokens: must be >= 1, got {self.num_virtual_tokens}")
-        if (self.init == "text") != bool(self.init_text):
-            raise ConfigError("init_text: required with init 'text' and only used with it")
+    def validate(self) -> None:
+        require((self.init == "text") == bool(self.init_text), "init_text",
+                "required with init 'text' and only used with it")
 
 
 def tokenizer_for(model, key: str):

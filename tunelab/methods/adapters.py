@@ -37,14 +37,16 @@ from tunelab.errors import ConfigError, TunelabError
 from tunelab.methods import Method, register, switched_off
 from tunelab.methods._blocks import check_roles, find_blocks, sublayer_name
 from tunelab.methods._bottleneck import Bottleneck, ParallelAdapter, SequentialAdapter, bottlenecks, hidden_size
+from tunelab.options import Options
 
 WEIGHTS_FILE, CONFIG_FILE = "tunelab_adapter.safetensors", "tunelab_adapter.json"
 PLACEMENTS = {"houlsby": ("attn", "ffn"), "pfeiffer": ("ffn",)}
 
 
 @dataclass(kw_only=True)
-class BottleneckOptions:
+class BottleneckOptions(Options):
     """What every bottleneck adapter needs (shared by adapter, parallel_adapter and mam)."""
+    ranges: ClassVar = {"bottleneck": ">= 1", "dropout": "[0, 1)"}
     bottleneck: int = 64
     """Bottleneck width r (Cappellazzo et al.: d / reduction rate)."""
     activation: Literal["relu", "gelu", "silu"] = "relu"
@@ -59,11 +61,7 @@ class BottleneckOptions:
     """Sublayer names inside a block, by role (attn_in, attn_out, ffn_in, ffn_out); default: found
     from the names transformers uses (self_attn/attention/attn, mlp, BERT's intermediate/output.dense)."""
 
-    def __post_init__(self):
-        if self.bottleneck < 1:
-            raise ConfigError(f"bottleneck: must be >= 1, got {self.bottleneck}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
+    def validate(self) -> None:
         check_roles(self.modules, "modules")
 
 

@@ -23,21 +23,22 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
-from tunelab.errors import ConfigError
 from tunelab.methods import Method, register
 from tunelab.methods import _sparse as S
 from tunelab.methods.lora import PEFT_PREFIX
+from tunelab.options import Options
 
 LOWRANK_DIR = "lowrank"
 
 
 @dataclass(kw_only=True)
-class DSEEConfig:
+class DSEEConfig(Options):
+    ranges: ClassVar = {"r": ">= 1", "num_sparse": ">= 1", "grebsmo_rank": ">= 1", "grebsmo_iters": ">= 1"}
     r: int = 4
     """Rank of the low-rank part B A."""
     alpha: float = 32.0
@@ -59,11 +60,8 @@ class DSEEConfig:
     seed: int = 0
     """Seeds A's initialisation, GreBsmo's start and the random support."""
 
-    def __post_init__(self):
+    def validate(self) -> None:
         self.target_modules = list(self.target_modules)
-        for name in ("r", "num_sparse", "grebsmo_rank", "grebsmo_iters"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
 
     @property
     def scaling(self) -> float:

@@ -20,11 +20,12 @@ import random
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from tunelab.errors import ConfigError
 from tunelab.methods import register
 from tunelab.methods import _sparse as S
+from tunelab.options import Options
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN = ("gate_proj", "up_proj", "down_proj")
@@ -33,7 +34,8 @@ LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:.*\.)?([^.]+)\.[^.]+$")   # -> (l
 
 
 @dataclass(kw_only=True)
-class HFTConfig:
+class HFTConfig(Options):
+    ranges: ClassVar = {"reselect_every": ">= 0"}
     seed: int = 0
     """Seeds which half is frozen (use a new seed for each stage of a multi-run pipeline)."""
     reselect_every: int = 0
@@ -42,10 +44,6 @@ class HFTConfig:
     """Also freeze 1 of the 2 norms of each layer (the re-implementation does; the paper: unverified)."""
     embeddings_and_head: Literal["train", "freeze"] = "train"
     """Embeddings, final norm and output head: trained (re-implementation) or frozen."""
-
-    def __post_init__(self):
-        if self.reselect_every < 0:
-            raise ConfigError(f"reselect_every: must be >= 0, got {self.reselect_every}")
 
 
 def layer_modules(names: list[str]) -> dict[int, dict[str, list[str]]]:

@@ -18,17 +18,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from tunelab.errors import ConfigError
 from tunelab.methods import Method, register
 from tunelab.methods import _sparse as S
+from tunelab.options import Options
 
 
 @dataclass(kw_only=True)
-class LIFTConfig:
+class LIFTConfig(Options):
+    ranges: ClassVar = {"lora_rank": ">= 1", "filter_rank": ">= 1", "update_interval": ">= 0"}
     lora_rank: int = 128
     """Budget per matrix: k = min((m + n) * lora_rank, m * n) principal weights (the reference's
     README default 128; about 6% of a 4096 x 4096 matrix -- use ~16 for a 576-wide model)."""
@@ -41,13 +43,8 @@ class LIFTConfig:
     randomized_svd: bool = False
     """Use torch.svd_lowrank (q = 2r, 2 power iterations) instead of the full SVD (large models)."""
 
-    def __post_init__(self):
+    def validate(self) -> None:
         self.target_modules = list(self.target_modules)
-        for name in ("lora_rank", "filter_rank"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.update_interval < 0:
-            raise ConfigError(f"update_interval: must be >= 0, got {self.update_interval}")
 
 
 def num_principal(shape: torch.Size, lora_rank: int) -> int:

@@ -17,18 +17,21 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from tunelab.errors import ConfigError
 from tunelab.methods import Method, register, switched_off
+from tunelab.options import Options
 
 PEFT_PREFIX = "base_model.model."
 
 
 @dataclass(kw_only=True)
-class LoRAConfig:
+class LoRAConfig(Options):
+    ranges: ClassVar = {"r": ">= 1", "alpha": "> 0", "dropout": "[0, 1)"}
     r: int = 16
     """Rank of the update."""
     alpha: float = 32.0
@@ -41,13 +44,7 @@ class LoRAConfig:
     rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r)."""
 
-    def __post_init__(self):
-        if self.r < 1:
-            raise ConfigError(f"r: must be >= 1, got {self.r}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
-        if not (self.alpha > 0 and math.isfinite(self.alpha)):
-            raise ConfigError(f"alpha: must be > 0 and finite, got {self.alpha}")
+    def validate(self) -> None:
         self.target_modules = list(self.target_modules)
 
     @property

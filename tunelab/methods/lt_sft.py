@@ -22,17 +22,19 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from tunelab.errors import ConfigError
 from tunelab.methods import Method, register
 from tunelab.methods import _sparse as S
+from tunelab.options import Options
 
 
 @dataclass(kw_only=True)
-class LTSFTConfig:
+class LTSFTConfig(Options):
+    ranges: ClassVar = {"full_ft_steps": ">= 1", "density": "(0, 1]", "num_tunable_weights": ">= 1"}
     full_ft_steps: int = 100
     """Phase 1: steps of full fine-tuning of the target layers before the mask is chosen."""
     num_tunable_weights: int | None = None
@@ -42,14 +44,8 @@ class LTSFTConfig:
     target_modules: list[str] = ("all-linear",)
     """Linear layers that may change (LoRA's matching rules; the output head never)."""
 
-    def __post_init__(self):
+    def validate(self) -> None:
         self.target_modules = list(self.target_modules)
-        if self.full_ft_steps < 1:
-            raise ConfigError(f"full_ft_steps: must be >= 1, got {self.full_ft_steps}")
-        if not 0 < self.density <= 1:
-            raise ConfigError(f"density: must be in (0, 1], got {self.density}")
-        if self.num_tunable_weights is not None and self.num_tunable_weights < 1:
-            raise ConfigError(f"num_tunable_weights: must be >= 1, got {self.num_tunable_weights}")
 
 
 class TicketLinear(S.SparseDeltaLinear):

@@ -26,9 +26,8 @@ from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
-from tunelab.errors import ConfigError
 from tunelab.methods import register
 from tunelab.methods._bottleneck import ParallelAdapter
 from tunelab.methods._prefix import PrefixKV, attach_prefix, prefix_disabled
@@ -39,6 +38,7 @@ PREFIX = "prefix"
 
 @dataclass(kw_only=True)
 class MAMConfig(BottleneckOptions):
+    ranges: ClassVar = {"num_virtual_tokens": ">= 1", "projection_hidden": ">= 0"}
     bottleneck: int = 512
     """Bottleneck width r of the FFN parallel adapter (He et al.: 512 on XSum/MT, 16 on GLUE)."""
     scaling: float = 4.0
@@ -49,13 +49,6 @@ class MAMConfig(BottleneckOptions):
     """Width of the MLP that reparameterises the prefix during training (He et al.: 800); 0: none."""
     prefix_init: Literal["vocab", "random"] = "vocab"
     """Start of a directly trained prefix: K/V of l random vocabulary tokens, or N(0, 1)."""
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.num_virtual_tokens < 1:
-            raise ConfigError(f"num_virtual_tokens: must be >= 1, got {self.num_virtual_tokens}")
-        if self.projection_hidden < 0:
-            raise ConfigError(f"projection_hidden: must be >= 0, got {self.projection_hidden}")
 
 
 @register("mam")

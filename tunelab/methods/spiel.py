@@ -23,17 +23,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from tunelab.errors import ConfigError
 from tunelab.methods import Method, register
 from tunelab.methods import _sparse as S
+from tunelab.options import Options, require
 
 
 @dataclass(kw_only=True)
-class SpIELConfig:
+class SpIELConfig(Options):
+    ranges: ClassVar = {"density": "(0, 1]", "num_tunable_weights": ">= 1",
+                        "selection_accumulation_steps": ">= 1", "initial_reselection_rate": "[0, 1]",
+                        "num_decay_steps": ">= 1"}
     num_tunable_weights: int | None = None
     """Total number of deltas across target layers, split proportionally to layer size (the paper
     matches a LoRA's parameter count). None: use `density`."""
@@ -52,19 +56,10 @@ class SpIELConfig:
     seed: int = 0
     """Seeds the random initial indices."""
 
-    def __post_init__(self):
+    def validate(self) -> None:
         self.target_modules = list(self.target_modules)
-        if not 0 < self.density <= 1:
-            raise ConfigError(f"density: must be in (0, 1], got {self.density}")
-        if self.num_tunable_weights is not None and self.num_tunable_weights < 1:
-            raise ConfigError(f"num_tunable_weights: must be >= 1, got {self.num_tunable_weights}")
-        if not 1 <= self.selection_accumulation_steps <= self.reselection_steps:
-            raise ConfigError("selection_accumulation_steps: must be in [1, reselection_steps], got "
-                              f"{self.selection_accumulation_steps}")
-        if not 0 <= self.initial_reselection_rate <= 1:
-            raise ConfigError(f"initial_reselection_rate: must be in [0, 1], got {self.initial_reselection_rate}")
-        if self.num_decay_steps < 1:
-            raise ConfigError(f"num_decay_steps: must be >= 1, got {self.num_decay_steps}")
+        require(self.selection_accumulation_steps <= self.reselection_steps, "selection_accumulation_steps",
+                f"must be in [1, reselection_steps], got {self.selection_accumulation_steps}")
 
 
 class SpIELLinear(S.SparseDeltaLinear):

@@ -9,16 +9,15 @@ loop divides by the step's total, so gradient accumulation never depends on how 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from tunelab.data.collate import IGNORE, model_inputs
 from tunelab.objectives._head_ce import head_cross_entropy as chunked_head_cross_entropy  # fused head + CE
-from tunelab.registry import Registry
+from tunelab.registry import OBJECTIVES, Component
 
-OBJECTIVES: Registry["Objective"] = Registry("objective", __name__)
 register = OBJECTIVES.register
 __all__ = ["IGNORE", "OBJECTIVES", "LossOutput", "Objective", "model_inputs", "register", "token_cross_entropy",
            "trained_logits", "trained_hidden", "chunked_head_cross_entropy", "sum_cross_entropy"]
@@ -34,21 +33,14 @@ class LossOutput:
     """Per-step figures the objective reports (written to metrics.jsonl)."""
 
 
-@dataclass(kw_only=True)
-class NoOptions:
-    """This objective takes no options."""
+class Objective(Component):
+    """Base class. An objective computes a loss sum over a batch and the number of tokens it counts
+    (`loss`); it may own trainable state (auxiliary heads: `state_dict`, `param_groups`, `save`)."""
 
-
-class Objective:
-    name: ClassVar[str]
-    Config: ClassVar[type] = NoOptions
     per_token: ClassVar[bool] = False
     """True when the loss sum over a batch equals the sum over any split of it at example
     boundaries (no batch-level statistics, no state advanced per call). Only then may the loop
     split a micro-batch to bound activation memory (train.max_tokens_per_forward)."""
-
-    def __init__(self, cfg: Any = None):
-        self.cfg = cfg if cfg is not None else self.Config()
 
     def setup(self, model, tokenizer) -> None:
         """Called once before training, after the method was applied and the model moved to its

@@ -6,18 +6,18 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import ClassVar, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tunelab.config import check
 from tunelab.errors import ConfigError
 from tunelab.objectives import IGNORE, LossOutput, Objective, chunked_head_cross_entropy, model_inputs, register
 from tunelab.objectives import _head_is_plain
 from tunelab.objectives._segments import segment_ids
+from tunelab.options import Options, require
 
 CHUNK = 4096  # trained tokens per head + CE chunk (as SFT's default)
 
@@ -32,7 +32,9 @@ SCHEDULES = {  # coefficient as a function of the training fraction f = step / T
 
 
 @dataclass(kw_only=True)
-class CAFTConfig:
+class CAFTConfig(Options):
+    ranges: ClassVar = {"num_heads": ">= 1", "num_layers": ">= 1", "coef": ">= 0", "decay": "> 0",
+                        "schedule_steps": ">= 0"}
     num_heads: int = 4
     """Auxiliary heads; head k (1..num_heads) predicts token t+1+k (paper: n = 5 predictions)."""
     num_layers: int = 1
@@ -54,14 +56,9 @@ class CAFTConfig:
     init_from: str | None = None
     """A caft_heads.safetensors (e.g. a previous run's final/) to start the heads from."""
 
-    def __post_init__(self):
-        check(self.num_heads >= 1, "num_heads", f"must be >= 1, got {self.num_heads}")
-        check(self.num_layers >= 1, "num_layers", f"must be >= 1, got {self.num_layers}")
-        check(self.coef >= 0, "coef", f"must be >= 0, got {self.coef}")
-        check(self.decay > 0, "decay", f"must be > 0, got {self.decay}")
-        check(self.schedule_steps >= 0, "schedule_steps", f"must be >= 0, got {self.schedule_steps}")
+    def validate(self) -> None:
         if self.init_from is not None:
-            check(Path(self.init_from).is_file(), "init_from", f"{self.init_from}: no such file")
+            require(Path(self.init_from).is_file(), "init_from", f"{self.init_from}: no such file")
 
 
 def schedule_coef(name: str, step: int, total: int) -> float:

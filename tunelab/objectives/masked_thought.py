@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from tunelab.config import check
 from tunelab.errors import ConfigError
 from tunelab.objectives import IGNORE, LossOutput, Objective, register, sum_cross_entropy
+from tunelab.options import Options
 
 
 @dataclass(kw_only=True)
-class MaskedThoughtConfig:
+class MaskedThoughtConfig(Options):
+    ranges: ClassVar = {"mask_prob": "[0, 1]", "warmup_steps": ">= 0", "replace_rate": "[0, 1]",
+                        "mask_token_id": ">= 0"}
     mask_prob: float = 0.2
     """p: probability that each response token of the input is masked (MAmmoTH/MetaMath: 0.2;
     the GSM8K Llama-2 run used 0.4)."""
@@ -26,13 +29,6 @@ class MaskedThoughtConfig:
     tokenizer has one). Unset: mask_token_id, else the tokenizer's pad token, else its unk token."""
     mask_token_id: int | None = None
     """The mask id directly (e.g. a reserved, unused id); mask_token wins when both are set."""
-
-    def __post_init__(self):
-        check(0.0 <= self.mask_prob <= 1.0, "mask_prob", f"must be in [0, 1], got {self.mask_prob}")
-        check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        check(0.0 <= self.replace_rate <= 1.0, "replace_rate", f"must be in [0, 1], got {self.replace_rate}")
-        check(self.mask_token_id is None or self.mask_token_id >= 0, "mask_token_id",
-              f"must be >= 0, got {self.mask_token_id}")
 
 
 def response_positions(targets: torch.Tensor) -> torch.Tensor:

@@ -4,21 +4,22 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 
-from tunelab.errors import ConfigError
 from tunelab.objectives import IGNORE, LossOutput, Objective, _head_is_plain, model_inputs, register, trained_logits
 from tunelab.objectives._segments import num_segments, rank_in_segment, segment_ids, segment_min_max
+from tunelab.options import Options
 
 _DEFAULT_EMA_DECAY = 0.99
 
 
 @dataclass(kw_only=True)
-class SSTokenConfig:
+class SSTokenConfig(Options):
     """Options of ssToken."""
+    ranges: ClassVar = {"keep_ratio": "(0, 1]", "gamma": "[0, 1]", "ema_decay": "[0, 1)"}
     keep_ratio: float = 0.6
     """ρ, fraction of each example's response tokens that are trained (reference code: 0.6)."""
     gamma: float = 0.5
@@ -29,15 +30,7 @@ class SSTokenConfig:
     ema_decay: float = _DEFAULT_EMA_DECAY
     """α of the EMA history (used only with history="ema"); the paper gives no value, 0.99 is ours."""
 
-    def __post_init__(self):
-        if not 0 < self.keep_ratio <= 1:
-            raise ConfigError("keep_ratio: must be in (0, 1]")
-        if not 0 <= self.gamma <= 1:
-            raise ConfigError("gamma: must be in [0, 1]")
-        if self.history not in ("frozen", "ema"):
-            raise ConfigError(f"history: must be 'frozen' or 'ema', got {self.history!r}")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError("ema_decay: must be in [0, 1)")
+    def validate(self) -> None:
         if self.history == "frozen" and self.ema_decay != _DEFAULT_EMA_DECAY:
             warnings.warn("sstoken: ema_decay does nothing with history='frozen'", stacklevel=2)
 

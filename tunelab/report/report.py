@@ -163,12 +163,6 @@ def side_effects_section(run: RunData) -> str:
 
 
 def known_diagnostics() -> list[str]:
-    """The registered diagnostic names, or [] where the diagnostics package is not available."""
-    try:
-        import tunelab.diagnostics as D
-    except ImportError:
-        return []
-    from tunelab.registry import Registry
-    regs = [v for v in vars(D).values() if isinstance(v, Registry)]
-    return regs[0].names() if regs else []
-
+    """The registered diagnostic names."""
+    from tunelab.registry import DIAGNOSTICS
+    return DIAGNOSTICS.names()

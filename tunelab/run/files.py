@@ -21,7 +21,6 @@ from tunelab.run.signals import pause_point
 MANIFEST = "manifest.json"
 
 
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -55,4 +55,3 @@ def load_trained(run_dir: str | Path, device: str = "cpu"):
     else:
         raise TunelabError(f"{run_dir}: has neither final/ nor a valid checkpoint; train it first")
     return cfg, model.to(device).eval(), tok, method
-
