@@ -98,7 +98,7 @@ class IntruderDimensions(Diagnostic):
         return None
 
     def run(self, ctx) -> Findings:
-        from tunelab.methods.lora import select_linears
+        from tunelab.methods._shared import select_linears
 
         c = self.cfg
         merged = ctx.merged()

@@ -33,11 +33,8 @@ class Method(Component):
     def param_groups(self, model, weight_decay: float) -> list[dict]:
         """Optimizer groups: decay on matrices, none on vectors (norms, biases). A group may also set
         `lr` (absolute) or `lr_scale` (a multiple of train.lr, resolved by the optimizer)."""
-        params = [p for p in model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        rest = [p for p in params if p.ndim < 2]
-        return [g for g in ({"params": decay, "weight_decay": weight_decay},
-                            {"params": rest, "weight_decay": 0.0}) if g["params"]]
+        from tunelab.methods._shared import decay_groups
+        return decay_groups((p for p in model.parameters() if p.requires_grad), weight_decay)
 
     def on_step(self, model, step: int, optimizer) -> None:
         """Called after each optimizer step (re-selection, pruning, ...)."""

@@ -26,20 +26,18 @@ into the base weights; disabling the adapters recovers the base model exactly.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from tunelab.errors import ConfigError, TunelabError
+from tunelab.errors import TunelabError
 from tunelab.methods import Method, register, switched_off
 from tunelab.methods._blocks import check_roles, find_blocks, sublayer_name
 from tunelab.methods._bottleneck import Bottleneck, ParallelAdapter, SequentialAdapter, bottlenecks, hidden_size
+from tunelab.methods._shared import freeze_all, load_adapter, save_adapter
 from tunelab.options import Options
 
-WEIGHTS_FILE, CONFIG_FILE = "tunelab_adapter.safetensors", "tunelab_adapter.json"
 PLACEMENTS = {"houlsby": ("attn", "ffn"), "pfeiffer": ("ffn",)}
 
 
@@ -104,8 +102,7 @@ class AdapterMethod(Method):
     kind: ClassVar[type[Bottleneck]]
 
     def apply(self, model):
-        for p in model.parameters():
-            p.requires_grad_(False)
+        freeze_all(model)
         self.adapter_names = attach_adapters(model, self.cfg, self.kind, PLACEMENTS[self.cfg.placement])
         return model
 
@@ -113,22 +110,10 @@ class AdapterMethod(Method):
         return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
     def save(self, model, tokenizer, out_dir: Path, base_name: str) -> None:
-        from safetensors.torch import save_file
-
-        state = {n: t.contiguous() for n, t in self.trainable_state(model).items()}
-        save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
-        meta = {"format": "tunelab-adapter", "method": self.name, "base_model": base_name,
-                "options": dataclasses.asdict(self.cfg), "adapters": self.adapter_names}
-        (out_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        save_adapter(out_dir, self, self.trainable_state(model), base_name, adapters=self.adapter_names)
 
     def load(self, model, out_dir: Path) -> None:
-        from safetensors.torch import load_file
-
-        meta = json.loads((Path(out_dir) / CONFIG_FILE).read_text())
-        if meta.get("method") != self.name:
-            raise ConfigError(f"{out_dir / CONFIG_FILE}: holds a '{meta.get('method')}' adapter, "
-                              f"not '{self.name}'")
-        self.load_trainable_state(model, load_file(str(Path(out_dir) / WEIGHTS_FILE)))
+        self.load_trainable_state(model, load_adapter(out_dir, self))
 
     def merge(self, model):
         raise TunelabError(f"method '{self.name}' cannot be merged into a plain model (an adapter is "

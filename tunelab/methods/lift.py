@@ -25,6 +25,7 @@ from torch import nn
 
 from tunelab.methods import Method, register
 from tunelab.methods import _sparse as S
+from tunelab.methods._shared import decay_groups, freeze_all, set_module, target_linears
 from tunelab.options import Options
 
 
@@ -107,12 +108,12 @@ class PrincipalWeights(Method):
     Config = LIFTConfig
 
     def apply(self, model):
-        S.freeze_all(model)
-        for n in S.target_linears(model, self.cfg.target_modules):
+        freeze_all(model)
+        for n in target_linears(model, self.cfg.target_modules):
             base = model.get_submodule(n)
             k = num_principal(base.weight.shape, self.cfg.lora_rank)
             idx = principal_indices(base.weight, k, self.cfg.filter_rank, self.cfg.randomized_svd)
-            S.set_module(model, n, PrincipalLinear(base, idx))
+            set_module(model, n, PrincipalLinear(base, idx))
         return model
 
     def on_step(self, model, step: int, optimizer) -> None:
@@ -127,7 +128,8 @@ class PrincipalWeights(Method):
                                         self.cfg.randomized_svd), optimizer)
 
     def param_groups(self, model, weight_decay: float) -> list[dict]:
-        return S.decay_groups([m.sparse_values for m in S.sparse_layers(model).values()], weight_decay)
+        return decay_groups([m.sparse_values for m in S.sparse_layers(model).values()], weight_decay,
+                            decay_vectors=True)
 
     def trainable_state(self, model) -> dict:
         return S.layer_state(model, ("sparse_indices", "past_indices", "past_values"))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import nn
 
 from tunelab.errors import ConfigError
 from tunelab.methods import Method, register, switched_off
+from tunelab.methods._shared import freeze_all, select_linears, set_module
 from tunelab.options import Options
 
 PEFT_PREFIX = "base_model.model."
@@ -124,28 +124,6 @@ class _FrozenBaseLoRA(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None
 
 
-def _matches(name: str, pattern: str) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    return pattern == leaf or name.endswith("." + pattern) or re.fullmatch(pattern, name) is not None
-
-
-def select_linears(model: nn.Module, patterns: list[str]) -> list[str]:
-    """Names of the nn.Linear modules matched by `patterns` (never the output head)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
-    if "all-linear" in patterns:
-        return linears
-    for p in patterns:
-        if not any(_matches(n, p) for n in linears):
-            warnings.warn(f"method.target_modules: pattern '{p}' matches no linear layer")
-    return [n for n in linears if any(_matches(n, p) for p in patterns)]
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
 def _lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
@@ -157,15 +135,14 @@ class LoRA(Method):
     Config = LoRAConfig
 
     def apply(self, model):
-        for p in model.parameters():
-            p.requires_grad_(False)
+        freeze_all(model)
         self._all_linear_names = select_linears(model, ["all-linear"])
         names = select_linears(model, self.cfg.target_modules)
         if not names:
             raise ConfigError(f"method.target_modules: {self.cfg.target_modules} matches no linear layer")
         for n in names:
             base = model.get_submodule(n)
-            _set_module(model, n, LoRALinear(base, self.cfg.r, self.cfg.scaling, self.cfg.dropout))
+            set_module(model, n, LoRALinear(base, self.cfg.r, self.cfg.scaling, self.cfg.dropout))
         self.target_names = names
         return model
 
@@ -206,7 +183,7 @@ class LoRA(Method):
 
     def merge(self, model):
         for n, m in _lora_modules(model).items():
-            _set_module(model, n, m.merged_linear())
+            set_module(model, n, m.merged_linear())
         return model
 
     @contextmanager

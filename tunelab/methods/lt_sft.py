@@ -29,6 +29,7 @@ from torch import nn
 
 from tunelab.methods import Method, register
 from tunelab.methods import _sparse as S
+from tunelab.methods._shared import decay_groups, freeze_all, set_module, target_linears
 from tunelab.options import Options
 
 
@@ -89,11 +90,11 @@ class LotteryTicketSFT(Method):
     Config = LTSFTConfig
 
     def apply(self, model):
-        S.freeze_all(model)
-        for n in S.target_linears(model, self.cfg.target_modules):
+        freeze_all(model)
+        for n in target_linears(model, self.cfg.target_modules):
             base = model.get_submodule(n)
             base.weight.requires_grad_(True)
-            S.set_module(model, n, TicketLinear(base))
+            set_module(model, n, TicketLinear(base))
         S.root_buffer(model, "lt_sft_step", torch.zeros(1, dtype=torch.int64))
         return model
 
@@ -120,8 +121,8 @@ class LotteryTicketSFT(Method):
 
     def param_groups(self, model, weight_decay: float) -> list[dict]:
         layers = S.sparse_layers(model).values()
-        return S.decay_groups([m.base_layer.weight for m in layers] + [m.sparse_values for m in layers],
-                              weight_decay)
+        return decay_groups([m.base_layer.weight for m in layers] + [m.sparse_values for m in layers],
+                            weight_decay, decay_vectors=True)
 
     # -- state
     def trainable_state(self, model) -> dict:

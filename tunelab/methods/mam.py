@@ -31,6 +31,7 @@ from typing import ClassVar, Literal
 from tunelab.methods import register
 from tunelab.methods._bottleneck import ParallelAdapter
 from tunelab.methods._prefix import PrefixKV, attach_prefix, prefix_disabled
+from tunelab.methods._shared import freeze_all
 from tunelab.methods.adapters import AdapterMethod, BottleneckOptions, attach_adapters
 
 PREFIX = "prefix"
@@ -60,8 +61,7 @@ class MAMAdapter(AdapterMethod):
 
     def apply(self, model):
         cfg = self.cfg
-        for p in model.parameters():
-            p.requires_grad_(False)
+        freeze_all(model)
         source = PrefixKV.for_model(model, cfg.num_virtual_tokens, cfg.projection_hidden or None,
                                     init=cfg.prefix_init)
         attach_prefix(model, source, name=PREFIX)

@@ -31,7 +31,8 @@ from typing import ClassVar, Literal
 from tunelab.errors import ConfigError
 from tunelab.methods import register
 from tunelab.methods._prefix import PrefixKV, model_dims
-from tunelab.methods._prompt_base import WEIGHTS_FILE, PrefixMethod
+from tunelab.methods._prompt_base import PrefixMethod
+from tunelab.methods._shared import WEIGHTS_FILE
 from tunelab.options import Options
 
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"

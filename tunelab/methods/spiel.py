@@ -30,6 +30,7 @@ from torch import nn
 
 from tunelab.methods import Method, register
 from tunelab.methods import _sparse as S
+from tunelab.methods._shared import decay_groups, freeze_all, set_module, target_linears
 from tunelab.options import Options, require
 
 
@@ -116,14 +117,14 @@ class SpIEL(Method):
     Config = SpIELConfig
 
     def apply(self, model):
-        S.freeze_all(model)
-        names = S.target_linears(model, self.cfg.target_modules)
+        freeze_all(model)
+        names = target_linears(model, self.cfg.target_modules)
         sizes = [model.get_submodule(n).weight.numel() for n in names]
         total = self.cfg.num_tunable_weights or max(1, int(self.cfg.density * sum(sizes)))
         g = torch.Generator().manual_seed(self.cfg.seed)
         for n, numel, k in zip(names, sizes, S.split_budget(sizes, total)):
             idx = torch.randperm(numel, generator=g)[:k].sort().values
-            S.set_module(model, n, SpIELLinear(model.get_submodule(n), idx))
+            set_module(model, n, SpIELLinear(model.get_submodule(n), idx))
         S.root_buffer(model, "spiel_step", torch.zeros(1, dtype=torch.int64))
         self._arm(model)
         return model
@@ -150,7 +151,8 @@ class SpIEL(Method):
         self._arm(model)
 
     def param_groups(self, model, weight_decay: float) -> list[dict]:
-        return S.decay_groups([m.sparse_values for m in S.sparse_layers(model).values()], weight_decay)
+        return decay_groups([m.sparse_values for m in S.sparse_layers(model).values()], weight_decay,
+                            decay_vectors=True)
 
     # -- state
     def trainable_state(self, model) -> dict:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tunelab.errors import ConfigError
+from tunelab.methods._shared import decay_groups
 from tunelab.objectives import IGNORE, LossOutput, Objective, chunked_head_cross_entropy, model_inputs, register
 from tunelab.objectives import _head_is_plain
 from tunelab.objectives._segments import segment_ids
@@ -233,10 +234,7 @@ class CAFT(Objective):
     def param_groups(self, weight_decay: float) -> list[dict]:
         if self.heads is None or not self.cfg.train_heads:
             return []
-        params = list(self.heads.parameters())
-        groups = ({"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0})
-        return [g for g in groups if g["params"]]
+        return decay_groups(self.heads.parameters(), weight_decay)
 
     def save(self, out_dir) -> None:
         if self.heads is None:
