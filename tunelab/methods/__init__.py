@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
 from tunelab.registry import METHODS, Component
+from tunelab.run.context import StepContext
 
 register = METHODS.register
 
@@ -36,8 +37,9 @@ class Method(Component):
         from tunelab.methods._shared import decay_groups
         return decay_groups((p for p in model.parameters() if p.requires_grad), weight_decay)
 
-    def on_step(self, model, step: int, optimizer) -> None:
-        """Called after each optimizer step (re-selection, pruning, ...)."""
+    def on_step(self, model, ctx: StepContext, optimizer) -> None:
+        """Called after each optimizer step (re-selection, pruning, ...); `ctx.step` is the step
+        just taken (1-based) of `ctx.total_steps`."""
 
     def stats(self, model) -> dict[str, float]:
         """Figures this method reports in the run log at each log step (e.g. FLOPs saved)."""

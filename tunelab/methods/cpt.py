@@ -44,6 +44,7 @@ from tunelab.methods import register
 from tunelab.methods._prefix import PrefixSource, prompt_kv
 from tunelab.methods._prompt_base import PrefixMethod, tokenizer_for
 from tunelab.options import Options
+from tunelab.run.context import StepContext
 
 
 @dataclass(kw_only=True)
@@ -195,7 +196,7 @@ class CPT(PrefixMethod):
             raise ConfigError(f"method.token_ids: need ids in [0, {emb.shape[0]}) (the vocabulary)")
         return CPTContext(ids, types, self.cfg, model.get_output_embeddings(), emb)
 
-    def on_step(self, model, step: int, optimizer) -> None:
+    def on_step(self, model, ctx: StepContext, optimizer) -> None:
         self.source(model).project()
 
     def stats(self, model) -> dict[str, float]:

@@ -38,6 +38,7 @@ from torch import nn
 from tunelab.methods import register
 from tunelab.methods import _sparse as S
 from tunelab.options import Options
+from tunelab.run.context import StepContext
 
 
 @dataclass(kw_only=True)
@@ -192,9 +193,9 @@ class GreenTrainer(S.TensorSelection):
         probe = set(self.candidates) if self.probing else set()
         self.set_trainable(model, self._selected_names(model), grad_also=probe)
 
-    def on_step(self, model, step: int, optimizer) -> None:
+    def on_step(self, model, ctx: StepContext, optimizer) -> None:
         self.mark_trained()
-        self._set_step(model, step)
+        self._set_step(model, ctx.step)
         if self.probing:
             mask = self.select(self.importance())
             model.greentrainer_selected.copy_(torch.tensor(mask))

@@ -26,6 +26,7 @@ from tunelab.errors import ConfigError
 from tunelab.methods import register
 from tunelab.methods import _sparse as S
 from tunelab.options import Options
+from tunelab.run.context import StepContext
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN = ("gate_proj", "up_proj", "down_proj")
@@ -95,11 +96,11 @@ class HalfFineTuning(S.TensorSelection):
     def _restore(self, model) -> None:
         self.set_trainable(model, self.trainable_names(self.stage(self._step(model))))
 
-    def on_step(self, model, step: int, optimizer) -> None:
+    def on_step(self, model, ctx: StepContext, optimizer) -> None:
         self.mark_trained()
-        self._set_step(model, step)
-        if self.cfg.reselect_every and step % self.cfg.reselect_every == 0:
-            self.set_trainable(model, self.trainable_names(self.stage(step)), optimizer)
+        self._set_step(model, ctx.step)
+        if self.cfg.reselect_every and ctx.step % self.cfg.reselect_every == 0:
+            self.set_trainable(model, self.trainable_names(self.stage(ctx.step)), optimizer)
 
     def save(self, model, tokenizer, out_dir: Path, base_name: str) -> None:
         super().save(model, tokenizer, out_dir, base_name)

@@ -27,6 +27,7 @@ from tunelab.methods import Method, register
 from tunelab.methods import _sparse as S
 from tunelab.methods._shared import decay_groups, freeze_all, set_module, target_linears
 from tunelab.options import Options
+from tunelab.run.context import StepContext
 
 
 @dataclass(kw_only=True)
@@ -116,8 +117,8 @@ class PrincipalWeights(Method):
             set_module(model, n, PrincipalLinear(base, idx))
         return model
 
-    def on_step(self, model, step: int, optimizer) -> None:
-        if self.cfg.update_interval and step % self.cfg.update_interval == 0:
+    def on_step(self, model, ctx: StepContext, optimizer) -> None:
+        if self.cfg.update_interval and ctx.step % self.cfg.update_interval == 0:
             self.refresh(model, optimizer)
 
     @torch.no_grad()

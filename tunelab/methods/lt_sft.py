@@ -31,6 +31,7 @@ from tunelab.methods import Method, register
 from tunelab.methods import _sparse as S
 from tunelab.methods._shared import decay_groups, freeze_all, set_module, target_linears
 from tunelab.options import Options
+from tunelab.run.context import StepContext
 
 
 @dataclass(kw_only=True)
@@ -105,9 +106,9 @@ class LotteryTicketSFT(Method):
         total = sum(m.base_layer.weight.numel() for m in S.sparse_layers(model).values())
         return min(total, self.cfg.num_tunable_weights or max(1, int(self.cfg.density * total)))
 
-    def on_step(self, model, step: int, optimizer) -> None:
-        model.lt_sft_step.fill_(step)
-        if step == self.cfg.full_ft_steps and any(m.theta0.numel() for m in S.sparse_layers(model).values()):
+    def on_step(self, model, ctx: StepContext, optimizer) -> None:
+        model.lt_sft_step.fill_(ctx.step)
+        if ctx.step == self.cfg.full_ft_steps and any(m.theta0.numel() for m in S.sparse_layers(model).values()):
             self.switch(model, optimizer)
 
     @torch.no_grad()

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tunelab.data.collate import IGNORE, model_inputs
 from tunelab.objectives._head_ce import head_cross_entropy as chunked_head_cross_entropy  # fused head + CE
 from tunelab.registry import OBJECTIVES, Component
+from tunelab.run.context import OUTSIDE_TRAINING, StepContext
 
 register = OBJECTIVES.register
 __all__ = ["IGNORE", "OBJECTIVES", "LossOutput", "Objective", "model_inputs", "register", "token_cross_entropy",
@@ -46,7 +47,8 @@ class Objective(Component):
         """Called once before training, after the method was applied and the model moved to its
         device (e.g. to read token ids, or to build auxiliary heads next to the model)."""
 
-    def loss(self, model, batch: dict[str, torch.Tensor]) -> LossOutput:
+    def loss(self, model, batch: dict[str, torch.Tensor], ctx: StepContext = OUTSIDE_TRAINING) -> LossOutput:
+        """The loss of `batch`; `ctx` says which step and micro-batch this forward belongs to."""
         raise NotImplementedError
 
     # -- objectives that train parameters of their own (e.g. auxiliary heads) ----------------

@@ -8,6 +8,7 @@ import torch
 
 from tunelab.objectives import LossOutput, Objective, register, trained_logits
 from tunelab.options import Options
+from tunelab.run.context import OUTSIDE_TRAINING, StepContext
 
 
 @dataclass(kw_only=True)
@@ -77,7 +78,7 @@ class OneTokenRollout(Objective):
     per_token = True
     Config = OTRConfig
 
-    def loss(self, model, batch):
+    def loss(self, model, batch, ctx: StepContext = OUTSIDE_TRAINING):
         logits, targets = trained_logits(model, batch)  # (N, V), (N,)
         losses, hits = otr_token_losses(logits, targets, self.cfg)  # (N,), (N,)
         zero = (hits == 0).float().mean() if self.cfg.mode == "mc" else hits.new_zeros(())

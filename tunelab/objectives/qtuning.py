@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tunelab.objectives import IGNORE, LossOutput, Objective, register, trained_logits
 from tunelab.objectives._segments import rank_in_segment, segment_ids, segment_mean
 from tunelab.options import Options
+from tunelab.run.context import OUTSIDE_TRAINING, StepContext
 
 BISECT_ITERS, BISECT_TOL, MAX_QUANTILE = 10, 0.01, 0.49  # the reference code's search constants
 MIN_SAMPLES = 4  # below this the quadrant split is degenerate (everything comes back by top-up)
@@ -175,7 +176,7 @@ class QTuning(Objective):
         kept &= ~prune_tokens(score if self.cfg.prune == "high" else -score, q2[seg], seg, int(kept.sum()) - target)
         return QTuningPlan(ppl=ppl, ent=ent, q2=q2, q4=q4, seg=seg, kept=kept, target=target)
 
-    def loss(self, model, batch):
+    def loss(self, model, batch, ctx: StepContext = OUTSIDE_TRAINING):
         logits, targets = trained_logits(model, batch)  # (N, V), (N,)
         ce = F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
         if ce.numel() == 0:

@@ -6,6 +6,7 @@ from typing import ClassVar
 
 from tunelab.objectives import LossOutput, Objective, register, sum_cross_entropy
 from tunelab.options import Options
+from tunelab.run.context import OUTSIDE_TRAINING, StepContext
 
 
 @dataclass(kw_only=True)
@@ -25,5 +26,5 @@ class SFT(Objective):
 
     Config = SFTConfig
 
-    def loss(self, model, batch):
+    def loss(self, model, batch, ctx: StepContext = OUTSIDE_TRAINING):
         return LossOutput(*sum_cross_entropy(model, batch, self.cfg.chunk_tokens))

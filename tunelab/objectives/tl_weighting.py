@@ -12,6 +12,7 @@ from tunelab.errors import ConfigError
 from tunelab.objectives import IGNORE, LossOutput, Objective, register, trained_logits
 from tunelab.objectives._segments import segment_ids
 from tunelab.options import Options
+from tunelab.run.context import OUTSIDE_TRAINING, StepContext
 
 CALL_NAME = r"[A-Za-z_][\w.]*(?=\s*\()"
 """The default key pattern: the name in a Python-style call `name(` (TL-Training's MAE format)."""
@@ -146,7 +147,7 @@ class TLWeighting(Objective):
                    "key_weight": sum(ws) / len(ws) if ws else 1.0}
         return weights.view(targets.shape).to(targets.device), metrics
 
-    def loss(self, model, batch):
+    def loss(self, model, batch, ctx: StepContext = OUTSIDE_TRAINING):
         weights, metrics = self.token_weights(batch)  # (B, T)
         logits, targets = trained_logits(model, batch)  # (N, V), (N,)
         ce = F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)

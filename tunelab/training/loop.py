@@ -26,6 +26,7 @@ from tunelab.training.progress import Progress
 from tunelab.run.device import autocast, pick_device, resolve_precision
 from tunelab.run.files import atomic_write_text, recover
 from tunelab.run.rundir import MetricsLog, RunLock, fits, redact, write_config
+from tunelab.run.context import StepContext
 from tunelab.run.signals import GracefulStop, pause_point
 
 
@@ -64,23 +65,24 @@ def evaluate(model, tok, eval_records, eval_examples, cfg: C.RunConfig, step: in
     return out | answer_accuracy(model, tok, eval_records, cfg.eval, precision=cfg.train.precision)
 
 
-def forward_backward(model, objective, micro: list[dict], opt, tc, device) -> tuple[float, float, int, dict]:
+def forward_backward(model, objective, micro: list[dict], opt, tc, device,
+                     ctx: StepContext) -> tuple[float, float, int, dict]:
     """One optimizer step's gradients. Each micro-batch's loss *sum* is back-propagated and the
     gradients are divided by the step's total token count afterwards, so the result does not depend
     on how the step is split, even when an objective decides its token count in the forward pass.
     Returns (mean loss, gradient norm before clipping, tokens counted, mean objective metrics)."""
     loss_sum, total, metrics = 0.0, 0, {}
     bound = max_tokens_per_forward_for(tc, device)
-    if bound and objective.per_token:
-        micro = [piece for b in micro for piece in split_batch(b, bound)]
-    for batch in micro:
+    pieces = [(i, b) for i, m in enumerate(micro)
+              for b in (split_batch(m, bound) if bound and objective.per_token else [m])]
+    for i, batch in pieces:
         with autocast(tc.precision, device):
-            out = objective.loss(model, batch)
+            out = objective.loss(model, batch, ctx.at_micro_batch(i))
         out.loss_sum.backward()
         loss_sum += float(out.loss_sum.detach())
         total += out.num_tokens
         for k, v in out.metrics.items():
-            metrics[k] = metrics.get(k, 0.0) + v / len(micro)
+            metrics[k] = metrics.get(k, 0.0) + v / len(pieces)
     params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
     for p in params:
         p.grad.div_(max(total, 1))
@@ -189,7 +191,8 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
                 _interrupt(stop, run_dir, step, save if step > last_saved else None)
             t0 = time.perf_counter()
             micro = [{k: v.to(device) for k, v in next(stream).items()} for _ in range(tc.grad_accum)]
-            loss, grad_norm, trained, metrics = forward_backward(model, objective, micro, opt, tc, device)
+            ctx = StepContext(step=step + 1, total_steps=tc.steps, num_micro_batches=tc.grad_accum)
+            loss, grad_norm, trained, metrics = forward_backward(model, objective, micro, opt, tc, device, ctx)
             pause_point(f"step:{step + 1}")
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 opt.zero_grad(set_to_none=True)
@@ -208,7 +211,7 @@ def train(cfg: C.RunConfig, run_dir: Path) -> Path:
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            method.on_step(model, step + 1, opt)
+            method.on_step(model, ctx, opt)
 
             dt = time.perf_counter() - t0
             tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
