@@ -13,7 +13,8 @@ def cmd_train(a) -> None:
 
 
 def cmd_eval(a) -> None:
-    from tunelab.training.loop import evaluate, load_examples
+    from tunelab.training.evaluation import evaluate
+    from tunelab.training.inputs import load_examples
     from tunelab.training.final import load_trained
 
     cfg, model, tok, _ = load_trained(a.run)

@@ -39,3 +39,8 @@ class BatchStream:
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "pos": self.pos}
+
+    def seek(self, epoch: int, pos: int) -> None:
+        """Continue from a `state()`: the same order from the same position."""
+        self.epoch, self.pos = epoch, pos
+        self._order = self._permutation(epoch)

@@ -2,8 +2,10 @@
 `tunelab.run.files` (temp dir, manifest with checksums, fsync, rename) and verified before a
 checkpoint is trusted.
 
-A checkpoint holds everything an exact resume needs: the trained tensors, the optimizer state,
-the scheduler, the data position and every RNG state.
+What a checkpoint holds is decided by `tunelab.training.state.TrainState`; this module is the
+format (tensor groups as safetensors files, the rest as state.json; optimizer state and RNG states
+split into tensors and JSON) and the checkpoints' life cycle in RUN/checkpoints (list, newest valid,
+prune).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import json
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,25 +68,28 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 # ----------------------------------------------------------------------------- save / load
 
-def save_checkpoint(directory: Path, *, trainable: dict, optimizer, scheduler, extra: dict) -> Path:
+@dataclass
+class Saved:
+    """A checkpoint as read back: its tensor files by name, and its state.json."""
+    tensors: dict[str, dict[str, torch.Tensor]]
+    meta: dict
+
+
+def save_checkpoint(directory: Path, saved: Saved) -> Path:
+    """Write `saved` as DIRECTORY/<name>.safetensors for each tensor group (in order) and
+    DIRECTORY/state.json, atomically, with a checksummed manifest."""
     def fill(tmp: Path) -> None:
-        opt_tensors, opt_meta = optimizer_to_flat(optimizer)
-        rng_tensors, rng_meta = rng_state()
-        save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        for name, tensors in saved.tensors.items():
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
         pause_point(f"fill:{directory.name}")
-        save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        state = {"optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta, **extra}
-        (tmp / "state.json").write_text(json.dumps(state))
+        (tmp / "state.json").write_text(json.dumps(saved.meta))
     return atomic_dir(directory, fill)
 
 
-def load_checkpoint(directory: Path) -> dict:
-    """Read a verified checkpoint: {'trainable', 'optimizer_tensors', 'rng_tensors', 'state'}."""
-    return {"trainable": load_file(str(directory / "trainable.safetensors")),
-            "optimizer_tensors": load_file(str(directory / "optimizer.safetensors")),
-            "rng_tensors": load_file(str(directory / "rng.safetensors")),
-            "state": json.loads((directory / "state.json").read_text())}
+def load_checkpoint(directory: Path) -> Saved:
+    """Read a verified checkpoint back."""
+    tensors = {f.name[:-len(".safetensors")]: load_file(str(f)) for f in sorted(directory.glob("*.safetensors"))}
+    return Saved(tensors, json.loads((directory / "state.json").read_text()))
 
 
 def step_of(path: Path) -> int:
@@ -104,7 +110,7 @@ def latest_valid(root: Path, warn=print) -> Path | None:
     return found[0] if found else None
 
 
-def load_latest(root: Path, warn=print, read: bool = True) -> tuple[Path, dict | None] | None:
+def load_latest(root: Path, warn=print, read: bool = True) -> tuple[Path, Saved | None] | None:
     """(path, load_checkpoint(path)) of the newest checkpoint that verifies and reads back; each
     one skipped is reported with the file that is wrong. None when there is none."""
     for ckpt in reversed(list_checkpoints(root)):

@@ -38,6 +38,7 @@ def load_trained(run_dir: str | Path, device: str = "cpu"):
     from tunelab.methods import METHODS
     from tunelab.models import load_model
     from tunelab.training.checkpoint import load_latest
+    from tunelab.training.state import method_tensors
 
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
@@ -51,7 +52,7 @@ def load_trained(run_dir: str | Path, device: str = "cpu"):
             method.load(model, run_dir / "final")
     elif (found := load_latest(run_dir / "checkpoints")) is not None:
         with fits(found[0], cfg):
-            method.load_trainable_state(model, found[1]["trainable"])
+            method.load_trainable_state(model, method_tensors(found[1].tensors["trainable"]))
     else:
         raise TunelabError(f"{run_dir}: has neither final/ nor a valid checkpoint; train it first")
     return cfg, model.to(device).eval(), tok, method
