@@ -7,8 +7,8 @@ import sys
 
 
 def cmd_train(a) -> None:
-    import tunelab
-    run_dir = tunelab.train(a.config, *a.overrides)
+    from tunelab.api import train
+    run_dir = train(a.config, *a.overrides)
     print(f"run directory: {run_dir}")
 
 
@@ -37,7 +37,8 @@ def cmd_report(a) -> None:
 
 
 def cmd_compare(a) -> None:
-    from tunelab.report import compare, text_table
+    from tunelab.api import compare
+    from tunelab.report import text_table
     comparison, html, js, md = compare(a.targets, a.out, a.set, allow_mismatch=a.allow_mismatch)
     print(text_table(comparison))
     print(f"wrote {html}, {md} and {js}")

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from tunelab.data.config import DataConfig
+from tunelab.data.load import load_records
 from tunelab.data.records import Example
 from tunelab.data.render import IGNORE, Examples, encode
 
@@ -20,7 +21,6 @@ COLORS = ("\x1b[1;32m", "\x1b[0m")
 def check_data(spec: str, tokenizer: Any, cfg: DataConfig, color: bool | None = None) -> str:
     """A text report on `spec` as it would be trained with `tokenizer` and `cfg`.
     `color=None` colours trained tokens only when stdout is a terminal."""
-    from tunelab.data import load_records  # the package imports this module
 
     records = load_records(spec, cfg)
     examples = encode(records, tokenizer, cfg)

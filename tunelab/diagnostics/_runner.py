@@ -6,9 +6,10 @@ import json
 import time
 from pathlib import Path
 
-from tunelab.diagnostics import DIAGNOSTICS, Findings
+from tunelab.diagnostics._base import Findings
 from tunelab.errors import ConfigError
 from tunelab.options import to_dict
+from tunelab.registry import DIAGNOSTICS
 
 OUT_DIR = "diagnostics"
 
@@ -68,7 +69,8 @@ def is_current(run_dir: Path, name: str, run_cfg) -> bool:
 
 def run_diagnostics(run_dir, only: list[str] | None = None, *, skip_current: bool = False,
                     keep_going: bool = False, log=print) -> dict[str, dict]:
-    """Run the selected diagnostics on a trained run (see tunelab.diagnostics.run_diagnostics).
+    """Run the diagnostics `only` names (default: the run config's `diagnostics.after_train`, or
+    the defaults for its data) on a trained run; write RUN/diagnostics/<name>.json; return them.
     With `skip_current`, results already written for this final output and options are kept; with
     `keep_going`, a diagnostic that fails with a user-facing error is reported and skipped."""
     from tunelab.diagnostics._context import Context

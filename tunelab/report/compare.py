@@ -12,6 +12,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.report.rundata import RunData, figures, headline, load_run_data
@@ -133,9 +134,9 @@ def _unique(names: list[str]) -> list[str]:
     return out
 
 
-def prepare(targets: list[str], out: Path, overrides: list[str] = (), allow_mismatch: bool = False) -> Comparison:
-    """Check the run directories against the reference, train the recipes, load every run."""
-    import tunelab
+def prepare(targets: list[str], out: Path, overrides: list[str] = (), allow_mismatch: bool = False, *,
+            train: Callable[[object], Path]) -> Comparison:
+    """Check the run directories against the reference, train the recipes (with `train`), load every run."""
     from tunelab import config as C
 
     items = split_targets(targets)
@@ -154,7 +155,7 @@ def prepare(targets: list[str], out: Path, overrides: list[str] = (), allow_mism
                           "--allow-mismatch to compare anyway")
     for i, name in recipe_out.items():
         cfg = recipe_config(items[i][1], list(overrides), reference, out / "runs" / name)
-        runs[i] = load_run_data(tunelab.train(cfg))
+        runs[i] = load_run_data(train(cfg))
     ordered = [runs[i] for i in range(len(items))]
     names = _unique([r.name for r in ordered])
     return Comparison(runs=ordered, names=names, reference=reference,
