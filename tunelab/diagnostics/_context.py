@@ -30,9 +30,8 @@ class Context:
     @cached_property
     def device(self):
         """train.device, with `auto` meaning cuda when available."""
-        import torch
-        name = self.cfg.train.device
-        return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+        from tunelab.run.device import pick_device
+        return pick_device(self.cfg.train.device)
 
     @cached_property
     def _trained(self):

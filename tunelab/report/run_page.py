@@ -17,15 +17,14 @@ from tunelab.report import svg
 from tunelab.report.diagviews import render_diagnostic
 from tunelab.report.rundata import (RunData, extra_metrics, headline, load_run_data, steps_done,
                                     target_figures, throughput_figures)
+from tunelab.run.files import atomic_write_text
 
 
 def write_report(run_dir: str | Path) -> Path:
     """Write RUN/report.html from what the run wrote; returns its path."""
     run = load_run_data(run_dir)
     out = run.dir / "report.html"
-    tmp = out.with_suffix(".html.tmp")
-    tmp.write_text(render_report(run))
-    tmp.replace(out)  # atomic: a browser never sees half a page
+    atomic_write_text(out, render_report(run))  # a browser never sees half a page
     return out
 
 
