@@ -8,16 +8,21 @@ from pathlib import Path
 def train(config, *overrides: str) -> Path:
     """Train from a YAML path, a dict, a RunConfig, or an existing run directory (resumes), run the
     configured diagnostics and write RUN/report.html. `overrides` are `key.path=value` strings.
-    Returns the run directory."""
+    Returns the run directory. Under torchrun every process calls this: they train together, and
+    rank 0 alone runs the diagnostics and writes the report."""
     from tunelab.diagnostics._runner import run_after_train
     from tunelab.report import write_report
+    from tunelab.run.dist import join
     from tunelab.run.rundir import resolve
     from tunelab.training.loop import train as train_loop
 
     cfg, run_dir = resolve(config, list(overrides))
-    run_dir = train_loop(cfg, run_dir)
-    run_after_train(run_dir)  # cfg.diagnostics.after_train; results already current are kept
-    print(f"report: {write_report(run_dir)}")  # last: it shows the diagnostics just written
+    dist = join(cfg.train.device)
+    run_dir = train_loop(cfg, run_dir, dist)
+    if dist.is_main:
+        run_after_train(run_dir)  # cfg.diagnostics.after_train; results already current are kept
+        print(f"report: {write_report(run_dir)}")  # last: it shows the diagnostics just written
+    dist.barrier()
     return run_dir
 
 

@@ -25,6 +25,10 @@ class Method(Component):
     """Whether `disabled()` can recover the base model's function."""
     supports_merge: ClassVar[bool] = True
     """Whether `merge()` folds the change into a plain HF model with the same function."""
+    parallel: ClassVar[tuple[str, ...]] = ("ddp",)
+    """The train.parallel modes it can train under on several processes, the first being `auto`'s
+    choice; empty when it cannot (then `single_process_why` says why)."""
+    single_process_why: ClassVar[str] = ""
 
     # -- set-up ---------------------------------------------------------------------------
     def apply(self, model):

@@ -260,6 +260,8 @@ class TensorSelection(FullFineTuning):
     one that comes back starts with fresh Adam moments."""
 
     supports_disable = False
+    parallel = ()
+    single_process_why = "it changes which tensors train during the run; DDP and FSDP fix them at the start"
 
     def _init_selection(self, model, candidates: list[str]) -> None:
         self.candidates, self.ever = candidates, set()

@@ -89,6 +89,8 @@ class LotteryTicketSFT(Method):
     """Lottery-ticket sparse fine-tuning; see the module docstring."""
 
     Config = LTSFTConfig
+    parallel = ()
+    single_process_why = "its switch to the sparse phase changes which tensors train (fixed at the start on several)"
 
     def apply(self, model):
         freeze_all(model)

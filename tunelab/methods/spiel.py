@@ -116,6 +116,8 @@ class SpIEL(Method):
     """Sparse fine-tuning with prune-and-regrow (SpIEL-AG); see the module docstring."""
 
     Config = SpIELConfig
+    parallel = ()
+    single_process_why = "its regrowth candidates come from each process's own dense gradients"
 
     def apply(self, model):
         freeze_all(model)

@@ -64,6 +64,11 @@ class Objective(Component):
         """Optimizer groups for the objective's own parameters (none by default)."""
         return []
 
+    def trained_modules(self) -> list:
+        """The nn.Modules holding the objective's own parameters: on several processes they are
+        replicated with the model and their gradients summed like the model's."""
+        return []
+
     def save(self, out_dir) -> None:
         """Write the objective's own trained tensors into the run's final/ directory."""
 

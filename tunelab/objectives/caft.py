@@ -218,6 +218,9 @@ class CAFT(Objective):
         assert self.heads is not None, "call setup(model, tokenizer) before load_state_dict"
         self.heads.load_state_dict({n[len("heads."):]: t for n, t in state.items() if n.startswith("heads.")})
 
+    def trained_modules(self) -> list:
+        return [] if self.heads is None else [self.heads]
+
     def param_groups(self, weight_decay: float) -> list[dict]:
         if self.heads is None or not self.cfg.train_heads:
             return []

@@ -7,10 +7,11 @@ from contextlib import nullcontext
 import torch
 
 
-def pick_device(name: str) -> torch.device:
-    """train.device: `auto` is cuda when available, else cpu."""
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
-                        ("cpu" if name == "auto" else name))
+def pick_device(name: str, index: int | None = None) -> torch.device:
+    """train.device: `auto` is cuda when available, else cpu; a GPU's `index` when given (one
+    process per GPU: its local rank)."""
+    kind = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    return torch.device(kind, index) if kind == "cuda" and index is not None else torch.device(kind)
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from tunelab.errors import TunelabError
+from tunelab.run.dist import SINGLE, Dist
 from tunelab.run.signals import pause_point
 
 MANIFEST = "manifest.json"
@@ -67,39 +68,55 @@ def verify(directory: Path) -> str | None:
     return None
 
 
-def atomic_dir(target: Path, fill) -> Path:
+def atomic_dir(target: Path, fill, dist: Dist = SINGLE) -> Path:
     """Create `target` by filling a temp sibling with `fill(tmp)`, writing its manifest, fsyncing
     and renaming it into place. A crash (even SIGKILL) leaves either the old state or the complete
     new one; leftovers are hidden dot-dirs that `recover` tidies. A failed write (disk full,
-    read-only) raises TunelabError naming the target and removes the partial copy."""
+    read-only) raises TunelabError naming the target and removes the partial copy.
+    With several processes (`dist`), every rank calls this together and fills the same temp
+    directory (each writes its own files); rank 0 names it, and writes the manifest and renames
+    once all have written."""
     target = Path(target)
-    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
-    old = target.parent / f".old-{target.name}-{os.getpid()}"
+    tag = dist.broadcast(os.getpid())
+    tmp = target.parent / f".tmp-{target.name}-{tag}"
+    old = target.parent / f".old-{target.name}-{tag}"
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
         fill(tmp)
-        pause_point(f"write:{target.name}")
-        write_manifest(tmp)
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                with open(p, "rb+") as f:
-                    os.fsync(f.fileno())
-        pause_point(f"manifest:{target.name}")
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        dist.barrier()
+        if dist.is_main:
+            _commit(target, tmp, old)
     except BaseException as e:  # also Ctrl-C: never leave a partial copy or lose the old one
-        if old.exists() and not target.exists():
-            os.replace(old, target)
-        shutil.rmtree(tmp, ignore_errors=True)
+        if dist.is_main:
+            if old.exists() and not target.exists():
+                os.replace(old, target)
+            shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, (OSError, SafetensorError)):
             raise TunelabError(f"could not write {target}: {_why(e)}") from None
         raise
-    shutil.rmtree(old, ignore_errors=True)
-    pause_point(f"renamed:{target.name}")
+    if dist.is_main:
+        shutil.rmtree(old, ignore_errors=True)
+        pause_point(f"renamed:{target.name}")
+    dist.barrier()
     return target
+
+
+def _commit(target: Path, tmp: Path, old: Path) -> None:
+    """Manifest, fsync, and the rename that makes `tmp` the new `target` (the old one aside first)."""
+    pause_point(f"write:{target.name}")
+    write_manifest(tmp)
+    for p in tmp.rglob("*"):
+        if p.is_file():
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+    pause_point(f"manifest:{target.name}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
 
 
 def _why(e: BaseException) -> str:

@@ -113,11 +113,11 @@ def fits(saved: Path, cfg: C.RunConfig):
 
 class MetricsLog:
     """Append-only metrics.jsonl (and TensorBoard scalars if asked); on resume, lines after the
-    checkpoint's step are dropped."""
+    checkpoint's step are dropped. Disabled (`enabled=False`: on ranks other than 0), it writes nothing."""
 
-    def __init__(self, path: Path, tensorboard: bool = False):
-        self.path, self.tb = path, None
-        if tensorboard:
+    def __init__(self, path: Path, tensorboard: bool = False, enabled: bool = True):
+        self.path, self.tb, self.enabled = path, None, enabled
+        if tensorboard and enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
@@ -128,13 +128,15 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         """Keep the lines up to `step` (all lines when `step` < 0: none). A torn last line, left
         by a full disk, is dropped with the rest."""
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return
         keep = [ln for ln in self.path.read_text(errors="replace").splitlines()
                 if (rec := _record(ln)) is not None and rec["step"] <= step]
         atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         try:
             with open(self.path, "a") as f:
                 f.write(redact(json.dumps(record)) + "\n")

@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from tunelab.run.dist import Dist
 from tunelab.run.files import atomic_dir, verify
 from tunelab.run.signals import pause_point
 
@@ -70,9 +71,15 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 @dataclass
 class Saved:
-    """A checkpoint as read back: its tensor files by name, and its state.json."""
+    """A checkpoint as read back: its state.json, and (one-process layout) its tensor files by name.
+    A sharded checkpoint's tensors are read into the tensors they belong to (`load_tensors`)."""
     tensors: dict[str, dict[str, torch.Tensor]]
     meta: dict
+    directory: Path | None = None
+
+    @property
+    def sharded(self) -> bool:
+        return "trainable" not in self.tensors
 
 
 def save_checkpoint(directory: Path, saved: Saved) -> Path:
@@ -86,10 +93,53 @@ def save_checkpoint(directory: Path, saved: Saved) -> Path:
     return atomic_dir(directory, fill)
 
 
+def save_sharded(directory: Path, tensors: dict, rng: dict[str, torch.Tensor], meta: dict, dist: Dist) -> Path:
+    """The checkpoint of a run on several processes, written by all of them together, atomically:
+    `tensors` (DTensor shards or replicated tensors, by name) through torch.distributed.checkpoint
+    as safetensors files (each rank its own shard file; no pickle), each rank's RNG tensors in
+    rng/rank-R.safetensors, and rank 0's `meta` as state.json."""
+    import torch.distributed.checkpoint as dcp
+
+    def fill(tmp: Path) -> None:
+        dcp.save({k: v.contiguous() for k, v in tensors.items()},
+                 storage_writer=dcp.HuggingFaceStorageWriter(str(tmp), save_distributed=True))
+        (tmp / "rng").mkdir(exist_ok=True)
+        save_file(rng, str(tmp / "rng" / f"rank-{dist.rank}.safetensors"))
+        if dist.is_main:
+            pause_point(f"fill:{directory.name}")
+            (tmp / "state.json").write_text(json.dumps(meta))
+    return atomic_dir(directory, fill, dist)
+
+
 def load_checkpoint(directory: Path) -> Saved:
-    """Read a verified checkpoint back."""
-    tensors = {f.name[:-len(".safetensors")]: load_file(str(f)) for f in sorted(directory.glob("*.safetensors"))}
-    return Saved(tensors, json.loads((directory / "state.json").read_text()))
+    """Read a verified checkpoint back (a sharded one: its state.json only)."""
+    sharded = not (directory / "trainable.safetensors").exists()
+    tensors = {} if sharded else \
+        {f.name[:-len(".safetensors")]: load_file(str(f)) for f in sorted(directory.glob("*.safetensors"))}
+    return Saved(tensors, json.loads((directory / "state.json").read_text()), directory)
+
+
+def checkpoint_keys(directory: Path) -> set[str]:
+    """The names of the tensors a checkpoint of either layout holds (its RNG files aside)."""
+    import torch.distributed.checkpoint as dcp
+    return set(dcp.HuggingFaceStorageReader(str(directory)).read_metadata().state_dict_metadata)
+
+
+def load_tensors(directory: Path, template: dict) -> None:
+    """Fill `template` (tensors or DTensors, by name) in place from a checkpoint of either layout:
+    torch.distributed.checkpoint reads each process's part (reshards) from the safetensors files."""
+    import torch.distributed.checkpoint as dcp
+    dcp.load(template, storage_reader=dcp.HuggingFaceStorageReader(str(directory)))
+
+
+def load_rng(saved: Saved, rank: int) -> None:
+    """Restore this process's RNG streams: its own when the checkpoint has them, else rank 0's (a
+    resume on more processes starts the new ranks where a fresh start would: at rank 0's state)."""
+    if not saved.sharded:
+        return set_rng_state(saved.tensors["rng"], saved.meta["rng"])
+    ranks = saved.meta["rng_ranks"]
+    own = rank if rank < len(ranks) else 0
+    set_rng_state(load_file(str(saved.directory / "rng" / f"rank-{own}.safetensors")), ranks[own])
 
 
 def step_of(path: Path) -> int:

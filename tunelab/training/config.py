@@ -60,6 +60,12 @@ class TrainConfig(Options):
     """Also log to TensorBoard (needs the `tensorboard` extra)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; auto picks cuda when available."""
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"
+    """How the processes of a torchrun launch share the work: `ddp` keeps a full replica of the
+    model in each and sums their gradients (DistributedDataParallel); `fsdp` shards parameters,
+    gradients and optimizer state over them (FSDP2). `auto`: the method's first choice (fsdp for
+    full and layers, ddp for the parameter-efficient methods). One process without torchrun: unused.
+    micro_batch_size is per process: N processes take N times its examples per step."""
     compact_host_memory: bool = False
     """CPU: send large allocations to mmap so the resident size stays flat (about -35% peak RSS for
     SmolLM2 LoRA, at about -20% tokens/s; see tunelab/training/memory.py)."""

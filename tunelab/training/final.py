@@ -38,7 +38,6 @@ def load_trained(run_dir: str | Path, device: str = "cpu"):
     from tunelab.methods import METHODS
     from tunelab.models import load_model
     from tunelab.training.checkpoint import load_latest
-    from tunelab.training.state import method_tensors
 
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
@@ -52,7 +51,20 @@ def load_trained(run_dir: str | Path, device: str = "cpu"):
             method.load(model, run_dir / "final")
     elif (found := load_latest(run_dir / "checkpoints")) is not None:
         with fits(found[0], cfg):
-            method.load_trainable_state(model, method_tensors(found[1].tensors["trainable"]))
+            method.load_trainable_state(model, trained_tensors(found[1], method, model))
     else:
         raise TunelabError(f"{run_dir}: has neither final/ nor a valid checkpoint; train it first")
     return cfg, model.to(device).eval(), tok, method
+
+
+def trained_tensors(saved, method, model) -> dict:
+    """The method's trained tensors in a checkpoint of either layout (one process's files, or the
+    sharded files of several), by name."""
+    from tunelab.training.checkpoint import load_tensors
+    from tunelab.training.state import method_tensors
+
+    if not saved.sharded:
+        return method_tensors(saved.tensors["trainable"])
+    template = {k: v.clone() for k, v in method.trainable_state(model).items()}
+    load_tensors(saved.directory, template)
+    return template

@@ -15,6 +15,7 @@ from tunelab.run.context import StepContext
 from tunelab.run.device import autocast
 from tunelab.run.signals import pause_point
 from tunelab.training.config import TrainConfig, max_tokens_per_forward_for
+from tunelab.training.parallel import OneProcess
 from tunelab.training.state import TrainState
 
 
@@ -37,24 +38,26 @@ class StepResult:
     """True when the loss or the gradient norm was not finite: no update was made."""
 
 
-def forward_backward(model, objective, micro: list[dict], opt, tc: TrainConfig, device,
+def forward_backward(parallel: OneProcess, objective, micro: list[dict], opt, tc: TrainConfig, device,
                      ctx: StepContext) -> tuple[float, float, int, dict]:
     """One optimizer step's gradients. Each micro-batch's loss *sum* is back-propagated and the
     gradients are divided by the step's total token count afterwards, so the result does not depend
     on how the step is split, even when an objective decides its token count in the forward pass.
+    On several processes the gradients, loss sums and token counts are summed over them first.
     Returns (mean loss, gradient norm before clipping, tokens counted, mean objective metrics)."""
     loss_sum, total, metrics = 0.0, 0, {}
     bound = max_tokens_per_forward_for(tc, device)
     pieces = [(i, b) for i, m in enumerate(micro)
               for b in (split_batch(m, bound) if bound and objective.per_token else [m])]
-    for i, batch in pieces:
+    for n, (i, batch) in enumerate(pieces):
         with autocast(tc.precision, device):
-            out = objective.loss(model, batch, ctx.at_micro_batch(i))
+            out = parallel.loss(batch, ctx.at_micro_batch(i), sync=n == len(pieces) - 1)
         out.loss_sum.backward()
         loss_sum += float(out.loss_sum.detach())
         total += out.num_tokens
         for k, v in out.metrics.items():
             metrics[k] = metrics.get(k, 0.0) + v / len(pieces)
+    loss_sum, total, metrics = parallel.reduce(loss_sum, total, metrics)
     params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
     for p in params:
         p.grad.div_(max(total, 1))
@@ -62,12 +65,12 @@ def forward_backward(model, objective, micro: list[dict], opt, tc: TrainConfig, 
     return loss_sum / max(total, 1), grad_norm, total, metrics
 
 
-def train_step(state: TrainState, tc: TrainConfig, device, ctx: StepContext) -> StepResult:
-    """Take optimizer step `ctx.step` on `state`'s next micro-batches (train.grad_accum of them)."""
+def train_step(state: TrainState, parallel: OneProcess, tc: TrainConfig, device, ctx: StepContext) -> StepResult:
+    """Take optimizer step `ctx.step` on `state`'s next micro-batches (grad_accum of them)."""
     t0 = time.perf_counter()
     opt = state.optimizer
-    micro = [{k: v.to(device) for k, v in next(state.stream).items()} for _ in range(tc.grad_accum)]
-    loss, grad_norm, trained, metrics = forward_backward(state.model, state.objective, micro, opt, tc, device, ctx)
+    micro = [{k: v.to(device) for k, v in next(state.stream).items()} for _ in range(state.grad_accum)]
+    loss, grad_norm, trained, metrics = forward_backward(parallel, state.objective, micro, opt, tc, device, ctx)
     pause_point(f"step:{ctx.step}")
     lr = opt.param_groups[0]["lr"]
     skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
@@ -78,6 +81,7 @@ def train_step(state: TrainState, tc: TrainConfig, device, ctx: StepContext) -> 
     if not skipped:
         state.method.on_step(state.model, ctx, opt)
     tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro)
+    tokens = int(parallel.dist.sum([tokens])[0])
     return StepResult(loss, grad_norm, trained, tokens, time.perf_counter() - t0, lr, metrics, skipped)
 
 
