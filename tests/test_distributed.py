@@ -238,3 +238,25 @@ def _paused_rank(run: Path, deadline: float) -> int:
                 return ranks[1]
         time.sleep(0.2)
     raise AssertionError("rank 1 never reached step 3")
+
+
+@pytest.mark.parametrize("world, packing", [(2, True), (3, False)])
+def test_each_rank_takes_its_share_of_what_one_process_would_take(world, packing):
+    """Rank r's micro-batch is the r-th slice of the one-process micro-batch of world * m examples,
+    packed on its own; positions stay equal, so any world size resumes from them."""
+    from tiny import random_examples
+    from tunelab.training.batches import BatchStream
+
+    exs, m = random_examples(7), 2
+    one = BatchStream(exs, m * world, seed=3, packing=packing, pad_id=0)
+    ranks = [BatchStream(exs, m, seed=3, packing=packing, pad_id=0, rank=r, world_size=world) for r in range(world)]
+    for _ in range(5):  # crosses epoch boundaries
+        whole = next(one)
+        parts = [next(s) for s in ranks]
+        rows = [row[row != -100].tolist() for row in whole["targets"]]
+        shares = [row[row != -100].tolist() for p in parts for row in p["targets"]]
+        if packing:  # rows hold several examples: the same tokens, each rank packing its own
+            assert sorted(sum(rows, [])) == sorted(sum(shares, []))
+        else:  # one example per row: rank r holds rows r*m .. r*m+m-1, in order
+            assert rows == shares
+        assert all(s.state() == one.state() for s in ranks)
