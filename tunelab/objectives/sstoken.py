@@ -105,8 +105,9 @@ class SSToken(Objective):
     is a frozen copy of the model taken at setup (= the reference's precomputed base-model losses) or
     an EMA of it, moved once per optimizer step from the second on, before that step's first forward
     (the step comes from the step context, so gradient accumulation does not move it twice; a step
-    skipped for a non-finite loss still counts, and moves it toward the unchanged weights). The reference's attention-only warm-up is keyed on sample index and effectively never
-    runs: not implemented. While the history equals the model (the first step) REL is exactly 0 (both
+    skipped for a non-finite loss still counts, and moves it toward the unchanged weights). The
+    reference's attention-only warm-up is keyed on sample index and effectively never runs: not
+    implemented. While the history equals the model (the first step) REL is exactly 0 (both
     forwards use the same kernels), so the selection is attention-only, like that warm-up; ties (e.g.
     γ = 1 on the first step) keep the earlier tokens. γ = 1 skips the attention; γ = 0 skips the
     history model. Reading attention needs eager attention: the model is switched to it, with a

@@ -132,14 +132,23 @@ def load_tensors(directory: Path, template: dict) -> None:
     dcp.load(template, storage_reader=dcp.HuggingFaceStorageReader(str(directory)))
 
 
-def load_rng(saved: Saved, rank: int) -> None:
-    """Restore this process's RNG streams: its own when the checkpoint has them, else rank 0's (a
-    resume on more processes starts the new ranks where a fresh start would: at rank 0's state)."""
-    if not saved.sharded:
+def load_rng(saved: Saved, rank: int, seed: int) -> None:
+    """Restore this process's RNG streams: its own when the checkpoint has them; a rank the run did
+    not have before (resumed on more processes) starts a stream of its own, from `seed`, the rank
+    and the step."""
+    if not saved.sharded and rank == 0:
         return set_rng_state(saved.tensors["rng"], saved.meta["rng"])
-    ranks = saved.meta["rng_ranks"]
-    own = rank if rank < len(ranks) else 0
-    set_rng_state(load_file(str(saved.directory / "rng" / f"rank-{own}.safetensors")), ranks[own])
+    ranks = saved.meta.get("rng_ranks", [])
+    if rank >= len(ranks):
+        return seed_rank(seed, rank, saved.meta["step"])
+    set_rng_state(load_file(str(saved.directory / "rng" / f"rank-{rank}.safetensors")), ranks[rank])
+
+
+def seed_rank(seed: int, rank: int, step: int = 0) -> None:
+    """Seed torch and Python's RNGs for rank `rank` (> 0) of a run seeded `seed`, from step `step`."""
+    mixed = (seed * 1_000_003 + rank * 7_919 + step) % 2**63
+    torch.manual_seed(mixed)
+    random.seed(mixed)
 
 
 def step_of(path: Path) -> int:

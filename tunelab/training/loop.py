@@ -25,6 +25,7 @@ from tunelab.run.rundir import MetricsLog, RunLock, fits, redact, write_config
 from tunelab.run.signals import GracefulStop
 from tunelab.training import checkpoint as ckpt
 from tunelab.training.batches import BatchStream
+from tunelab.training.checkpoint import seed_rank
 from tunelab.training.evaluation import evaluate, report
 from tunelab.training.final import is_complete, save_final
 from tunelab.training.inputs import load_examples, warn
@@ -119,10 +120,12 @@ def build(cfg: C.RunConfig, run_dir: Path, dist: Dist = SINGLE) -> Run:
     train_ex, eval_records, eval_ex = load_examples(cfg, tok, quiet=not dist.is_main)
     groups = method.param_groups(model, tc.weight_decay) + objective.param_groups(tc.weight_decay)
     opt, sched = build_optimizer(groups, tc)
+    if dist.rank > 0:  # ranks drew the same initialisation; from here each draws its own (dropout, sampling)
+        seed_rank(tc.seed, dist.rank)
     stream = BatchStream(train_ex, tc.micro_batch_size, seed=tc.seed, packing=cfg.data.packing,
                          pad_id=tok.pad_token_id, rank=dist.rank, world_size=dist.world_size)
     state = TrainState(model, method, objective, opt, sched, stream, grad_accum=tc.grad_accum, dist=dist,
-                       sharded_files=parallel.distributed)
+                       seed=tc.seed, sharded_files=parallel.distributed)
     log = MetricsLog(run_dir / "metrics.jsonl", tensorboard=tc.tensorboard, enabled=dist.is_main)
     return Run(cfg, run_dir, device, tok, train_ex, eval_records, eval_ex, state, log, t_start, parallel)
 
@@ -186,8 +189,8 @@ def relayout(run: Run, meta: dict) -> None:
         raise TunelabError(f"{run.run_dir}: its steps take {total} examples, which {world} processes cannot "
                            f"share evenly; resume it on a number of processes that divides {total}")
     state.stream.size, state.grad_accum = micro, accum
-    run.say(f"resuming on {world} process{'es' if world > 1 else ''} (was {saved_world}): micro_batch_size {micro}, grad_accum {accum} "
-            f"keep the run's {total} examples per step")
+    run.say(f"resuming on {world} process{'es' if world > 1 else ''} (was {saved_world}): micro_batch_size "
+            f"{micro}, grad_accum {accum} keep the run's {total} examples per step")
 
 
 def begin(run: Run) -> None:

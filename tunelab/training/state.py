@@ -47,6 +47,8 @@ class TrainState:
     grad_accum: int = 1
     """Micro-batches per optimizer step on each process."""
     dist: Dist = SINGLE
+    seed: int = 0
+    """train.seed (a rank new to a resumed run seeds its RNG streams from it)."""
     sharded_files: bool = False
     """Write checkpoints through torch.distributed.checkpoint (a run on several processes)."""
 
@@ -89,7 +91,7 @@ class TrainState:
         self.method.load_trainable_state(self.model, method_tensors(trainable))
         ckpt.optimizer_from_flat(self.optimizer, opt_tensors, saved.meta["optimizer"])
         self.scheduler.load_state_dict(saved.meta["scheduler"])
-        ckpt.load_rng(saved, self.dist.rank)
+        ckpt.load_rng(saved, self.dist.rank, self.seed)
         self.stream.seek(**saved.meta["data"])
         self.step = saved.meta["step"]
 
