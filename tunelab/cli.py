@@ -19,7 +19,11 @@ def cmd_train(a) -> int:
         cmd = torchrun_command(a.nproc, ["train", a.config, *a.overrides])
         return subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS=threads)).returncode
     from tunelab.api import train
-    run_dir = train(a.config, *a.overrides)
+    from tunelab.run.dist import leave
+    try:
+        run_dir = train(a.config, *a.overrides)
+    finally:
+        leave()  # the process group of a torchrun launch (none otherwise)
     if os_rank() == 0:
         print(f"run directory: {run_dir}")
     return 0
