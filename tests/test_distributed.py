@@ -260,3 +260,12 @@ def test_each_rank_takes_its_share_of_what_one_process_would_take(world, packing
         else:  # one example per row: rank r holds rows r*m .. r*m+m-1, in order
             assert rows == shares
         assert all(s.state() == one.state() for s in ranks)
+
+
+def test_train_takes_overrides_on_either_side_of_nproc():
+    from tunelab.cli import parse
+
+    a = parse(["train", "x.yaml", "a.b=1", "--nproc", "2", "train.steps=5"])
+    assert (a.config, a.overrides, a.nproc) == ("x.yaml", ["a.b=1", "train.steps=5"], 2)
+    with pytest.raises(SystemExit):
+        parse(["train", "x.yaml", "--nproc", "2", "--bogus"])
