@@ -38,7 +38,7 @@ class Settings:
 def native_bf16() -> bool:
     import torch
 
-    from tunelab.training.precision import resolve_precision
+    from tunelab.run.device import resolve_precision
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return resolve_precision("auto", dev) == "bf16"
 

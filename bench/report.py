@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 
-
 def _row(r: dict, hf: dict | None, best_hf: dict | None) -> str:
     if "error" in r:
         return f"| {r['mode']} | {r['contender']} | failed: {r['error'].strip().splitlines()[-1][:80]} |" + " |" * 9

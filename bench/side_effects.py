@@ -52,7 +52,7 @@ def markdown(table: dict[str, dict[str, float]], seconds: dict[str, float], cfg:
 def main() -> None:
     from report import write_docs
     from tunelab.diagnostics import run_diagnostics
-    from tunelab.report import compare
+    from tunelab import compare
 
     runs = {r: ROOT / "runs" / "methods" / r for r in ROWS}
     missing = [r for r, p in runs.items() if not (p / "eval.json").exists()]

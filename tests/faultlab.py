@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tunelab.training.checkpoint import list_checkpoints, verify
+from tunelab.run.files import verify
+from tunelab.training.checkpoint import list_checkpoints
 
 PAUSE = "TUNELAB_TEST_PAUSE_AT"
 STEPS, EVAL_EVERY, KEEP = 6, 2, 2
@@ -80,7 +81,7 @@ def argv_for(lab, run: Path, *extra: str) -> list[str]:
 
 
 def timeline() -> list[str]:
-    """Every pause point of an uninterrupted run, in order (see tunelab/training/signals.py)."""
+    """Every pause point of an uninterrupted run, in order (see tunelab/run/signals.py)."""
     points = ["eval:0"]
     for s in range(1, STEPS + 1):
         points.append(f"step:{s}")

@@ -13,6 +13,7 @@ from tunelab.data import IGNORE, Example, Record, collate, encode, model_inputs
 
 # ---------------------------------------------------------------- collate
 
+
 def _ex(ids, labels):
     return Example(input_ids=list(ids), labels=list(labels))
 
@@ -84,7 +85,6 @@ def test_packed_isolation_needs_use_cache_false(tok, model):
     n0 = len(examples[0])
     torch.testing.assert_close(safe[0, :n0], leaky[0, :n0])  # the first example is unaffected
     assert not torch.allclose(safe[0, n0:], leaky[0, n0:], atol=1e-3)
-
 
 
 def test_per_example_attention_equals_masked_sdpa(model):

@@ -8,7 +8,7 @@ import yaml
 
 from test_report import copy_run, fake_diagnostics, run_cfg, runs  # noqa: F401 -- `runs` is a fixture
 from tunelab.errors import ConfigError
-from tunelab.report import compare
+from tunelab.api import compare
 
 
 def test_compare_set_that_a_run_directory_cannot_follow_is_refused(runs, tmp_path):

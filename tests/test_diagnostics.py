@@ -102,7 +102,7 @@ def test_every_method_can_be_diagnosed(model, row):
     """KL, TuCo and (where the method merges) alpha-steering and intruder counts run on every method
     of the shared table; alpha = 0 is the base model for methods that merge into plain weights."""
     from test_methods import make
-    from tunelab.methods.lora import select_linears
+    from tunelab.methods._shared import select_linears
 
     _, name, options, _ = row
     method = make(name, options)
@@ -176,7 +176,7 @@ def test_intruders_are_counted_per_matrix_module_and_layer(model):
     u0, s0, vh0 = torch.linalg.svd(w.detach())
     with torch.no_grad():
         w.add_(100 * s0[0] * torch.outer(u0.sum(1) / 8, vh0.sum(0) / 8))
-    from tunelab.methods.lora import select_linears
+    from tunelab.methods._shared import select_linears
     rows = matrix_rows(model, tuned, select_linears(model, ["all-linear"]), 10, 0.5)
     changed = [r for r in rows if r[3]]
     assert [r[0] for r in changed] == ["model.layers.1.mlp.up_proj"]

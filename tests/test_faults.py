@@ -25,7 +25,8 @@ from faultlab import (CFG, FILES, PAUSE, STEPS, argv_for, corrupt, corruptions, 
                       outcome, pages, report, timeline, umount, write_jsonl)
 from forkserver import ForkServer
 from tiny import chat_rows
-from tunelab.training.checkpoint import list_checkpoints, load_latest, verify
+from tunelab.run.files import verify
+from tunelab.training.checkpoint import list_checkpoints, load_latest
 
 
 @pytest.fixture(scope="module")

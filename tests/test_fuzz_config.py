@@ -5,6 +5,7 @@ exactly that value. Counts are printed as a `[reliability] config` line (pytest 
 from __future__ import annotations
 
 import collections
+import os
 import re
 
 import pytest
@@ -109,8 +110,14 @@ def test_fuzzed_config_is_rejected_by_key_path_or_accepted_as_given(tmp_path, da
         tally["clear_errors"] += 1
         return
     got = getattr(getattr(cfg, section), name)
+    if key in PATH_KEYS and isinstance(value, str) and value and value != "holdout" and not value.startswith("builtin:"):
+        value = os.path.abspath(os.path.join(tmp_path, os.path.expanduser(value)))  # relative to the YAML's folder
     assert same_value(got, value), (key, value, got)
     tally["accepted_valid"] += 1
+
+
+PATH_KEYS = ("data.train", "data.eval")
+"""Fields holding a path: a relative one comes back absolute, against the YAML's folder."""
 
 
 def same_value(got, given) -> bool:

@@ -12,6 +12,7 @@ from tunelab.data import collate
 from tunelab.data.records import Example
 from tunelab.methods import METHODS
 from tunelab.objectives import OBJECTIVES
+from tunelab.run.context import StepContext
 
 from rows_adapters import ROWS as ADAPTER_ROWS
 from rows_prompt import ROWS as PROMPT_ROWS
@@ -58,7 +59,7 @@ def train_steps(model, method, steps=2, lr=1e-2):
         assert torch.isfinite(out.loss_sum)
         opt.step()
         opt.zero_grad()
-        method.on_step(model, s + 1, opt)
+        method.on_step(model, StepContext(step=s + 1, total_steps=steps), opt)
     return model.eval()
 
 

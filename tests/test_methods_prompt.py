@@ -234,7 +234,7 @@ def test_train_run_with_eval_and_reload(tiny_dir, tmp_path, method):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunelab.training.run import load_trained
+    from tunelab.training.final import load_trained
 
     run = tunelab.train(_run_cfg(tiny_dir, tmp_path, method))
     log = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

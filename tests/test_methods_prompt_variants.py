@@ -9,6 +9,7 @@ from tunelab.data import collate
 from tunelab.errors import ConfigError
 from tunelab.methods._prefix import prompt_kv
 from tunelab.objectives import OBJECTIVES
+from tunelab.run.context import StepContext
 
 from rows_prompt import CPT_CONTEXT, SMALL_DEPT
 from test_methods_prompt import SMALL_EPT, applied, concat_logits, logits, make, padded, perturb
@@ -129,7 +130,7 @@ def test_cpt_projection_masks_and_frozen_embedding(model):
         assert src.delta.grad[~labels].abs().sum() > 0
         opt.step()
         opt.zero_grad()
-        method.on_step(tuned, s + 1, opt)
+        method.on_step(tuned, StepContext(step=s + 1, total_steps=3), opt)
     norms = src.delta.detach().norm(dim=1)
     eps = torch.tensor([0.05 if t % 2 else 0.2 for t in CPT_CONTEXT["type_mask"]]) * (64 / 2048) ** 0.5
     assert torch.all(norms[~labels] <= eps[~labels] * (1 + 1e-5)) and torch.all(norms[labels] == 0)

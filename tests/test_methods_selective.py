@@ -12,10 +12,11 @@ import torch
 from test_methods import batch, make, train_steps
 from test_methods_sparse import adam, step
 from tiny import tiny_model
-
+from tunelab.run.context import StepContext
 
 
 # ----------------------------------------------------------------------------- HFT
+
 
 def test_hft_freezes_exactly_half_per_layer():
     from tunelab.methods.hft import ATTENTION, FFN, NORMS, frozen_half, layer_modules
@@ -53,7 +54,7 @@ def test_hft_reselection_restarts_adam_state(model):
     for t in (1, 2, 3):
         was = {n for n, p in params.items() if p.requires_grad}
         step(tuned, opt, t)
-        method.on_step(tuned, t, opt)
+        method.on_step(tuned, StepContext(step=t, total_steps=3), opt)
         now = {n for n, p in params.items() if p.requires_grad}
         assert now != was
         assert all(params[n] not in opt.state for n in set(params) - now)   # frozen: no Adam state
@@ -134,7 +135,7 @@ def test_greentrainer_importance_is_the_step_gradient(model):
     grads = {n: p.grad for n, p in ref.named_parameters()}
     l1 = [sum(float(grads[n].abs().sum()) for n in x.params) for x in method.entries]
     torch.testing.assert_close(torch.tensor(imp), torch.tensor(l1) / max(l1), atol=1e-5, rtol=1e-4)
-    method.on_step(tuned, 1, adam(method, tuned))
+    method.on_step(tuned, StepContext(step=1, total_steps=1), adam(method, tuned))
     assert all(tuned.greentrainer_selected.tolist()[i] == bool(x.params) for i, x in enumerate(method.entries))
 
 

@@ -10,6 +10,7 @@ import torch
 from test_methods import batch, logits, make, train_steps
 from tiny import tiny_model
 from tunelab.methods import _sparse as S
+from tunelab.run.context import StepContext
 
 
 def adam(method, model, lr=1e-2):
@@ -115,7 +116,7 @@ def test_spiel_prune_and_regrow():
 def test_spiel_schedule_and_fixed_count(model):
     method = make("spiel", {"num_tunable_weights": 500, "reselection_steps": 3,
                             "selection_accumulation_steps": 2, "num_decay_steps": 9})
-    assert method.rate(2) == 1 and method.rate(5) == pytest.approx(0.2 * (1 - 5 / 9)) and method.rate(9) == 0
+    assert method.rate(2, 9) == 1 and method.rate(5, 9) == pytest.approx(0.2 * (1 - 5 / 9)) and method.rate(9, 9) == 0
     tuned = method.apply(model)
     layers = S.sparse_layers(tuned)
     start = {n: m.sparse_indices.clone() for n, m in layers.items()}
@@ -137,7 +138,7 @@ def test_spiel_memory_does_not_grow_with_model_size():
         tuned = method.apply(model)
         opt = adam(method, tuned)
         step(tuned, opt)
-        method.on_step(tuned, 1, opt)
+        method.on_step(tuned, StepContext(step=1, total_steps=1000), opt)
         trained = sum(p.numel() for g in opt.param_groups for p in g["params"])
         state = sum(t.numel() for st in opt.state.values() for t in st.values() if t.ndim)
         buffers = sum(t.numel() for n, t in method.trainable_state(tuned).items())
@@ -207,10 +208,10 @@ def test_lt_sft_mask_is_global_topk_and_reset_is_exact(model):
     opt = adam(method, tuned)
     layers = S.sparse_layers(tuned)
     step(tuned, opt, 0)                                                    # phase 1: steps 1 and 2
-    method.on_step(tuned, 1, opt)
+    method.on_step(tuned, StepContext(step=1, total_steps=4), opt)
     step(tuned, opt, 1)
     diffs = {n: (m.base_layer.weight - m.theta0).abs().reshape(-1) for n, m in layers.items()}
-    method.on_step(tuned, 2, opt)                                          # the switch
+    method.on_step(tuned, StepContext(step=2, total_steps=4), opt)                                          # the switch
     flat = torch.cat(list(diffs.values()))
     threshold = torch.topk(flat, 400).values[-1]
     assert sum(len(m.sparse_indices) for m in layers.values()) == 400
@@ -220,7 +221,7 @@ def test_lt_sft_mask_is_global_topk_and_reset_is_exact(model):
         assert m.base_layer.weight not in opt.state                           # no dense Adam state
     for t in (3, 4):
         step(tuned, opt, t)
-        method.on_step(tuned, t, opt)
+        method.on_step(tuned, StepContext(step=t, total_steps=4), opt)
     merged = method.merge(copy.deepcopy(tuned))
     for n, m in layers.items():
         d = (merged.get_submodule(n).weight - base.get_submodule(n).weight).reshape(-1)
@@ -233,7 +234,7 @@ def lt_sft_delta(model, seed, targets, out):
     opt = adam(method, tuned)
     for s in range(3):
         step(tuned, opt, seed + s)
-        method.on_step(tuned, s + 1, opt)
+        method.on_step(tuned, StepContext(step=s + 1, total_steps=3), opt)
     out.mkdir()
     method.save(tuned, None, out, "tiny")
     return method.merge(tuned)

@@ -15,8 +15,9 @@ import pytest
 import yaml
 
 import tunelab
+from tunelab import compare
 from tunelab.errors import ConfigError
-from tunelab.report import FORCED, compare, text_table, write_report
+from tunelab.report import FORCED, text_table, write_report
 from tunelab.report import svg
 
 

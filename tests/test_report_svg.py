@@ -13,6 +13,7 @@ from tunelab.report.html import cell, table
 
 # ----------------------------------------------------------------------------- properties
 
+
 @settings(max_examples=60, deadline=None)
 @given(st.floats(-1e6, 1e6), st.floats(0, 1e6))
 def test_ticks_cover_the_range_evenly(lo, span):

@@ -170,7 +170,7 @@ def test_export_merge_and_peft(tiny_dir, data_file, tmp_path):
 
 def test_second_process_on_same_run_is_refused(tiny_dir, data_file, tmp_path):
     from tunelab.errors import TunelabError
-    from tunelab.training.run import RunLock
+    from tunelab.run.rundir import RunLock
 
     run = tmp_path / "locked"
     run.mkdir()

@@ -6,18 +6,42 @@ import json
 import sys
 
 
-def cmd_train(a) -> None:
-    import tunelab
-    run_dir = tunelab.train(a.config, *a.overrides)
-    print(f"run directory: {run_dir}")
+def cmd_train(a) -> int:
+    from tunelab.run.dist import launched_by_torchrun, torchrun_command
+
+    if a.nproc is not None and a.nproc < 1:
+        from tunelab.errors import TunelabError
+        raise TunelabError(f"--nproc: must be >= 1, got {a.nproc}")
+    if a.nproc is not None and not launched_by_torchrun():  # a convenience: torchrun does the launching
+        import os
+        import subprocess
+        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // a.nproc))
+        cmd = torchrun_command(a.nproc, ["train", a.config, *a.overrides])
+        return subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS=threads)).returncode
+    from tunelab.api import train
+    from tunelab.run.dist import leave
+    try:
+        run_dir = train(a.config, *a.overrides)
+    finally:
+        leave()  # the process group of a torchrun launch (none otherwise)
+    if os_rank() == 0:
+        print(f"run directory: {run_dir}")
+    return 0
+
+
+def os_rank() -> int:
+    """This process's rank under torchrun (0 otherwise)."""
+    import os
+    return int(os.environ.get("RANK", "0"))
 
 
 def cmd_eval(a) -> None:
     import os
 
     from tunelab.errors import TunelabError
-    from tunelab.training.loop import evaluate, load_examples
-    from tunelab.training.run import load_trained
+    from tunelab.training.evaluation import evaluate
+    from tunelab.training.final import load_trained
+    from tunelab.training.inputs import load_examples
 
     if a.num_examples is not None and a.num_examples < 1:
         raise TunelabError(f"--num-examples: must be >= 1, got {a.num_examples}")
@@ -49,7 +73,8 @@ def cmd_report(a) -> None:
 
 
 def cmd_compare(a) -> None:
-    from tunelab.report import compare, text_table
+    from tunelab.api import compare
+    from tunelab.report import text_table
     comparison, html, js, md = compare(a.targets, a.out, a.set, allow_mismatch=a.allow_mismatch)
     print(text_table(comparison))
     print(f"wrote {html}, {md} and {js}")
@@ -61,8 +86,8 @@ def cmd_generate(a) -> None:
     from tunelab.data.records import Record
     from tunelab.data import encode_prompt
     from tunelab.eval.task import generate
-    from tunelab.training.precision import resolve_precision
-    from tunelab.training.run import load_trained
+    from tunelab.run.device import resolve_precision
+    from tunelab.training.final import load_trained
 
     cfg, model, tok, _ = load_trained(a.run)
     rec = Record(messages=[{"role": "user", "content": a.prompt}, {"role": "assistant", "content": "."}])
@@ -114,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train from a YAML config, or resume a run directory")
     t.add_argument("config", help="a YAML config file, or an existing run directory to resume")
     t.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.steps=50 output=runs/x")
+    t.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train on N processes of this machine: runs `torchrun --standalone --nproc-per-node N "
+                        "-m tunelab train ...` (for several machines, run torchrun yourself; see the README)")
     t.set_defaults(fn=cmd_train)
     e = sub.add_parser("eval", help="task metrics of a trained run on its eval data")
     e.add_argument("run")
@@ -170,11 +198,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; `train`'s key=value overrides may also follow its options
+    (`tunelab train x.yaml --nproc 2 train.steps=5`)."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command == "train" and all("=" in r and not r.startswith("-") for r in rest):
+        args.overrides += rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     from tunelab.errors import Interrupted, TunelabError
     try:
-        args.fn(args)
+        code = args.fn(args)
     except Interrupted as e:  # a graceful stop on SIGINT/SIGTERM: 130 / 143, with how to resume
         _say(f"tunelab: {e}")
         return e.exit_code
@@ -188,12 +228,15 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         _say(f"tunelab: error: {where}{e.strerror or e}")
         return 2
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def _say(message: str) -> None:
-    """Print to stderr with secrets redacted; bytes a terminal cannot show are escaped, not fatal."""
-    from tunelab.training.run import redact
+    """Print to stderr with secrets redacted; bytes a terminal cannot show are escaped, not fatal.
+    Under torchrun, the other ranks' messages say which rank they come from."""
+    from tunelab.run.rundir import redact
+    if os_rank():
+        message = message.replace("tunelab:", f"tunelab [rank {os_rank()}]:", 1)
     print(redact(message).encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr, flush=True)
 
 

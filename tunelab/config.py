@@ -1,18 +1,17 @@
 """The run config: typed dataclasses, YAML + `a.b=c` overrides, validation before any work.
 
-Each section's dataclass lives next to the component it configures; this file only composes them
-and turns dicts into dataclasses, naming the key path (and YAML line) of any bad value.
+Each section's dataclass lives next to the component it configures; this file only composes them,
+reads YAML and overrides, and names the YAML line of any bad value (tunelab.options turns dicts into
+dataclasses and names the key path). Methods and objectives are found through their registries.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
@@ -21,14 +20,11 @@ from tunelab.diagnostics.config import DiagnosticsConfig
 from tunelab.errors import ConfigError
 from tunelab.eval.config import EvalConfig
 from tunelab.models.config import ModelConfig, looks_like_path
+from tunelab.options import ComponentSpec, from_dict, to_dict
+from tunelab.registry import METHODS, OBJECTIVES
 from tunelab.training.config import TrainConfig
 
-
-@dataclass(kw_only=True)
-class ComponentSpec:
-    """A registered component (method or objective): its name and its own typed options."""
-    name: str
-    options: Any = None  # the component's Config dataclass, filled by `resolve_component`
+__all__ = ["ComponentSpec", "RunConfig", "build", "dump", "from_dict", "load", "to_dict"]
 
 
 @dataclass(kw_only=True)
@@ -49,94 +45,6 @@ class RunConfig:
     """Side-effect diagnostics after training (forgetting, knowledge, tuco, intruder) and their options."""
     output: str = "runs/latest"
     """The run directory."""
-
-
-# ----------------------------------------------------------------------------- dict -> dataclass
-
-def _type_name(tp) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
-
-
-def coerce(value, tp, path: str):
-    """Check `value` against the annotation `tp`; convert int->float; raise ConfigError naming `path`."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return coerce(value, a, path)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} is not a valid value")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{path}: {value!r} is not valid; choose one of: {', '.join(map(str, args))}")
-        return value
-    if origin in (list, tuple):
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        return [coerce(v, args[0] if args else Any, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, path)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        try:
-            return float(value)  # YAML 1.1 reads "2e-4" as a string
-        except ValueError:
-            pass
-    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
-    return value
-
-
-def from_dict(cls, data, path: str = ""):
-    """Build dataclass `cls` from a mapping; unknown keys and bad values name their key path."""
-    prefix = f"{path}." if path else ""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(map(str, set(data) - fields))  # YAML keys may be ints
-    if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; valid keys: {', '.join(sorted(fields))}")
-    kwargs = {k: coerce(v, hints[k], prefix + k) for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:  # __post_init__ checks name the field; add the section path
-        raise ConfigError(f"{prefix}{e}") from None
-
-
-def to_dict(obj) -> Any:
-    if isinstance(obj, ComponentSpec):
-        return {"name": obj.name, **(to_dict(obj.options) if obj.options is not None else {})}
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    return obj
-
-
-def check(cond: bool, name: str, msg: str) -> None:
-    """For __post_init__: raise ConfigError('name: msg') unless cond."""
-    if not cond:
-        raise ConfigError(f"{name}: {msg}")
 
 
 # ----------------------------------------------------------------------------- components
@@ -197,9 +105,6 @@ def set_path(d: dict, keys: list[str], value) -> None:
 
 
 def build(raw: dict, source: str = "config") -> RunConfig:
-    from tunelab.methods import METHODS
-    from tunelab.objectives import OBJECTIVES
-
     raw = dict(raw or {})
     method = resolve_component(METHODS, raw.pop("method", "lora"), "method")
     objective = resolve_component(OBJECTIVES, raw.pop("objective", "sft"), "objective")
@@ -220,11 +125,8 @@ def _data_path(value: str, base: Path) -> str:
 
 
 def _model_path(value: str, base: Path) -> str:
-    """A built-in name or a hub id stays as it is; a path is made absolute."""
-    from tunelab.models.builtin import BUILTIN_MODELS
-
-    if value in BUILTIN_MODELS:
-        return value
+    """A built-in name or a hub id stays as it is; a path (an existing file or folder, or a name
+    that can only be a path) is made absolute."""
     path = _join(value, base)
     return path if os.path.exists(path) or looks_like_path(value) else value
 

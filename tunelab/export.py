@@ -9,8 +9,8 @@ from tunelab.errors import TunelabError
 
 
 def export(run_dir, out, merge: bool = False) -> Path:
-    from tunelab.training.checkpoint import follow_umask
-    from tunelab.training.run import load_trained
+    from tunelab.run.files import follow_umask
+    from tunelab.training.final import load_trained
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):

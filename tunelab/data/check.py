@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from tunelab.data.config import DataConfig
+from tunelab.data.load import load_records
 from tunelab.data.records import Example
 from tunelab.data.render import IGNORE, Examples, encode
 
@@ -24,8 +25,6 @@ def check_data(spec: str, tokenizer: Any, cfg: DataConfig, color: bool | None = 
     are skipped and every one is listed with its reason (otherwise the first stops the check,
     unless cfg.on_bad_rows is skip)."""
     import dataclasses
-
-    from tunelab.data import load_records  # the package imports this module
 
     records = load_records(spec, dataclasses.replace(cfg, on_bad_rows="skip") if list_all else cfg)
     examples = encode(records, tokenizer, cfg)

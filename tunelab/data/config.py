@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
-from tunelab.errors import ConfigError
+from tunelab.options import Options
 
 HOLDOUT = "holdout"
 """`data.eval` meaning: a held-out slice of `data.train` (tunelab.data.split)."""
@@ -11,7 +11,8 @@ Format = Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt", 
 
 
 @dataclass(kw_only=True)
-class DataConfig:
+class DataConfig(Options):
+    ranges: ClassVar = {"max_length": ">= 8", "eval_fraction": "[0, 1)", "eval_max_examples": ">= 1"}
     train: str = "builtin:arith?n=2000&split=train"
     """Training data: a file (.jsonl/.json/.csv/.parquet), a `datasets` directory, or builtin:NAME?opts."""
     eval: str | None = HOLDOUT
@@ -32,11 +33,3 @@ class DataConfig:
     """Also put loss on prompt (system/user) tokens; by default only assistant/completion tokens train."""
     on_bad_rows: Literal["error", "skip"] = "error"
     """A malformed row stops with file:line:field (`error`), or is skipped and counted (`skip`)."""
-
-    def __post_init__(self):
-        if self.max_length < 8:
-            raise ConfigError(f"max_length: must be >= 8, got {self.max_length}")
-        if not 0 <= self.eval_fraction < 1:
-            raise ConfigError(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
-        if self.eval_max_examples < 1:
-            raise ConfigError(f"eval_max_examples: must be >= 1, got {self.eval_max_examples}")

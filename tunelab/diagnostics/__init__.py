@@ -16,62 +16,9 @@ Importing this package is cheap: torch loads inside the diagnostics.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, ClassVar
+from tunelab.diagnostics._base import Diagnostic, Findings
+from tunelab.diagnostics._runner import run_diagnostics
+from tunelab.registry import DIAGNOSTICS
 
-from tunelab.registry import Registry
-
-DIAGNOSTICS: Registry["Diagnostic"] = Registry("diagnostic", __name__)
 register = DIAGNOSTICS.register
 __all__ = ["DIAGNOSTICS", "Diagnostic", "Findings", "register", "run_diagnostics"]
-
-
-@dataclass(kw_only=True)
-class NoOptions:
-    """This diagnostic takes no options."""
-
-
-@dataclass
-class Findings:
-    """What a diagnostic found: flat scalar figures, and everything else."""
-    summary: dict[str, float | int | str | None]
-    details: dict[str, Any]
-
-
-class Diagnostic:
-    """Base class. `run(ctx)` measures the run behind `ctx` (tunelab.diagnostics._context.Context:
-    the run's config, base and tuned models, tokenizer, method) and returns Findings.
-    `not_applicable(ctx)` returns a reason when the diagnostic cannot run on this run."""
-
-    name: ClassVar[str]
-    Config: ClassVar[type] = NoOptions
-    version: ClassVar[int] = 1
-    cheap: ClassVar[bool] = True
-    """Whether it runs after training by default (where `makes_sense` agrees)."""
-    brief: ClassVar[tuple[str, ...]] = ()
-    """The summary figures of its one-line log after training (default: the first four)."""
-    merges_tuned: ClassVar[bool] = False
-    """Whether it folds the tuned model's change into its weights (ctx.merged()); such diagnostics
-    run after the others of the same call."""
-
-    def __init__(self, cfg: Any = None):
-        self.cfg = cfg if cfg is not None else self.Config()
-
-    @classmethod
-    def makes_sense(cls, run_cfg) -> bool:
-        """Whether this diagnostic says something about a run with this config (default: yes)."""
-        return True
-
-    def not_applicable(self, ctx) -> str | None:
-        return None
-
-    def run(self, ctx) -> Findings:
-        raise NotImplementedError
-
-
-def run_diagnostics(run_dir: str | Path, only: list[str] | None = None) -> dict[str, dict]:
-    """Run the diagnostics `only` names (default: the run config's `diagnostics.after_train`, or
-    the defaults for its data) on a trained run; write RUN/diagnostics/<name>.json; return them."""
-    from tunelab.diagnostics._runner import run_diagnostics as _run
-    return _run(run_dir, only)

@@ -13,12 +13,12 @@ GENERATION_BATCH = 16
 
 class Context:
     """A run under diagnosis. `base` is the run's `model` loaded fresh (load_model); `tuned`,
-    `tokenizer` and `method` come from `tunelab.training.run.load_trained`. Both models are in eval
+    `tokenizer` and `method` come from `tunelab.training.final.load_trained`. Both models are in eval
     mode on the run's device. Replies are cached per (model, max_new_tokens, question)."""
 
     def __init__(self, run_dir: str | Path):
         from tunelab import config as C
-        from tunelab.training.run import is_run_dir
+        from tunelab.run.rundir import is_run_dir
         from tunelab.errors import TunelabError
 
         self.run_dir = Path(run_dir)
@@ -30,13 +30,12 @@ class Context:
     @cached_property
     def device(self):
         """train.device, with `auto` meaning cuda when available."""
-        import torch
-        name = self.cfg.train.device
-        return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+        from tunelab.run.device import pick_device
+        return pick_device(self.cfg.train.device)
 
     @cached_property
     def _trained(self):
-        from tunelab.training.run import load_trained
+        from tunelab.training.final import load_trained
         return load_trained(self.run_dir, device=str(self.device))
 
     @property

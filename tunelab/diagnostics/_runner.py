@@ -6,8 +6,10 @@ import json
 import time
 from pathlib import Path
 
-from tunelab.diagnostics import DIAGNOSTICS, Findings
+from tunelab.diagnostics._base import Findings
 from tunelab.errors import ConfigError
+from tunelab.options import to_dict
+from tunelab.registry import DIAGNOSTICS
 
 OUT_DIR = "diagnostics"
 
@@ -39,8 +41,7 @@ def run_state(run_dir: Path) -> str | None:
 
 def run_one(ctx, name: str) -> dict:
     """Run diagnostic `name` on `ctx` with the run config's options; write and return its result."""
-    from tunelab.config import to_dict
-    from tunelab.training.checkpoint import atomic_write_text
+    from tunelab.run.files import atomic_write_text
 
     cfg = ctx.cfg.diagnostics.config_of(name)
     diag = DIAGNOSTICS.get(name)(cfg)
@@ -58,7 +59,6 @@ def run_one(ctx, name: str) -> dict:
 
 def is_current(run_dir: Path, name: str, run_cfg) -> bool:
     """Whether RUN/diagnostics/<name>.json was written for this final output with these options."""
-    from tunelab.config import to_dict
 
     path = run_dir / OUT_DIR / f"{name}.json"
     try:
@@ -71,7 +71,8 @@ def is_current(run_dir: Path, name: str, run_cfg) -> bool:
 
 def run_diagnostics(run_dir, only: list[str] | None = None, *, skip_current: bool = False,
                     keep_going: bool = False, after_train: bool = False, log=print) -> dict[str, dict]:
-    """Run the selected diagnostics on a trained run (see tunelab.diagnostics.run_diagnostics).
+    """Run the diagnostics `only` names (default: the run config's `diagnostics.after_train`, or
+    the defaults for its data) on a trained run; write RUN/diagnostics/<name>.json; return them.
     With `skip_current`, results already written for this final output and options are kept; with
     `keep_going`, a diagnostic that fails with a user-facing error is reported and skipped."""
     from tunelab.diagnostics._context import Context

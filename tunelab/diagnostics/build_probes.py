@@ -162,7 +162,7 @@ def build(model_name: str, max_probes: int, max_new_tokens: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     from tunelab.diagnostics._probes import BUILTIN_PROBES
-    from tunelab.training.checkpoint import atomic_write_text
+    from tunelab.run.files import atomic_write_text
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")

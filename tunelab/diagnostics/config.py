@@ -5,10 +5,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunelab.errors import ConfigError
+from tunelab.options import Options, from_dict, to_dict
+from tunelab.registry import DIAGNOSTICS
 
 
 @dataclass(kw_only=True)
-class DiagnosticsConfig:
+class DiagnosticsConfig(Options):
     after_train: list[str] | None = None
     """Diagnostics to run when training ends (RUN/diagnostics/<name>.json). null: the cheap ones that
     make sense on the run's data: `forgetting` and `tuco` always, `knowledge` when data.train is
@@ -17,13 +19,10 @@ class DiagnosticsConfig:
     """Each diagnostic's options by name, e.g. {tuco: {num_prompts: 16}}; used after training and by
     `tunelab diagnose`. Validated here; the defaults of a named diagnostic are filled in."""
 
-    def __post_init__(self):
+    def validate(self) -> None:
         names = list(self.after_train or []) + list(self.options)
         if not names:
             return
-        from tunelab.config import from_dict, to_dict
-        from tunelab.diagnostics import DIAGNOSTICS
-
         for i, name in enumerate(self.after_train or []):
             if name not in DIAGNOSTICS.names():
                 raise ConfigError(f"after_train[{i}]: unknown diagnostic '{name}'; choose from "
@@ -36,7 +35,4 @@ class DiagnosticsConfig:
 
     def config_of(self, name: str):
         """The typed Config of diagnostic `name` from `options` (its defaults where absent)."""
-        from tunelab.config import from_dict
-        from tunelab.diagnostics import DIAGNOSTICS
-
         return from_dict(DIAGNOSTICS.get(name).Config, self.options.get(name), f"diagnostics.options.{name}")

@@ -22,20 +22,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 from statistics import mean
 
 import torch
 import torch.nn.functional as F
 
-from tunelab.config import check
 from tunelab.diagnostics import Diagnostic, Findings, register
 from tunelab.diagnostics._generation import Answerer, question_ids, right_padded
 from tunelab.diagnostics._probes import Probe, load_probes, score
 from tunelab.diagnostics._transforms import TRANSFORMS, Transform
+from tunelab.options import Options, require
 
 
 @dataclass(kw_only=True)
-class ForgettingConfig:
+class ForgettingConfig(Options):
+    ranges: ClassVar = {"num_prompts": ">= 1", "drift_tokens": ">= 1", "num_probes": ">= 1",
+                        "answer_tokens": ">= 1", "batch_size": ">= 1"}
     num_prompts: int = 32
     """Generic instructions to measure drift on (at most 40 are built in)."""
     drift_tokens: int = 32
@@ -51,11 +54,9 @@ class ForgettingConfig:
     batch_size: int = 8
     """Sequences per forward pass when measuring KL."""
 
-    def __post_init__(self):
-        for name in ("num_prompts", "drift_tokens", "num_probes", "answer_tokens", "batch_size"):
-            check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        check(self.conjugate in TRANSFORMS and self.conjugate != "identity", "conjugate",
-              f"choose one of {', '.join(t for t in TRANSFORMS if t != 'identity')}, got {self.conjugate!r}")
+    def validate(self) -> None:
+        require(self.conjugate in TRANSFORMS and self.conjugate != "identity", "conjugate",
+                f"choose one of {', '.join(t for t in TRANSFORMS if t != 'identity')}, got {self.conjugate!r}")
 
 
 @torch.no_grad()

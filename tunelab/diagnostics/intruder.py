@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from tunelab.config import check
 from tunelab.diagnostics import Diagnostic, Findings, register
+from tunelab.options import Options
 
 
 @dataclass(kw_only=True)
-class IntruderConfig:
+class IntruderConfig(Options):
+    ranges: ClassVar = {"top_k": ">= 1", "epsilon": "(0, 1]"}
     top_k: int = 10
     """How many of the tuned matrix's top singular vectors are checked."""
     epsilon: float = 0.5
@@ -33,9 +35,7 @@ class IntruderConfig:
     """Which linear layers to check, as in LoRA's target_modules ('all-linear': every nn.Linear but
     the output head)."""
 
-    def __post_init__(self):
-        check(self.top_k >= 1, "top_k", f"must be >= 1, got {self.top_k}")
-        check(0 < self.epsilon <= 1, "epsilon", f"must be in (0, 1], got {self.epsilon}")
+    def validate(self) -> None:
         self.target_modules = list(self.target_modules)
 
 
@@ -98,7 +98,7 @@ class IntruderDimensions(Diagnostic):
         return None
 
     def run(self, ctx) -> Findings:
-        from tunelab.methods.lora import select_linears
+        from tunelab.methods._shared import select_linears
 
         c = self.cfg
         merged = ctx.merged()

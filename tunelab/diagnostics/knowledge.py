@@ -13,18 +13,20 @@ accuracy is reported alongside (about chance: the facts are invented).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-from tunelab.config import check
 from tunelab.data.records import Record
 from tunelab.diagnostics import Diagnostic, Findings, register
 from tunelab.diagnostics._generation import Answerer
+from tunelab.options import Options, require
 
 SPLITS = {"verbatim": "probe_verbatim", "rephrased": "probe_rephrased", "updated": "probe_updated"}
 """Our name for each probe split -> the builtin:facts split."""
 
 
 @dataclass(kw_only=True)
-class KnowledgeConfig:
+class KnowledgeConfig(Options):
+    ranges: ClassVar = {"num_probes": ">= 1", "answer_tokens": ">= 1"}
     facts: str | None = None
     """The builtin:facts world to probe, e.g. 'builtin:facts?n_entities=50&seed=0' (any split
     option is replaced). null: the run's data.train when it is builtin:facts, else the defaults."""
@@ -35,11 +37,9 @@ class KnowledgeConfig:
     compare_base: bool = False
     """Also ask the base model (a chance-level reference: the facts are invented); doubles the cost."""
 
-    def __post_init__(self):
-        for name in ("num_probes", "answer_tokens"):
-            check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        check(self.facts is None or self.facts.startswith("builtin:facts"), "facts",
-              f"must be a builtin:facts spec, got {self.facts!r}")
+    def validate(self) -> None:
+        require(self.facts is None or self.facts.startswith("builtin:facts"), "facts",
+                f"must be a builtin:facts spec, got {self.facts!r}")
 
 
 def world_spec(facts: str | None, train_spec: str) -> str:

@@ -26,18 +26,20 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from tunelab.config import check
 from tunelab.diagnostics import Diagnostic, Findings, register
 from tunelab.diagnostics._generation import question_ids, right_padded
 from tunelab.errors import TunelabError
+from tunelab.options import Options, require
 
 
 @dataclass(kw_only=True)
-class TuCoConfig:
+class TuCoConfig(Options):
+    ranges: ClassVar = {"num_prompts": ">= 1", "max_length": ">= 1", "batch_size": ">= 1"}
     num_prompts: int = 32
     """Prompts of the run's eval data (its train data if it has none) to measure TuCo on."""
     generic: bool = True
@@ -49,11 +51,9 @@ class TuCoConfig:
     quantiles: list[float] = (0.1, 0.25, 0.5, 0.75, 0.9)
     """Quantiles of the per-prompt TuCo distribution to report."""
 
-    def __post_init__(self):
-        for name in ("num_prompts", "max_length", "batch_size"):
-            check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+    def validate(self) -> None:
         self.quantiles = list(self.quantiles)
-        check(all(0 <= q <= 1 for q in self.quantiles), "quantiles", "must lie in [0, 1]")
+        require(all(0 <= q <= 1 for q in self.quantiles), "quantiles", "must lie in [0, 1]")
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -2,13 +2,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from tunelab.errors import ConfigError
+from tunelab.options import Options
 
 
 @dataclass(kw_only=True)
-class EvalConfig:
+class EvalConfig(Options):
+    ranges: ClassVar = {"every": ">= 0", "num_examples": ">= 0", "max_new_tokens": ">= 1",
+                        "batch_size": ">= 1"}
     every: int = 0
     """Evaluate every N optimizer steps (0: only before and after training)."""
     before: bool = True
@@ -26,13 +29,7 @@ class EvalConfig:
     """Regex whose first group is the final answer; without a match, a number the output ends with
     (only spaces and closing punctuation after it), else the whole text, is the answer."""
 
-    def __post_init__(self):
-        for name in ("every", "num_examples"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        for name in ("max_new_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+    def validate(self) -> None:
         try:
             re.compile(self.answer_pattern)
         except re.error as e:

@@ -10,7 +10,7 @@ import torch
 from tunelab.data.records import Example, Record
 from tunelab.eval.config import EvalConfig
 from tunelab.objectives import chunked_head_cross_entropy, model_inputs, token_cross_entropy, trained_hidden
-from tunelab.training.precision import autocast
+from tunelab.run.device import autocast
 
 
 EVAL_CHUNK_TOKENS = 1024

@@ -6,36 +6,29 @@ The loop, checkpointing, export and eval only call the hooks of `Method`; they n
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
-from tunelab.registry import Registry
+from tunelab.registry import METHODS, Component
+from tunelab.run.context import StepContext
 
-METHODS: Registry["Method"] = Registry("method", __name__)
 register = METHODS.register
 
 
-@dataclass(kw_only=True)
-class NoOptions:
-    """This method takes no options."""
-
-
-class Method:
+class Method(Component):
     """Base class. A method transforms a model in place (`apply`) and then answers, through hooks,
     what trains (`trainable_state`, `param_groups`), what to do each step (`on_step`), how to save
     what it trained in a form the Hugging Face ecosystem loads (`save`/`load`), how to fold it into
     a plain model (`merge`) and how to run the base model again (`disabled`)."""
 
-    name: ClassVar[str]
-    Config: ClassVar[type] = NoOptions
     supports_disable: ClassVar[bool] = True
     """Whether `disabled()` can recover the base model's function."""
     supports_merge: ClassVar[bool] = True
     """Whether `merge()` folds the change into a plain HF model with the same function."""
-
-    def __init__(self, cfg: Any = None):
-        self.cfg = cfg if cfg is not None else self.Config()
+    parallel: ClassVar[tuple[str, ...]] = ("ddp",)
+    """The train.parallel modes it can train under on several processes, the first being `auto`'s
+    choice; empty when it cannot (then `single_process_why` says why)."""
+    single_process_why: ClassVar[str] = ""
 
     # -- set-up ---------------------------------------------------------------------------
     def apply(self, model):
@@ -45,14 +38,12 @@ class Method:
     def param_groups(self, model, weight_decay: float) -> list[dict]:
         """Optimizer groups: decay on matrices, none on vectors (norms, biases). A group may also set
         `lr` (absolute) or `lr_scale` (a multiple of train.lr, resolved by the optimizer)."""
-        params = [p for p in model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        rest = [p for p in params if p.ndim < 2]
-        return [g for g in ({"params": decay, "weight_decay": weight_decay},
-                            {"params": rest, "weight_decay": 0.0}) if g["params"]]
+        from tunelab.methods._shared import decay_groups
+        return decay_groups((p for p in model.parameters() if p.requires_grad), weight_decay)
 
-    def on_step(self, model, step: int, optimizer) -> None:
-        """Called after each optimizer step (re-selection, pruning, ...)."""
+    def on_step(self, model, ctx: StepContext, optimizer) -> None:
+        """Called after each optimizer step (re-selection, pruning, ...); `ctx.step` is the step
+        just taken (1-based) of `ctx.total_steps`."""
 
     def stats(self, model) -> dict[str, float]:
         """Figures this method reports in the run log at each log step (e.g. FLOPs saved)."""

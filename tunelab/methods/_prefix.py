@@ -345,4 +345,3 @@ def prefix_disabled(model) -> Iterator[None]:
     finally:
         model.set_attn_implementation(NAME)
         state.enabled = True
-

@@ -3,8 +3,6 @@ around a `PrefixSource` (frozen base, own safetensors output, exact disable, no 
 prompt with its initialisations, and finding the tokenizer for text options."""
 from __future__ import annotations
 
-import dataclasses
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +14,13 @@ from torch import nn
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.methods import Method
 from tunelab.methods._prefix import PrefixSource, PromptSource, attach_prefix, prefix_disabled
-
-WEIGHTS_FILE, CONFIG_FILE = "tunelab_adapter.safetensors", "tunelab_adapter.json"
+from tunelab.methods._shared import freeze_all, load_adapter, save_adapter
+from tunelab.options import Options, require
 
 
 @dataclass(kw_only=True)
-class SoftPromptConfig:
+class SoftPromptConfig(Options):
+    ranges: ClassVar = {"num_virtual_tokens": ">= 1"}
     num_virtual_tokens: int = 20
     """n: how many virtual tokens the soft prompt has."""
     init: Literal["vocab", "text", "random"] = "vocab"
@@ -31,11 +30,9 @@ class SoftPromptConfig:
     init_text: str | None = None
     """Text for init 'text' (e.g. a task instruction), tokenized with the model's tokenizer."""
 
-    def __post_init__(self):
-        if self.num_virtual_tokens < 1:
-            raise ConfigError(f"num_virtual_tokens: must be >= 1, got {self.num_virtual_tokens}")
-        if (self.init == "text") != bool(self.init_text):
-            raise ConfigError("init_text: required with init 'text' and only used with it")
+    def validate(self) -> None:
+        require((self.init == "text") == bool(self.init_text), "init_text",
+                "required with init 'text' and only used with it")
 
 
 def tokenizer_for(model, key: str):
@@ -91,8 +88,7 @@ class PrefixMethod(Method):
         raise NotImplementedError
 
     def apply(self, model):
-        for p in model.parameters():
-            p.requires_grad_(False)
+        freeze_all(model)
         source = self.build(model)
         attach_prefix(model, source, name=self.attr)
         for p in source.parameters():
@@ -106,22 +102,10 @@ class PrefixMethod(Method):
         return {f"{self.attr}.{n}": p.detach() for n, p in self.source(model).named_parameters()}
 
     def save(self, model, tokenizer, out_dir: Path, base_name: str) -> None:
-        from safetensors.torch import save_file
-
-        state = {n: t.contiguous() for n, t in self.trainable_state(model).items()}
-        save_file(state, str(Path(out_dir) / WEIGHTS_FILE), metadata={"format": "pt"})
-        meta = {"format": "tunelab-adapter", "method": self.name, "base_model": base_name,
-                "options": dataclasses.asdict(self.cfg)}
-        (Path(out_dir) / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        save_adapter(out_dir, self, self.trainable_state(model), base_name)
 
     def load(self, model, out_dir: Path) -> None:
-        from safetensors.torch import load_file
-
-        meta = json.loads((Path(out_dir) / CONFIG_FILE).read_text())
-        if meta.get("method") != self.name:
-            raise ConfigError(f"{Path(out_dir) / CONFIG_FILE}: holds a '{meta.get('method')}' adapter, "
-                              f"not '{self.name}'")
-        self.load_trainable_state(model, load_file(str(Path(out_dir) / WEIGHTS_FILE)))
+        self.load_trainable_state(model, load_adapter(out_dir, self))
 
     def merge(self, model):
         raise TunelabError(f"method '{self.name}' cannot be merged into a plain model: its virtual tokens "

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.methods._shared import decay_groups, freeze_all, set_module
 from tunelab.methods.full import FullFineTuning
 
 DELTA_FILE, DELTA_CONFIG = "sparse_delta.safetensors", "sparse_delta.json"
@@ -94,29 +95,8 @@ class SparseDeltaLinear(nn.Module):
 
 # ----------------------------------------------------------------------------- model surgery
 
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
-def target_linears(model: nn.Module, patterns: list[str]) -> list[str]:
-    """Linear layers matched by `patterns` (LoRA's rule: 'all-linear', leaf names, suffixes,
-    regexes; never the output head); a ConfigError when nothing matches."""
-    from tunelab.methods.lora import select_linears
-
-    names = select_linears(model, list(patterns))
-    if not names:
-        raise ConfigError(f"method.target_modules: {list(patterns)} matches no linear layer")
-    return names
-
-
 def sparse_layers(model: nn.Module) -> dict[str, SparseDeltaLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SparseDeltaLinear)}
-
-
-def freeze_all(model: nn.Module) -> None:
-    for p in model.parameters():
-        p.requires_grad_(False)
 
 
 def split_budget(sizes: list[int], total: int) -> list[int]:
@@ -148,11 +128,6 @@ def layers_disabled(model: nn.Module):
     finally:
         for m in layers:
             m.enabled = True
-
-
-def decay_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
-    """Sparse deltas are 1-D but are weights: weight decay applies to them (a pull toward W)."""
-    return [{"params": params, "weight_decay": weight_decay}] if params else []
 
 
 @torch.no_grad()
@@ -285,6 +260,8 @@ class TensorSelection(FullFineTuning):
     one that comes back starts with fresh Adam moments."""
 
     supports_disable = False
+    parallel = ()
+    single_process_why = "it changes which tensors train during the run; DDP and FSDP fix them at the start"
 
     def _init_selection(self, model, candidates: list[str]) -> None:
         self.candidates, self.ever = candidates, set()
@@ -317,8 +294,7 @@ class TensorSelection(FullFineTuning):
     def param_groups(self, model, weight_decay: float) -> list[dict]:
         params = dict(model.named_parameters())
         ps = [params[n] for n in self.candidates]  # frozen ones too: the optimizer is built once
-        return [g for g in ({"params": [p for p in ps if p.ndim >= 2], "weight_decay": weight_decay},
-                            {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0}) if g["params"]]
+        return decay_groups(ps, weight_decay)
 
     def trainable_state(self, model) -> dict:
         """Every tensor trained so far (all may differ from the base) plus the method's buffers."""

@@ -26,25 +26,25 @@ into the base weights; disabling the adapters recovers the base model exactly.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from tunelab.errors import ConfigError, TunelabError
+from tunelab.errors import TunelabError
 from tunelab.methods import Method, register, switched_off
 from tunelab.methods._blocks import check_roles, find_blocks, sublayer_name
 from tunelab.methods._bottleneck import Bottleneck, ParallelAdapter, SequentialAdapter, bottlenecks, hidden_size
+from tunelab.methods._shared import freeze_all, load_adapter, save_adapter
+from tunelab.options import Options
 
-WEIGHTS_FILE, CONFIG_FILE = "tunelab_adapter.safetensors", "tunelab_adapter.json"
 PLACEMENTS = {"houlsby": ("attn", "ffn"), "pfeiffer": ("ffn",)}
 
 
 @dataclass(kw_only=True)
-class BottleneckOptions:
+class BottleneckOptions(Options):
     """What every bottleneck adapter needs (shared by adapter, parallel_adapter and mam)."""
+    ranges: ClassVar = {"bottleneck": ">= 1", "dropout": "[0, 1)"}
     bottleneck: int = 64
     """Bottleneck width r (Cappellazzo et al.: d / reduction rate)."""
     activation: Literal["relu", "gelu", "silu"] = "relu"
@@ -59,11 +59,7 @@ class BottleneckOptions:
     """Sublayer names inside a block, by role (attn_in, attn_out, ffn_in, ffn_out); default: found
     from the names transformers uses (self_attn/attention/attn, mlp, BERT's intermediate/output.dense)."""
 
-    def __post_init__(self):
-        if self.bottleneck < 1:
-            raise ConfigError(f"bottleneck: must be >= 1, got {self.bottleneck}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
+    def validate(self) -> None:
         check_roles(self.modules, "modules")
 
 
@@ -106,8 +102,7 @@ class AdapterMethod(Method):
     kind: ClassVar[type[Bottleneck]]
 
     def apply(self, model):
-        for p in model.parameters():
-            p.requires_grad_(False)
+        freeze_all(model)
         self.adapter_names = attach_adapters(model, self.cfg, self.kind, PLACEMENTS[self.cfg.placement])
         return model
 
@@ -115,22 +110,10 @@ class AdapterMethod(Method):
         return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
     def save(self, model, tokenizer, out_dir: Path, base_name: str) -> None:
-        from safetensors.torch import save_file
-
-        state = {n: t.contiguous() for n, t in self.trainable_state(model).items()}
-        save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
-        meta = {"format": "tunelab-adapter", "method": self.name, "base_model": base_name,
-                "options": dataclasses.asdict(self.cfg), "adapters": self.adapter_names}
-        (out_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        save_adapter(out_dir, self, self.trainable_state(model), base_name, adapters=self.adapter_names)
 
     def load(self, model, out_dir: Path) -> None:
-        from safetensors.torch import load_file
-
-        meta = json.loads((Path(out_dir) / CONFIG_FILE).read_text())
-        if meta.get("method") != self.name:
-            raise ConfigError(f"{out_dir / CONFIG_FILE}: holds a '{meta.get('method')}' adapter, "
-                              f"not '{self.name}'")
-        self.load_trainable_state(model, load_file(str(Path(out_dir) / WEIGHTS_FILE)))
+        self.load_trainable_state(model, load_adapter(out_dir, self))
 
     def merge(self, model):
         raise TunelabError(f"method '{self.name}' cannot be merged into a plain model (an adapter is "

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +43,13 @@ from tunelab.errors import ConfigError
 from tunelab.methods import register
 from tunelab.methods._prefix import PrefixSource, prompt_kv
 from tunelab.methods._prompt_base import PrefixMethod, tokenizer_for
+from tunelab.options import Options
+from tunelab.run.context import StepContext
 
 
 @dataclass(kw_only=True)
-class CPTConfig:
+class CPTConfig(Options):
+    ranges: ClassVar = {"epsilon_input": ">= 0", "epsilon_format": ">= 0", "decay": "(0, 1]"}
     token_ids: list[int] = field(default_factory=list)
     """The context's token ids (PEFT's cpt_token_ids); or use `demonstrations`. With neither, PEFT's
     placeholder context [0] (one template token) and a warning."""
@@ -69,7 +72,7 @@ class CPTConfig:
     decay: float = 1.0
     """γ for 'decay' (PEFT's opt_loss_decay_factor; its tests use 0.95)."""
 
-    def __post_init__(self):
+    def validate(self) -> None:
         if self.token_ids and self.demonstrations:
             raise ConfigError("token_ids: give either token_ids (+ type_mask) or demonstrations, not both")
         if not self.token_ids and not self.demonstrations:  # PEFT's placeholder context
@@ -86,8 +89,6 @@ class CPTConfig:
         for key in ("input_template", "output_template"):
             if getattr(self, key).count("{}") != 1:
                 raise ConfigError(f"{key}: must contain '{{}}' exactly once")
-        if self.epsilon_input < 0 or self.epsilon_format < 0 or not 0 < self.decay <= 1:
-            raise ConfigError("epsilon_input/epsilon_format: must be >= 0; decay: must be in (0, 1]")
 
 
 def encode_demonstrations(tokenizer, cfg: CPTConfig) -> tuple[list[int], list[int]]:
@@ -195,7 +196,7 @@ class CPT(PrefixMethod):
             raise ConfigError(f"method.token_ids: need ids in [0, {emb.shape[0]}) (the vocabulary)")
         return CPTContext(ids, types, self.cfg, model.get_output_embeddings(), emb)
 
-    def on_step(self, model, step: int, optimizer) -> None:
+    def on_step(self, model, ctx: StepContext, optimizer) -> None:
         self.source(model).project()
 
     def stats(self, model) -> dict[str, float]:

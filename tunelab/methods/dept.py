@@ -20,17 +20,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from tunelab.errors import ConfigError
 from tunelab.methods import register
 from tunelab.methods._prompt_base import PrefixMethod, SoftPrompt, SoftPromptConfig, initial_prompt
 
 
 @dataclass(kw_only=True)
 class DePTConfig(SoftPromptConfig):
+    ranges: ClassVar = {"r": ">= 1", "max_positions": ">= 1", "prompt_lr": "> 0", "lowrank_lr": "> 0"}
     num_virtual_tokens: int = 40
     """m: length of the short soft prompt (DePT: 40 or 60, replacing a 100-token prompt)."""
     r: int = 45
@@ -43,15 +44,6 @@ class DePTConfig(SoftPromptConfig):
     """Learning rate of the prompt P (DePT's grid: 3e-1, 4e-1); None: train.lr."""
     lowrank_lr: float | None = 5e-3
     """Learning rate of A and B (DePT's lora_embedding_lr; grid 5e-3, 3e-1, 5e-4); None: train.lr."""
-
-    def __post_init__(self):
-        super().__post_init__()
-        for key in ("r", "max_positions"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        for key in ("prompt_lr", "lowrank_lr"):
-            if getattr(self, key) is not None and getattr(self, key) <= 0:
-                raise ConfigError(f"{key}: must be > 0, got {getattr(self, key)}")
 
     @property
     def scaling(self) -> float:

@@ -23,21 +23,23 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
-from tunelab.errors import ConfigError
 from tunelab.methods import Method, register
 from tunelab.methods import _sparse as S
+from tunelab.methods._shared import decay_groups, freeze_all, set_module, target_linears
 from tunelab.methods.lora import PEFT_PREFIX
+from tunelab.options import Options
 
 LOWRANK_DIR = "lowrank"
 
 
 @dataclass(kw_only=True)
-class DSEEConfig:
+class DSEEConfig(Options):
+    ranges: ClassVar = {"r": ">= 1", "num_sparse": ">= 1", "grebsmo_rank": ">= 1", "grebsmo_iters": ">= 1"}
     r: int = 4
     """Rank of the low-rank part B A."""
     alpha: float = 32.0
@@ -59,11 +61,8 @@ class DSEEConfig:
     seed: int = 0
     """Seeds A's initialisation, GreBsmo's start and the random support."""
 
-    def __post_init__(self):
+    def validate(self) -> None:
         self.target_modules = list(self.target_modules)
-        for name in ("r", "num_sparse", "grebsmo_rank", "grebsmo_iters"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
 
     @property
     def scaling(self) -> float:
@@ -126,19 +125,19 @@ class DSEE(Method):
     Config = DSEEConfig
 
     def apply(self, model):
-        S.freeze_all(model)
+        freeze_all(model)
         g = torch.Generator().manual_seed(self.cfg.seed)
-        self.target_names = S.target_linears(model, self.cfg.target_modules)
+        self.target_names = target_linears(model, self.cfg.target_modules)
         for n in self.target_names:
             base = model.get_submodule(n)
             idx = sparse_support(base.weight, self.cfg, g)
-            S.set_module(model, n, DSEELinear(base, idx, self.cfg.r, self.cfg.scaling, g))
+            set_module(model, n, DSEELinear(base, idx, self.cfg.r, self.cfg.scaling, g))
         return model
 
     def param_groups(self, model, weight_decay: float) -> list[dict]:
         layers = S.sparse_layers(model).values()
-        return S.decay_groups([p for m in layers for p in (m.lora_A.weight, m.lora_B.weight, m.sparse_values)],
-                              weight_decay)
+        return decay_groups([p for m in layers for p in (m.lora_A.weight, m.lora_B.weight, m.sparse_values)],
+                            weight_decay, decay_vectors=True)
 
     def trainable_state(self, model) -> dict:
         out = S.layer_state(model)

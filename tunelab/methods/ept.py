@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from tunelab.errors import ConfigError
 from tunelab.methods import register
 from tunelab.methods._prompt_base import initial_prompt
 from tunelab.methods.dept import DePT, DePTConfig, DecomposedPrompt
@@ -35,6 +35,8 @@ from tunelab.methods.dept import DePT, DePTConfig, DecomposedPrompt
 
 @dataclass(kw_only=True)
 class EPTConfig(DePTConfig):
+    ranges: ClassVar = {"num_spaces": ">= 1", "space_rank": ">= 1", "fusion_rank": ">= 1",
+                        "gate_hidden": ">= 1"}
     num_spaces: int = 4
     """N: projection subspaces mixed by the gate; 1 turns the projection off."""
     space_rank: int = 8
@@ -45,12 +47,6 @@ class EPTConfig(DePTConfig):
     """k: width of the fusion attention's query/key projections."""
     gate_hidden: int = 32
     """Hidden width of the gating MLP."""
-
-    def __post_init__(self):
-        super().__post_init__()
-        for key in ("num_spaces", "space_rank", "fusion_rank", "gate_hidden"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
 
 
 class EPTPrompt(DecomposedPrompt):

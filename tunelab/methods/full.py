@@ -13,6 +13,7 @@ class FullFineTuning(Method):
     (load the base model separately to compare)."""
 
     supports_disable = False
+    parallel = ("fsdp", "ddp")
 
     def apply(self, model):
         for p in model.parameters():

@@ -28,19 +28,22 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from tunelab.errors import ConfigError
 from tunelab.methods import register
 from tunelab.methods import _sparse as S
+from tunelab.options import Options
+from tunelab.run.context import StepContext
 
 
 @dataclass(kw_only=True)
-class GreenTrainerConfig:
+class GreenTrainerConfig(Options):
+    ranges: ClassVar = {"rho": "(0, 1]", "interval": ">= 1", "seq_len": ">= 1", "num_budget_units": ">= 1"}
     rho: float = 0.5
     """Fraction of full fine-tuning's training FLOPs (forward + backward) to spend."""
     interval: int = 100
@@ -49,13 +52,6 @@ class GreenTrainerConfig:
     """Tokens per sequence assumed by the FLOPs count (sets the weight of attention's N^2 terms)."""
     num_budget_units: int = 1000
     """Resolution of the dynamic programme: costs in units of T_bp / num_budget_units."""
-
-    def __post_init__(self):
-        if not 0 < self.rho <= 1:
-            raise ConfigError(f"rho: must be in (0, 1], got {self.rho}")
-        for name in ("interval", "seq_len", "num_budget_units"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -197,9 +193,9 @@ class GreenTrainer(S.TensorSelection):
         probe = set(self.candidates) if self.probing else set()
         self.set_trainable(model, self._selected_names(model), grad_also=probe)
 
-    def on_step(self, model, step: int, optimizer) -> None:
+    def on_step(self, model, ctx: StepContext, optimizer) -> None:
         self.mark_trained()
-        self._set_step(model, step)
+        self._set_step(model, ctx.step)
         if self.probing:
             mask = self.select(self.importance())
             model.greentrainer_selected.copy_(torch.tensor(mask))

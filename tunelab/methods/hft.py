@@ -20,11 +20,13 @@ import random
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from tunelab.errors import ConfigError
 from tunelab.methods import register
 from tunelab.methods import _sparse as S
+from tunelab.options import Options
+from tunelab.run.context import StepContext
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN = ("gate_proj", "up_proj", "down_proj")
@@ -33,7 +35,8 @@ LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:.*\.)?([^.]+)\.[^.]+$")   # -> (l
 
 
 @dataclass(kw_only=True)
-class HFTConfig:
+class HFTConfig(Options):
+    ranges: ClassVar = {"reselect_every": ">= 0"}
     seed: int = 0
     """Seeds which half is frozen (use a new seed for each stage of a multi-run pipeline)."""
     reselect_every: int = 0
@@ -42,10 +45,6 @@ class HFTConfig:
     """Also freeze 1 of the 2 norms of each layer (the re-implementation does; the paper: unverified)."""
     embeddings_and_head: Literal["train", "freeze"] = "train"
     """Embeddings, final norm and output head: trained (re-implementation) or frozen."""
-
-    def __post_init__(self):
-        if self.reselect_every < 0:
-            raise ConfigError(f"reselect_every: must be >= 0, got {self.reselect_every}")
 
 
 def layer_modules(names: list[str]) -> dict[int, dict[str, list[str]]]:
@@ -97,11 +96,11 @@ class HalfFineTuning(S.TensorSelection):
     def _restore(self, model) -> None:
         self.set_trainable(model, self.trainable_names(self.stage(self._step(model))))
 
-    def on_step(self, model, step: int, optimizer) -> None:
+    def on_step(self, model, ctx: StepContext, optimizer) -> None:
         self.mark_trained()
-        self._set_step(model, step)
-        if self.cfg.reselect_every and step % self.cfg.reselect_every == 0:
-            self.set_trainable(model, self.trainable_names(self.stage(step)), optimizer)
+        self._set_step(model, ctx.step)
+        if self.cfg.reselect_every and ctx.step % self.cfg.reselect_every == 0:
+            self.set_trainable(model, self.trainable_names(self.stage(ctx.step)), optimizer)
 
     def save(self, model, tokenizer, out_dir: Path, base_name: str) -> None:
         super().save(model, tokenizer, out_dir, base_name)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -42,12 +42,14 @@ from tunelab.errors import ConfigError
 from tunelab.methods import register
 from tunelab.methods._blocks import find_blocks
 from tunelab.methods.full import FullFineTuning
+from tunelab.options import Options, require
 
 EMBEDDINGS = -1
 
 
 @dataclass(kw_only=True)
-class LayersConfig:
+class LayersConfig(Options):
+    ranges: ClassVar = {"freeze_below": ">= 0", "reinit_top": ">= 0", "lr_decay": "(0, 1]"}
     only: Literal["all", "embeddings_head"] = "all"
     """What may train: 'all' parameters, or 'embeddings_head' (token embeddings + output layer)."""
     freeze_below: int = 0
@@ -59,15 +61,9 @@ class LayersConfig:
     blocks: str | None = None
     """Regex for the name of the nn.ModuleList of transformer blocks; default: the largest one."""
 
-    def __post_init__(self):
-        for name in ("freeze_below", "reinit_top"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        if not 0 < self.lr_decay <= 1:
-            raise ConfigError(f"lr_decay: must be in (0, 1], got {self.lr_decay}")
-        if self.only == "embeddings_head" and (self.freeze_below or self.reinit_top):
-            raise ConfigError("only: 'embeddings_head' trains no transformer block; "
-                              "drop freeze_below and reinit_top")
+    def validate(self) -> None:
+        require(self.only != "embeddings_head" or not (self.freeze_below or self.reinit_top), "only",
+                "'embeddings_head' trains no transformer block; drop freeze_below and reinit_top")
 
 
 def _tied(model: nn.Module) -> nn.Parameter | None:

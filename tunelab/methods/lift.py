@@ -18,17 +18,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from tunelab.errors import ConfigError
 from tunelab.methods import Method, register
 from tunelab.methods import _sparse as S
+from tunelab.methods._shared import decay_groups, freeze_all, set_module, target_linears
+from tunelab.options import Options
+from tunelab.run.context import StepContext
 
 
 @dataclass(kw_only=True)
-class LIFTConfig:
+class LIFTConfig(Options):
+    ranges: ClassVar = {"lora_rank": ">= 1", "filter_rank": ">= 1", "update_interval": ">= 0"}
     lora_rank: int = 128
     """Budget per matrix: k = min((m + n) * lora_rank, m * n) principal weights (the reference's
     README default 128; about 6% of a 4096 x 4096 matrix -- use ~16 for a 576-wide model)."""
@@ -41,13 +45,8 @@ class LIFTConfig:
     randomized_svd: bool = False
     """Use torch.svd_lowrank (q = 2r, 2 power iterations) instead of the full SVD (large models)."""
 
-    def __post_init__(self):
+    def validate(self) -> None:
         self.target_modules = list(self.target_modules)
-        for name in ("lora_rank", "filter_rank"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.update_interval < 0:
-            raise ConfigError(f"update_interval: must be >= 0, got {self.update_interval}")
 
 
 def num_principal(shape: torch.Size, lora_rank: int) -> int:
@@ -110,16 +109,16 @@ class PrincipalWeights(Method):
     Config = LIFTConfig
 
     def apply(self, model):
-        S.freeze_all(model)
-        for n in S.target_linears(model, self.cfg.target_modules):
+        freeze_all(model)
+        for n in target_linears(model, self.cfg.target_modules):
             base = model.get_submodule(n)
             k = num_principal(base.weight.shape, self.cfg.lora_rank)
             idx = principal_indices(base.weight, k, self.cfg.filter_rank, self.cfg.randomized_svd)
-            S.set_module(model, n, PrincipalLinear(base, idx))
+            set_module(model, n, PrincipalLinear(base, idx))
         return model
 
-    def on_step(self, model, step: int, optimizer) -> None:
-        if self.cfg.update_interval and step % self.cfg.update_interval == 0:
+    def on_step(self, model, ctx: StepContext, optimizer) -> None:
+        if self.cfg.update_interval and ctx.step % self.cfg.update_interval == 0:
             self.refresh(model, optimizer)
 
     @torch.no_grad()
@@ -130,7 +129,8 @@ class PrincipalWeights(Method):
                                         self.cfg.randomized_svd), optimizer)
 
     def param_groups(self, model, weight_decay: float) -> list[dict]:
-        return S.decay_groups([m.sparse_values for m in S.sparse_layers(model).values()], weight_decay)
+        return decay_groups([m.sparse_values for m in S.sparse_layers(model).values()], weight_decay,
+                            decay_vectors=True)
 
     def trainable_state(self, model) -> dict:
         return S.layer_state(model, ("sparse_indices", "past_indices", "past_values"))

@@ -13,22 +13,25 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from tunelab.errors import ConfigError
 from tunelab.methods import Method, register, switched_off
+from tunelab.methods._shared import features, freeze_all, is_conv1d, select_linears, set_module
+from tunelab.options import Options
 
 PEFT_PREFIX = "base_model.model."
 
 
 @dataclass(kw_only=True)
-class LoRAConfig:
+class LoRAConfig(Options):
+    ranges: ClassVar = {"r": ">= 1", "alpha": "> 0", "dropout": "[0, 1)"}
     r: int = 16
     """Rank of the update."""
     alpha: float = 32.0
@@ -41,13 +44,7 @@ class LoRAConfig:
     rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r)."""
 
-    def __post_init__(self):
-        if self.r < 1:
-            raise ConfigError(f"r: must be >= 1, got {self.r}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
-        if not (self.alpha > 0 and math.isfinite(self.alpha)):
-            raise ConfigError(f"alpha: must be > 0 and finite, got {self.alpha}")
+    def validate(self) -> None:
         self.target_modules = list(self.target_modules)
 
     @property
@@ -131,56 +128,6 @@ class _FrozenBaseLoRA(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None
 
 
-def _matches(name: str, pattern: str) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    return pattern == leaf or name.endswith("." + pattern) or re.fullmatch(pattern, name) is not None
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' Conv1D (GPT-2 and kin): a linear layer whose weight is stored (in, out)."""
-    from transformers.pytorch_utils import Conv1D
-    return isinstance(module, Conv1D)
-
-
-def features(layer: nn.Module) -> tuple[int, int]:
-    """(in, out) features of an nn.Linear or a Conv1D."""
-    return tuple(layer.weight.shape) if is_conv1d(layer) else (layer.in_features, layer.out_features)
-
-
-def select_linears(model: nn.Module, patterns: list[str], conv1d: bool = False) -> list[str]:
-    """Names of the nn.Linear modules (and with `conv1d`, transformers' Conv1D ones) matched by
-    `patterns` (never the output head)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linears = [n for n, m in model.named_modules()
-               if (isinstance(m, nn.Linear) or (conv1d and is_conv1d(m))) and m is not head]
-    if "all-linear" in patterns:
-        return linears
-    _check_patterns(patterns, linears)
-    return [n for n in linears if any(_matches(n, p) for p in patterns)]
-
-
-def _check_patterns(patterns: list[str], linears: list[str]) -> None:
-    """An entry that matches no layer is an error naming it and the layers there are, unless
-    another entry matches (a recipe meant for several architectures): then a warning on stderr."""
-    counts = {p: sum(_matches(n, p) for n in linears) for p in patterns}
-    dead = [repr(p) for p, k in counts.items() if not k]
-    if not dead:
-        return
-    verb = "matches" if len(dead) == 1 else "match"
-    if len(dead) == len(patterns):
-        leaves = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in linears}))
-        raise ConfigError(f"method.target_modules: {', '.join(dead)} {verb} no linear layer; the model's linear "
-                          f"layers are named: {leaves}")
-    live = ", ".join(f"{p!r} matches {k}" for p, k in counts.items() if k)
-    print(f"warning: method.target_modules: {', '.join(dead)} {verb} no linear layer of this model; {live}",
-          file=sys.stderr, flush=True)
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
 def _lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
@@ -192,8 +139,7 @@ class LoRA(Method):
     Config = LoRAConfig
 
     def apply(self, model):
-        for p in model.parameters():
-            p.requires_grad_(False)
+        freeze_all(model)
         self._all_linear_names = select_linears(model, ["all-linear"], conv1d=True)
         names = select_linears(model, self.cfg.target_modules, conv1d=True)
         self._fan_in_fan_out = any(is_conv1d(model.get_submodule(n)) for n in names)
@@ -201,7 +147,7 @@ class LoRA(Method):
             raise ConfigError(f"method.target_modules: {self.cfg.target_modules} matches no linear layer")
         for n in names:
             base = model.get_submodule(n)
-            _set_module(model, n, LoRALinear(base, self.cfg.r, self.cfg.scaling, self.cfg.dropout))
+            set_module(model, n, LoRALinear(base, self.cfg.r, self.cfg.scaling, self.cfg.dropout))
         self.target_names = names
         return model
 
@@ -242,7 +188,7 @@ class LoRA(Method):
 
     def merge(self, model):
         for n, m in _lora_modules(model).items():
-            _set_module(model, n, m.merged_linear())
+            set_module(model, n, m.merged_linear())
         return model
 
     @contextmanager

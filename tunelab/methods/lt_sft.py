@@ -22,17 +22,21 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from tunelab.errors import ConfigError
 from tunelab.methods import Method, register
 from tunelab.methods import _sparse as S
+from tunelab.methods._shared import decay_groups, freeze_all, set_module, target_linears
+from tunelab.options import Options
+from tunelab.run.context import StepContext
 
 
 @dataclass(kw_only=True)
-class LTSFTConfig:
+class LTSFTConfig(Options):
+    ranges: ClassVar = {"full_ft_steps": ">= 1", "density": "(0, 1]", "num_tunable_weights": ">= 1"}
     full_ft_steps: int = 100
     """Phase 1: steps of full fine-tuning of the target layers before the mask is chosen."""
     num_tunable_weights: int | None = None
@@ -42,14 +46,8 @@ class LTSFTConfig:
     target_modules: list[str] = ("all-linear",)
     """Linear layers that may change (LoRA's matching rules; the output head never)."""
 
-    def __post_init__(self):
+    def validate(self) -> None:
         self.target_modules = list(self.target_modules)
-        if self.full_ft_steps < 1:
-            raise ConfigError(f"full_ft_steps: must be >= 1, got {self.full_ft_steps}")
-        if not 0 < self.density <= 1:
-            raise ConfigError(f"density: must be in (0, 1], got {self.density}")
-        if self.num_tunable_weights is not None and self.num_tunable_weights < 1:
-            raise ConfigError(f"num_tunable_weights: must be >= 1, got {self.num_tunable_weights}")
 
 
 class TicketLinear(S.SparseDeltaLinear):
@@ -91,13 +89,15 @@ class LotteryTicketSFT(Method):
     """Lottery-ticket sparse fine-tuning; see the module docstring."""
 
     Config = LTSFTConfig
+    parallel = ()
+    single_process_why = "its switch to the sparse phase changes which tensors train (fixed at the start on several)"
 
     def apply(self, model):
-        S.freeze_all(model)
-        for n in S.target_linears(model, self.cfg.target_modules):
+        freeze_all(model)
+        for n in target_linears(model, self.cfg.target_modules):
             base = model.get_submodule(n)
             base.weight.requires_grad_(True)
-            S.set_module(model, n, TicketLinear(base))
+            set_module(model, n, TicketLinear(base))
         S.root_buffer(model, "lt_sft_step", torch.zeros(1, dtype=torch.int64))
         return model
 
@@ -108,9 +108,9 @@ class LotteryTicketSFT(Method):
         total = sum(m.base_layer.weight.numel() for m in S.sparse_layers(model).values())
         return min(total, self.cfg.num_tunable_weights or max(1, int(self.cfg.density * total)))
 
-    def on_step(self, model, step: int, optimizer) -> None:
-        model.lt_sft_step.fill_(step)
-        if step == self.cfg.full_ft_steps and any(m.theta0.numel() for m in S.sparse_layers(model).values()):
+    def on_step(self, model, ctx: StepContext, optimizer) -> None:
+        model.lt_sft_step.fill_(ctx.step)
+        if ctx.step == self.cfg.full_ft_steps and any(m.theta0.numel() for m in S.sparse_layers(model).values()):
             self.switch(model, optimizer)
 
     @torch.no_grad()
@@ -124,8 +124,8 @@ class LotteryTicketSFT(Method):
 
     def param_groups(self, model, weight_decay: float) -> list[dict]:
         layers = S.sparse_layers(model).values()
-        return S.decay_groups([m.base_layer.weight for m in layers] + [m.sparse_values for m in layers],
-                              weight_decay)
+        return decay_groups([m.base_layer.weight for m in layers] + [m.sparse_values for m in layers],
+                            weight_decay, decay_vectors=True)
 
     # -- state
     def trainable_state(self, model) -> dict:

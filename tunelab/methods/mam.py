@@ -26,12 +26,12 @@ from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
-from tunelab.errors import ConfigError
 from tunelab.methods import register
 from tunelab.methods._bottleneck import ParallelAdapter
 from tunelab.methods._prefix import PrefixKV, attach_prefix, prefix_disabled
+from tunelab.methods._shared import freeze_all
 from tunelab.methods.adapters import AdapterMethod, BottleneckOptions, attach_adapters
 
 PREFIX = "prefix"
@@ -39,6 +39,7 @@ PREFIX = "prefix"
 
 @dataclass(kw_only=True)
 class MAMConfig(BottleneckOptions):
+    ranges: ClassVar = {"num_virtual_tokens": ">= 1", "projection_hidden": ">= 0"}
     bottleneck: int = 512
     """Bottleneck width r of the FFN parallel adapter (He et al.: 512 on XSum/MT, 16 on GLUE)."""
     scaling: float = 4.0
@@ -50,13 +51,6 @@ class MAMConfig(BottleneckOptions):
     prefix_init: Literal["vocab", "random"] = "vocab"
     """Start of a directly trained prefix: K/V of l random vocabulary tokens, or N(0, 1)."""
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.num_virtual_tokens < 1:
-            raise ConfigError(f"num_virtual_tokens: must be >= 1, got {self.num_virtual_tokens}")
-        if self.projection_hidden < 0:
-            raise ConfigError(f"projection_hidden: must be >= 0, got {self.projection_hidden}")
-
 
 @register("mam")
 class MAMAdapter(AdapterMethod):
@@ -67,8 +61,7 @@ class MAMAdapter(AdapterMethod):
 
     def apply(self, model):
         cfg = self.cfg
-        for p in model.parameters():
-            p.requires_grad_(False)
+        freeze_all(model)
         source = PrefixKV.for_model(model, cfg.num_virtual_tokens, cfg.projection_hidden or None,
                                     init=cfg.prefix_init)
         attach_prefix(model, source, name=PREFIX)

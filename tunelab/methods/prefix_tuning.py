@@ -26,18 +26,21 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from tunelab.errors import ConfigError
 from tunelab.methods import register
 from tunelab.methods._prefix import PrefixKV, model_dims
-from tunelab.methods._prompt_base import WEIGHTS_FILE, PrefixMethod
+from tunelab.methods._prompt_base import PrefixMethod
+from tunelab.methods._shared import WEIGHTS_FILE
+from tunelab.options import Options
 
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
 
 @dataclass(kw_only=True)
-class PrefixTuningConfig:
+class PrefixTuningConfig(Options):
+    ranges: ClassVar = {"num_virtual_tokens": ">= 1", "projection_hidden": ">= 0"}
     num_virtual_tokens: int = 20
     """n: prefix length (key/value vectors per layer and KV head)."""
     projection_hidden: int = 0
@@ -45,12 +48,6 @@ class PrefixTuningConfig:
     init: Literal["vocab", "random"] = "vocab"
     """Start of a directly trained table: 'vocab' = K/V of n random vocabulary tokens, 'random' =
     N(0, 1). With the MLP, E is N(0, 1) (PEFT's)."""
-
-    def __post_init__(self):
-        if self.num_virtual_tokens < 1:
-            raise ConfigError(f"num_virtual_tokens: must be >= 1, got {self.num_virtual_tokens}")
-        if self.projection_hidden < 0:
-            raise ConfigError(f"projection_hidden: must be >= 0, got {self.projection_hidden}")
 
 
 @register("prefix_tuning")

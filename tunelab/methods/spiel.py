@@ -15,25 +15,31 @@ Readings we chose (the reference is a PEFT fork with its own optimizer):
 - torch AdamW has one step count per tensor, so the reference's per-element age and its seeding of
   new slots' moments from the phase statistics are not available: new slots restart with zero
   moments (reset in place; the Parameter objects never change).
-- the step horizon T of the decay is `num_decay_steps` (methods do not see train.steps): set it to
-  the run's length, as the paper decays over the whole run; no selection happens after it.
+- the step horizon T of the decay is the run's length (train.steps, from the step context), as the
+  paper decays over the whole run; `num_decay_steps` sets another one. No selection happens after T.
 - weight decay applies to the deltas: an L2 pull toward the pretrained weights, as in the paper.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from tunelab.errors import ConfigError
 from tunelab.methods import Method, register
 from tunelab.methods import _sparse as S
+from tunelab.methods._shared import decay_groups, freeze_all, set_module, target_linears
+from tunelab.options import Options, require
+from tunelab.run.context import StepContext
 
 
 @dataclass(kw_only=True)
-class SpIELConfig:
+class SpIELConfig(Options):
+    ranges: ClassVar = {"density": "(0, 1]", "num_tunable_weights": ">= 1",
+                        "selection_accumulation_steps": ">= 1", "initial_reselection_rate": "[0, 1]",
+                        "num_decay_steps": ">= 1"}
     num_tunable_weights: int | None = None
     """Total number of deltas across target layers, split proportionally to layer size (the paper
     matches a LoRA's parameter count). None: use `density`."""
@@ -47,24 +53,15 @@ class SpIELConfig:
     """Steps over which gradients of candidate entries are accumulated before a selection."""
     initial_reselection_rate: float = 0.2
     """Fraction of the deltas replaced at the second selection; decays linearly to 0."""
-    num_decay_steps: int = 1000
-    """Step at which the reselection rate reaches 0 (set to train.steps)."""
+    num_decay_steps: int | None = None
+    """Step at which the reselection rate reaches 0; None: the run's last step (train.steps)."""
     seed: int = 0
     """Seeds the random initial indices."""
 
-    def __post_init__(self):
+    def validate(self) -> None:
         self.target_modules = list(self.target_modules)
-        if not 0 < self.density <= 1:
-            raise ConfigError(f"density: must be in (0, 1], got {self.density}")
-        if self.num_tunable_weights is not None and self.num_tunable_weights < 1:
-            raise ConfigError(f"num_tunable_weights: must be >= 1, got {self.num_tunable_weights}")
-        if not 1 <= self.selection_accumulation_steps <= self.reselection_steps:
-            raise ConfigError("selection_accumulation_steps: must be in [1, reselection_steps], got "
-                              f"{self.selection_accumulation_steps}")
-        if not 0 <= self.initial_reselection_rate <= 1:
-            raise ConfigError(f"initial_reselection_rate: must be in [0, 1], got {self.initial_reselection_rate}")
-        if self.num_decay_steps < 1:
-            raise ConfigError(f"num_decay_steps: must be >= 1, got {self.num_decay_steps}")
+        require(self.selection_accumulation_steps <= self.reselection_steps, "selection_accumulation_steps",
+                f"must be in [1, reselection_steps], got {self.selection_accumulation_steps}")
 
 
 class SpIELLinear(S.SparseDeltaLinear):
@@ -119,43 +116,52 @@ class SpIEL(Method):
     """Sparse fine-tuning with prune-and-regrow (SpIEL-AG); see the module docstring."""
 
     Config = SpIELConfig
+    parallel = ()
+    single_process_why = "its regrowth candidates come from each process's own dense gradients"
 
     def apply(self, model):
-        S.freeze_all(model)
-        names = S.target_linears(model, self.cfg.target_modules)
+        freeze_all(model)
+        names = target_linears(model, self.cfg.target_modules)
         sizes = [model.get_submodule(n).weight.numel() for n in names]
         total = self.cfg.num_tunable_weights or max(1, int(self.cfg.density * sum(sizes)))
         g = torch.Generator().manual_seed(self.cfg.seed)
         for n, numel, k in zip(names, sizes, S.split_budget(sizes, total)):
             idx = torch.randperm(numel, generator=g)[:k].sort().values
-            S.set_module(model, n, SpIELLinear(model.get_submodule(n), idx))
+            set_module(model, n, SpIELLinear(model.get_submodule(n), idx))
         S.root_buffer(model, "spiel_step", torch.zeros(1, dtype=torch.int64))
-        self._arm(model)
+        self._arm(model, self.horizon(None))
         return model
 
     # -- schedule: phases accumulate during steps t with (t - 1) % R < A; selection after t = A + jR
-    def _arm(self, model) -> None:
+    def _arm(self, model, horizon: float) -> None:
+        """Accumulate candidates during the next step if it falls in a selection phase before `horizon`."""
         done = int(model.spiel_step)
         on = done % self.cfg.reselection_steps < self.cfg.selection_accumulation_steps
         for m in S.sparse_layers(model).values():
-            m.accumulating = on and done < self.cfg.num_decay_steps
+            m.accumulating = on and done < horizon
 
-    def rate(self, step: int) -> float:
+    def horizon(self, ctx: StepContext | None) -> float:
+        """T of the decay: num_decay_steps, else the run's length (unknown outside a step: no bound)."""
+        return self.cfg.num_decay_steps or (ctx.total_steps if ctx is not None else float("inf"))
+
+    def rate(self, step: int, horizon: float) -> float:
         if step == self.cfg.selection_accumulation_steps:
             return 1.0
-        return max(0.0, self.cfg.initial_reselection_rate * (1 - step / self.cfg.num_decay_steps))
+        return max(0.0, self.cfg.initial_reselection_rate * (1 - step / horizon))
 
-    def on_step(self, model, step: int, optimizer) -> None:
+    def on_step(self, model, ctx: StepContext, optimizer) -> None:
+        step, horizon = ctx.step, self.horizon(ctx)
         model.spiel_step.fill_(step)
         a, r = self.cfg.selection_accumulation_steps, self.cfg.reselection_steps
-        if step >= a and (step - a) % r == 0 and step <= self.cfg.num_decay_steps:
-            p = self.rate(step)
+        if step >= a and (step - a) % r == 0 and step <= horizon:
+            p = self.rate(step, horizon)
             for m in S.sparse_layers(model).values():
                 m.reselect(p, optimizer)
-        self._arm(model)
+        self._arm(model, horizon)
 
     def param_groups(self, model, weight_decay: float) -> list[dict]:
-        return S.decay_groups([m.sparse_values for m in S.sparse_layers(model).values()], weight_decay)
+        return decay_groups([m.sparse_values for m in S.sparse_layers(model).values()], weight_decay,
+                            decay_vectors=True)
 
     # -- state
     def trainable_state(self, model) -> dict:
@@ -164,7 +170,7 @@ class SpIEL(Method):
 
     def load_trainable_state(self, model, state: dict) -> None:
         S.load_state(model, state, set(self.trainable_state(model)))
-        self._arm(model)
+        self._arm(model, self.horizon(None))
 
     def save(self, model, tokenizer, out_dir: Path, base_name: str) -> None:
         S.save_sparse(model, out_dir, self.name, self.cfg, {"base_model": base_name})

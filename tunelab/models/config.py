@@ -1,11 +1,14 @@
+"""The `model` section of the run config."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
+from tunelab.options import Options
+
 
 @dataclass(kw_only=True)
-class ModelConfig:
+class ModelConfig(Options):
     name: str = "smollm2-135m"
     """A built-in name (`tunelab models list`), a local HF model directory, a hub id, or a .gguf file."""
     revision: str | None = None

@@ -9,16 +9,16 @@ loop divides by the step's total, so gradient accumulation never depends on how 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from tunelab.data.collate import IGNORE, model_inputs
 from tunelab.objectives._head_ce import head_cross_entropy as chunked_head_cross_entropy  # fused head + CE
-from tunelab.registry import Registry
+from tunelab.registry import OBJECTIVES, Component
+from tunelab.run.context import OUTSIDE_TRAINING, StepContext
 
-OBJECTIVES: Registry["Objective"] = Registry("objective", __name__)
 register = OBJECTIVES.register
 __all__ = ["IGNORE", "OBJECTIVES", "LossOutput", "Objective", "model_inputs", "register", "token_cross_entropy",
            "trained_logits", "trained_hidden", "chunked_head_cross_entropy", "sum_cross_entropy"]
@@ -34,27 +34,21 @@ class LossOutput:
     """Per-step figures the objective reports (written to metrics.jsonl)."""
 
 
-@dataclass(kw_only=True)
-class NoOptions:
-    """This objective takes no options."""
+class Objective(Component):
+    """Base class. An objective computes a loss sum over a batch and the number of tokens it counts
+    (`loss`); it may own trainable state (auxiliary heads: `state_dict`, `param_groups`, `save`)."""
 
-
-class Objective:
-    name: ClassVar[str]
-    Config: ClassVar[type] = NoOptions
     per_token: ClassVar[bool] = False
     """True when the loss sum over a batch equals the sum over any split of it at example
     boundaries (no batch-level statistics, no state advanced per call). Only then may the loop
     split a micro-batch to bound activation memory (train.max_tokens_per_forward)."""
 
-    def __init__(self, cfg: Any = None):
-        self.cfg = cfg if cfg is not None else self.Config()
-
     def setup(self, model, tokenizer) -> None:
         """Called once before training, after the method was applied and the model moved to its
         device (e.g. to read token ids, or to build auxiliary heads next to the model)."""
 
-    def loss(self, model, batch: dict[str, torch.Tensor]) -> LossOutput:
+    def loss(self, model, batch: dict[str, torch.Tensor], ctx: StepContext = OUTSIDE_TRAINING) -> LossOutput:
+        """The loss of `batch`; `ctx` says which step and micro-batch this forward belongs to."""
         raise NotImplementedError
 
     # -- objectives that train parameters of their own (e.g. auxiliary heads) ----------------
@@ -68,6 +62,11 @@ class Objective:
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Optimizer groups for the objective's own parameters (none by default)."""
+        return []
+
+    def trained_modules(self) -> list:
+        """The nn.Modules holding the objective's own parameters: on several processes they are
+        replicated with the model and their gradients summed like the model's."""
         return []
 
     def save(self, out_dir) -> None:

@@ -6,18 +6,20 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import ClassVar, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tunelab.config import check
 from tunelab.errors import ConfigError
+from tunelab.methods._shared import decay_groups
 from tunelab.objectives import IGNORE, LossOutput, Objective, chunked_head_cross_entropy, model_inputs, register
 from tunelab.objectives import _head_is_plain
 from tunelab.objectives._segments import segment_ids
+from tunelab.options import Options, require
+from tunelab.run.context import OUTSIDE_TRAINING, StepContext
 
 CHUNK = 4096  # trained tokens per head + CE chunk (as SFT's default)
 
@@ -32,7 +34,8 @@ SCHEDULES = {  # coefficient as a function of the training fraction f = step / T
 
 
 @dataclass(kw_only=True)
-class CAFTConfig:
+class CAFTConfig(Options):
+    ranges: ClassVar = {"num_heads": ">= 1", "num_layers": ">= 1", "coef": ">= 0", "decay": "> 0"}
     num_heads: int = 4
     """Auxiliary heads; head k (1..num_heads) predicts token t+1+k (paper: n = 5 predictions)."""
     num_layers: int = 1
@@ -44,29 +47,22 @@ class CAFTConfig:
     decay: float = 0.8
     """Head k's loss is further weighted by decay**k."""
     schedule: Literal["rsine", "sine", "linear", "constant"] = "rsine"
-    """Coefficient over training: rsine sin((T-s)/T pi/2) 1->0, sine sin(s/T pi/2), linear s/T."""
-    schedule_steps: int = 0
-    """T, the optimizer steps the schedule spans: set it to train.steps. 0: coefficient 1 (the
-    reference code's value when it does not know the run length)."""
+    """Coefficient over training, of step s (0-based) of the run's T = train.steps optimizer steps:
+    rsine sin((T-s)/T pi/2) 1->0, sine sin(s/T pi/2), linear s/T."""
     train_heads: bool = True
     """Train the heads with the model. The paper pre-trains heads once per base model and freezes
     them; without such heads, training them jointly is the sound default."""
     init_from: str | None = None
     """A caft_heads.safetensors (e.g. a previous run's final/) to start the heads from."""
 
-    def __post_init__(self):
-        check(self.num_heads >= 1, "num_heads", f"must be >= 1, got {self.num_heads}")
-        check(self.num_layers >= 1, "num_layers", f"must be >= 1, got {self.num_layers}")
-        check(self.coef >= 0, "coef", f"must be >= 0, got {self.coef}")
-        check(self.decay > 0, "decay", f"must be > 0, got {self.decay}")
-        check(self.schedule_steps >= 0, "schedule_steps", f"must be >= 0, got {self.schedule_steps}")
+    def validate(self) -> None:
         if self.init_from is not None:
-            check(Path(self.init_from).is_file(), "init_from", f"{self.init_from}: no such file")
+            require(Path(self.init_from).is_file(), "init_from", f"{self.init_from}: no such file")
 
 
 def schedule_coef(name: str, step: int, total: int) -> float:
-    """The schedule's coefficient at 0-based optimizer step `step` of `total` (1 when total is 0)."""
-    return 1.0 if total == 0 else SCHEDULES[name](min(step / total, 1.0))
+    """The schedule's coefficient at 0-based optimizer step `step` of `total`."""
+    return SCHEDULES[name](min(step / total, 1.0))
 
 
 class ResBlock(nn.Module):
@@ -168,9 +164,7 @@ class CAFT(Objective):
     - Heads are objective state, never attached to the model: generation, the method's adapter
       and `export --merge` never see them. They are checkpointed ('objective.heads.*'), written to
       final/caft_heads.safetensors, and trained jointly by default (see `train_heads`).
-    - sched counts optimizer steps (the objective counts them itself, state `step`: a forward that
-      finds no gradient on any trainable tensor opens a new step, because the loop zeroes them with
-      set_to_none); T is `schedule_steps`, since objectives are not told the run length.
+    - sched counts optimizer steps: s and T come from the step context (T = train.steps).
     - When the effective weight coef * sched is 0 the heads are not run (the loss is SFT's).
     Metrics: `aux_weight` (coef * sched), `aux_loss` (mean CE over heads) and `aux_loss_k`."""
 
@@ -179,14 +173,10 @@ class CAFT(Objective):
     def __init__(self, cfg: CAFTConfig | None = None):
         super().__init__(cfg)
         self.heads: nn.ModuleList | None = None
-        self.step = 0  # optimizer steps started so far
 
     def setup(self, model, tokenizer) -> None:
         if not _head_is_plain(model):
             raise ConfigError("objective.name: caft needs logits = lm_head(hidden); this model scales or caps them")
-        if self.cfg.schedule != "constant" and self.cfg.schedule_steps == 0:
-            warnings.warn(f"caft: schedule '{self.cfg.schedule}' does nothing without schedule_steps "
-                          "(set it to train.steps); the coefficient stays 1", stacklevel=2)
         if not self.cfg.train_heads and self.cfg.init_from is None:
             warnings.warn("caft: train_heads is false but no init_from: the heads stay random", stacklevel=2)
         self._ensure_heads(model)
@@ -199,12 +189,9 @@ class CAFT(Objective):
             self.heads.requires_grad_(self.cfg.train_heads)
         return self.heads
 
-    def loss(self, model, batch):
+    def loss(self, model, batch, ctx: StepContext = OUTSIDE_TRAINING):
         heads = self._ensure_heads(model)
-        trainable = [*model.parameters(), *heads.parameters()]
-        if all(p.grad is None for p in trainable if p.requires_grad):
-            self.step += 1
-        weight = self.cfg.coef * schedule_coef(self.cfg.schedule, self.step - 1, self.cfg.schedule_steps)
+        weight = self.cfg.coef * schedule_coef(self.cfg.schedule, ctx.step - 1, ctx.total_steps)
         with last_layer_kwargs(model, self.cfg.head_arch) as layer_kwargs:
             hidden = model.get_decoder()(**model_inputs(batch)).last_hidden_state  # (B, T, d)
         lm_head, targets = model.get_output_embeddings(), batch["targets"]
@@ -225,21 +212,19 @@ class CAFT(Objective):
 
     # -- own state -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        heads = {} if self.heads is None else {f"heads.{n}": t.detach() for n, t in self.heads.state_dict().items()}
-        return heads | {"step": torch.tensor(self.step)}
+        return {} if self.heads is None else {f"heads.{n}": t.detach() for n, t in self.heads.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         assert self.heads is not None, "call setup(model, tokenizer) before load_state_dict"
         self.heads.load_state_dict({n[len("heads."):]: t for n, t in state.items() if n.startswith("heads.")})
-        self.step = int(state.get("step", 0))
+
+    def trained_modules(self) -> list:
+        return [] if self.heads is None else [self.heads]
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         if self.heads is None or not self.cfg.train_heads:
             return []
-        params = list(self.heads.parameters())
-        groups = ({"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0})
-        return [g for g in groups if g["params"]]
+        return decay_groups(self.heads.parameters(), weight_decay)
 
     def save(self, out_dir) -> None:
         if self.heads is None:

@@ -2,22 +2,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from tunelab.config import check
 from tunelab.errors import ConfigError
 from tunelab.objectives import IGNORE, LossOutput, Objective, register, sum_cross_entropy
+from tunelab.options import Options
+from tunelab.run.context import OUTSIDE_TRAINING, StepContext
 
 
 @dataclass(kw_only=True)
-class MaskedThoughtConfig:
+class MaskedThoughtConfig(Options):
+    ranges: ClassVar = {"mask_prob": "[0, 1]", "warmup_fraction": "[0, 1]",
+                        "replace_rate": "[0, 1]", "mask_token_id": ">= 0"}
     mask_prob: float = 0.2
     """p: probability that each response token of the input is masked (MAmmoTH/MetaMath: 0.2;
     the GSM8K Llama-2 run used 0.4)."""
-    warmup_steps: int = 0
-    """Ramp p linearly from 0 to mask_prob over this many optimizer steps (0: constant p). The
-    GSM8K code ramps over the first 0.66 * max_steps: set it to round(0.66 * train.steps)."""
+    warmup_fraction: float = 0.0
+    """Ramp p linearly from 0 to mask_prob over this fraction of the run's optimizer steps (0: a
+    constant p). The GSM8K code ramps over the first 0.66 of max_steps."""
     replace_rate: float = 0.0
     """Probability that a masked position gets a uniformly random vocabulary id instead of the mask
     id (the paper's `<mask>` variant: 0; its GSM8K runs: 1)."""
@@ -26,13 +30,6 @@ class MaskedThoughtConfig:
     tokenizer has one). Unset: mask_token_id, else the tokenizer's pad token, else its unk token."""
     mask_token_id: int | None = None
     """The mask id directly (e.g. a reserved, unused id); mask_token wins when both are set."""
-
-    def __post_init__(self):
-        check(0.0 <= self.mask_prob <= 1.0, "mask_prob", f"must be in [0, 1], got {self.mask_prob}")
-        check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        check(0.0 <= self.replace_rate <= 1.0, "replace_rate", f"must be in [0, 1], got {self.replace_rate}")
-        check(self.mask_token_id is None or self.mask_token_id >= 0, "mask_token_id",
-              f"must be >= 0, got {self.mask_token_id}")
 
 
 def response_positions(targets: torch.Tensor) -> torch.Tensor:
@@ -63,16 +60,9 @@ def mask_response_tokens(input_ids: torch.Tensor, targets: torch.Tensor, p: floa
     return torch.where(chosen, fill, input_ids), chosen
 
 
-def ramped_prob(p_max: float, step: int, warmup_steps: int) -> float:
+def ramped_prob(p_max: float, step: int, warmup_steps: float) -> float:
     """p_t = p_max * min(1, step / warmup_steps): 0 at step 0, p_max from warmup_steps on."""
     return p_max if warmup_steps == 0 else p_max * min(1.0, step / warmup_steps)
-
-
-def starts_new_step(params) -> bool:
-    """Whether this forward opens a new optimizer step: the loop zeroes gradients with
-    set_to_none after every step, so the first micro-batch of a step finds no gradient on any
-    trainable parameter, and later micro-batches of the same step find one."""
-    return all(p.grad is None for p in params if p.requires_grad)
 
 
 @register("masked_thought")
@@ -98,15 +88,14 @@ class MaskedThought(Objective):
       Without setup() (no tokenizer) the model config's pad_token_id is used.
     - Random ids are uniform over the tokenizer's vocabulary (len(tokenizer)), or the model
       config's vocab_size without a tokenizer; special tokens are not excluded (as in the code).
-    - The p warm-up counts optimizer steps; the objective counts them itself (state `step`,
-      checkpointed), see `starts_new_step`.
+    - The p warm-up counts optimizer steps, read from the step context: step s (0-based) of T =
+      train.steps masks with p * min(1, s / (warmup_fraction * T)).
     Metrics: `mask_prob` (p this step) and `masked_fraction` (masked / maskable tokens)."""
 
     Config = MaskedThoughtConfig
 
     def __init__(self, cfg: MaskedThoughtConfig | None = None):
         super().__init__(cfg)
-        self.step = 0  # optimizer steps started so far
         self.mask_id: int | None = None
         self.vocab_size: int | None = None
 
@@ -144,10 +133,8 @@ class MaskedThought(Objective):
             raise ConfigError("objective.mask_token_id: no tokenizer given and the model has no pad_token_id")
         return mask_id, vocab
 
-    def loss(self, model, batch):
-        if starts_new_step(model.parameters()):
-            self.step += 1
-        p = ramped_prob(self.cfg.mask_prob, self.step - 1, self.cfg.warmup_steps)
+    def loss(self, model, batch, ctx: StepContext = OUTSIDE_TRAINING):
+        p = ramped_prob(self.cfg.mask_prob, ctx.step - 1, self.cfg.warmup_fraction * ctx.total_steps)
         mask_id, vocab = self._resolved(model)
         ids, chosen = mask_response_tokens(batch["input_ids"], batch["targets"], p, mask_id,
                                            self.cfg.replace_rate, vocab)
@@ -155,9 +142,3 @@ class MaskedThought(Objective):
         num_resp = int(response_positions(batch["targets"]).sum())
         metrics = {"mask_prob": p, "masked_fraction": float(chosen.sum()) / max(num_resp, 1)}
         return LossOutput(loss_sum, count, metrics)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"step": torch.tensor(self.step)}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.step = int(state["step"]) if "step" in state else 0

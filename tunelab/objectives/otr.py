@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
-from tunelab.errors import ConfigError
 from tunelab.objectives import LossOutput, Objective, register, trained_logits
+from tunelab.options import Options
+from tunelab.run.context import OUTSIDE_TRAINING, StepContext
 
 
 @dataclass(kw_only=True)
-class OTRConfig:
+class OTRConfig(Options):
     """Options of One-Token Rollout."""
+    ranges: ClassVar = {"num_samples": ">= 1", "temperature": "> 0", "beta": "< 1"}
     num_samples: int = 256
     """K, tokens sampled per position from the current policy (reviewers report K = 256)."""
     temperature: float = 1.0
@@ -23,16 +25,6 @@ class OTRConfig:
     reports a slightly negative β works best; -0.1 is our choice, unverified."""
     mode: Literal["mc", "exact"] = "mc"
     """"mc": sample K tokens (the paper); "exact": the expectation over the sampling distribution."""
-
-    def __post_init__(self):
-        if self.num_samples < 1:
-            raise ConfigError("num_samples: must be at least 1")
-        if not self.temperature > 0:
-            raise ConfigError("temperature: must be > 0")
-        if not self.beta < 1:
-            raise ConfigError("beta: must be < 1 (the ground-truth token's reward is 1)")
-        if self.mode not in ("mc", "exact"):
-            raise ConfigError(f"mode: must be 'mc' or 'exact', got {self.mode!r}")
 
 
 def sample_rewards(q: torch.Tensor, targets: torch.Tensor, num_samples: int,
@@ -86,7 +78,7 @@ class OneTokenRollout(Objective):
     per_token = True
     Config = OTRConfig
 
-    def loss(self, model, batch):
+    def loss(self, model, batch, ctx: StepContext = OUTSIDE_TRAINING):
         logits, targets = trained_logits(model, batch)  # (N, V), (N,)
         losses, hits = otr_token_losses(logits, targets, self.cfg)  # (N,), (N,)
         zero = (hits == 0).float().mean() if self.cfg.mode == "mc" else hits.new_zeros(())

@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 
-from tunelab.errors import ConfigError
 from tunelab.objectives import IGNORE, LossOutput, Objective, register, trained_logits
 from tunelab.objectives._segments import rank_in_segment, segment_ids, segment_mean
+from tunelab.options import Options
+from tunelab.run.context import OUTSIDE_TRAINING, StepContext
 
 BISECT_ITERS, BISECT_TOL, MAX_QUANTILE = 10, 0.01, 0.49  # the reference code's search constants
 MIN_SAMPLES = 4  # below this the quadrant split is degenerate (everything comes back by top-up)
 
 
 @dataclass(kw_only=True)
-class QTuningConfig:
+class QTuningConfig(Options):
     """Options of Q-Tuning."""
+    ranges: ClassVar = {"sample_ratio": "(0, 1]", "token_ratio": "(0, 1]", "neighbor_weight": "[0, 1]"}
     sample_ratio: float = 0.2
     """r_s, fraction of each micro-batch's samples kept (reference code `data_ratio`: 0.2)."""
     token_ratio: float = 0.75
@@ -29,15 +31,6 @@ class QTuningConfig:
     prune: Literal["high", "low"] = "high"
     """Which tokens of misconception samples are pruned: the highest smoothed PPL (reference code,
     "wise") or the lowest ("fwise"); the paper's text is ambiguous."""
-
-    def __post_init__(self):
-        for name in ("sample_ratio", "token_ratio"):
-            if not 0 < getattr(self, name) <= 1:
-                raise ConfigError(f"{name}: must be in (0, 1]")
-        if not 0 <= self.neighbor_weight <= 1:
-            raise ConfigError("neighbor_weight: must be in [0, 1]")
-        if self.prune not in ("high", "low"):
-            raise ConfigError(f"prune: must be 'high' or 'low', got {self.prune!r}")
 
 
 def quadrant_masks(ppl: torch.Tensor, ent: torch.Tensor, a: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +176,7 @@ class QTuning(Objective):
         kept &= ~prune_tokens(score if self.cfg.prune == "high" else -score, q2[seg], seg, int(kept.sum()) - target)
         return QTuningPlan(ppl=ppl, ent=ent, q2=q2, q4=q4, seg=seg, kept=kept, target=target)
 
-    def loss(self, model, batch):
+    def loss(self, model, batch, ctx: StepContext = OUTSIDE_TRAINING):
         logits, targets = trained_logits(model, batch)  # (N, V), (N,)
         ce = F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
         if ce.numel() == 0:

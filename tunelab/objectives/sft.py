@@ -2,21 +2,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-from tunelab.errors import ConfigError
 from tunelab.objectives import LossOutput, Objective, register, sum_cross_entropy
+from tunelab.options import Options
+from tunelab.run.context import OUTSIDE_TRAINING, StepContext
 
 
 @dataclass(kw_only=True)
-class SFTConfig:
+class SFTConfig(Options):
+    ranges: ClassVar = {"chunk_tokens": ">= 1"}
     chunk_tokens: int = 4096
     """Apply the output head and cross-entropy to at most this many trained tokens at a time
     (fused with the loss; see objectives/_head_ce.py), so the full (tokens, vocab) fp32 logits
     never exist at once."""
-
-    def __post_init__(self):
-        if self.chunk_tokens < 1:
-            raise ConfigError(f"chunk_tokens: must be >= 1, got {self.chunk_tokens}")
 
 
 @register("sft")
@@ -27,5 +26,5 @@ class SFT(Objective):
 
     Config = SFTConfig
 
-    def loss(self, model, batch):
+    def loss(self, model, batch, ctx: StepContext = OUTSIDE_TRAINING):
         return LossOutput(*sum_cross_entropy(model, batch, self.cfg.chunk_tokens))

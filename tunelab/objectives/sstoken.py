@@ -4,21 +4,23 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 
-from tunelab.errors import ConfigError
 from tunelab.objectives import IGNORE, LossOutput, Objective, _head_is_plain, model_inputs, register, trained_logits
 from tunelab.objectives._segments import num_segments, rank_in_segment, segment_ids, segment_min_max
+from tunelab.options import Options
+from tunelab.run.context import OUTSIDE_TRAINING, StepContext
 
 _DEFAULT_EMA_DECAY = 0.99
 
 
 @dataclass(kw_only=True)
-class SSTokenConfig:
+class SSTokenConfig(Options):
     """Options of ssToken."""
+    ranges: ClassVar = {"keep_ratio": "(0, 1]", "gamma": "[0, 1]", "ema_decay": "[0, 1)"}
     keep_ratio: float = 0.6
     """ρ, fraction of each example's response tokens that are trained (reference code: 0.6)."""
     gamma: float = 0.5
@@ -29,15 +31,7 @@ class SSTokenConfig:
     ema_decay: float = _DEFAULT_EMA_DECAY
     """α of the EMA history (used only with history="ema"); the paper gives no value, 0.99 is ours."""
 
-    def __post_init__(self):
-        if not 0 < self.keep_ratio <= 1:
-            raise ConfigError("keep_ratio: must be in (0, 1]")
-        if not 0 <= self.gamma <= 1:
-            raise ConfigError("gamma: must be in [0, 1]")
-        if self.history not in ("frozen", "ema"):
-            raise ConfigError(f"history: must be 'frozen' or 'ema', got {self.history!r}")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError("ema_decay: must be in [0, 1)")
+    def validate(self) -> None:
         if self.history == "frozen" and self.ema_decay != _DEFAULT_EMA_DECAY:
             warnings.warn("sstoken: ema_decay does nothing with history='frozen'", stacklevel=2)
 
@@ -91,11 +85,6 @@ def forward_with_attention(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return model.get_output_embeddings()(out.last_hidden_state[keep]), out.attentions[-1]
 
 
-def _weights_version(model) -> int:
-    """Grows whenever a trainable weight is changed in place (an optimizer step)."""
-    return sum(p._version for p in model.parameters() if p.requires_grad)
-
-
 @register("sstoken")
 class SSToken(Objective):
     """ssToken (Qin et al., ICLR 2026, arXiv 2510.18250; code github.com/jianke0604/ssToken).
@@ -114,10 +103,11 @@ class SSToken(Objective):
     position apart). "Prompt" keys are all context tokens of the example that are not response tokens
     (the reference takes the label-masked prefix; with one prompt and one reply they agree). The history
     is a frozen copy of the model taken at setup (= the reference's precomputed base-model losses) or
-    an EMA of it, moved once per optimizer step before that step's first forward (a step is noticed by
-    the in-place version counters of the trainable weights, so gradient accumulation does not move it
-    twice). The reference's attention-only warm-up is keyed on sample index and effectively never
-    runs: not implemented. While the history equals the model (the first step) REL is exactly 0 (both
+    an EMA of it, moved once per optimizer step from the second on, before that step's first forward
+    (the step comes from the step context, so gradient accumulation does not move it twice; a step
+    skipped for a non-finite loss still counts, and moves it toward the unchanged weights). The
+    reference's attention-only warm-up is keyed on sample index and effectively never runs: not
+    implemented. While the history equals the model (the first step) REL is exactly 0 (both
     forwards use the same kernels), so the selection is attention-only, like that warm-up; ties (e.g.
     γ = 1 on the first step) keep the earlier tokens. γ = 1 skips the attention; γ = 0 skips the
     history model. Reading attention needs eager attention: the model is switched to it, with a
@@ -130,21 +120,21 @@ class SSToken(Objective):
     def __init__(self, cfg: SSTokenConfig | None = None):
         super().__init__(cfg)
         self._history = None
-        self._seen_version: int | None = None
+        self._seen_step: int | None = None
         self._pending: dict[str, torch.Tensor] = {}
         self._tracked_names: set[str] = set()
 
     def setup(self, model, tokenizer) -> None:
         self._prepare(model)
 
-    def _prepare(self, model) -> None:
+    def _prepare(self, model, ctx: StepContext | None = None) -> None:
         if self.cfg.gamma < 1:
             ensure_eager(model)
         if self._history is None and self.cfg.gamma > 0:
             # after the eager switch: the same kernels give REL = 0 exactly while the weights agree
             self._history = copy.deepcopy(model).eval().requires_grad_(False)
-            self._seen_version = _weights_version(model)
             self._tracked_names = {n for n, p in model.named_parameters() if p.requires_grad}
+            self._seen_step = ctx.step if ctx is not None else None  # the history is this step's model
             self._apply_pending()
 
     # -- history ---------------------------------------------------------------------------
@@ -157,11 +147,10 @@ class SSToken(Objective):
                 self._tracked_names.add(n)
                 hist[n].mul_(a).add_(p.detach().to(hist[n].dtype), alpha=1 - a)
 
-    def _refresh_history(self, model) -> None:
-        version = _weights_version(model)
-        if self.cfg.history == "ema" and version != self._seen_version:
+    def _refresh_history(self, model, ctx: StepContext) -> None:
+        if self.cfg.history == "ema" and ctx.step > 1 and ctx.step != self._seen_step:
             self.update_history(model)
-        self._seen_version = version
+        self._seen_step = ctx.step
 
     def history_losses(self, batch) -> torch.Tensor:
         """Per-token CE of the history model at the trained positions, (N,)."""
@@ -170,9 +159,9 @@ class SSToken(Objective):
             return F.cross_entropy(logits.float(), targets, reduction="none")
 
     # -- loss --------------------------------------------------------------------------------
-    def _select(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    def _select(self, model, batch, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """Per-token CE at the trained positions (N,), with grad, the keep mask (N,) and the metrics."""
-        self._prepare(model)
+        self._prepare(model, ctx)
         targets = batch["targets"]
         keep = targets != IGNORE  # (B, T)
         seg = segment_ids(batch)  # (B, T)
@@ -185,21 +174,21 @@ class SSToken(Objective):
         ce = F.cross_entropy(logits.float(), targets[keep], reduction="none")  # (N,)
         rel = torch.zeros_like(ce)
         if self.cfg.gamma > 0:
-            self._refresh_history(model)
+            self._refresh_history(model, ctx)
             rel = self.history_losses(batch) - ce.detach()
         kept = select_tokens(rel, mass, seg[keep], self.cfg.keep_ratio, self.cfg.gamma)  # (N,)
         metrics = {"kept_fraction": float(kept.float().mean()), "mean_rel": float(rel.mean()),
                    "mean_prompt_attention": float(mass.mean())} if ce.numel() else {}
         return ce, kept, metrics
 
-    def loss(self, model, batch):
-        ce, kept, metrics = self._select(model, batch)
+    def loss(self, model, batch, ctx: StepContext = OUTSIDE_TRAINING):
+        ce, kept, metrics = self._select(model, batch, ctx)
         return LossOutput(ce[kept].sum(), int(kept.sum()), metrics)
 
     @torch.no_grad()
-    def kept_positions(self, model, batch) -> torch.Tensor:
+    def kept_positions(self, model, batch, ctx: StepContext = OUTSIDE_TRAINING) -> torch.Tensor:
         """The positions `loss` would train on this batch, (B, T) bool (for inspection and tests)."""
-        _, kept, _ = self._select(model, batch)
+        _, kept, _ = self._select(model, batch, ctx)
         mask = torch.zeros_like(batch["targets"], dtype=torch.bool)
         mask[batch["targets"] != IGNORE] = kept
         return mask
@@ -215,7 +204,7 @@ class SSToken(Objective):
         if state and self.cfg.history != "ema":
             raise ValueError(f"objective 'sstoken' (history={self.cfg.history}) has no state, got {sorted(state)[:3]}")
         self._pending = dict(state)
-        self._seen_version = None  # the step after a resume moves the EMA, as it would have
+        self._seen_step = None  # the step after a resume moves the EMA, as it would have
         if self._history is not None:
             self._apply_pending()
 

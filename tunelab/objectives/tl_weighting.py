@@ -3,21 +3,24 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from tunelab.config import check
 from tunelab.errors import ConfigError
 from tunelab.objectives import IGNORE, LossOutput, Objective, register, trained_logits
 from tunelab.objectives._segments import segment_ids
+from tunelab.options import Options
+from tunelab.run.context import OUTSIDE_TRAINING, StepContext
 
 CALL_NAME = r"[A-Za-z_][\w.]*(?=\s*\()"
 """The default key pattern: the name in a Python-style call `name(` (TL-Training's MAE format)."""
 
 
 @dataclass(kw_only=True)
-class TLWeightingConfig:
+class TLWeightingConfig(Options):
+    ranges: ClassVar = {"max_weight": ">= 1"}
     key_patterns: list[str] = (CALL_NAME,)
     """Regexes over each decoded response span; tokens overlapping a match are key tokens."""
     first_token_is_key: bool = True
@@ -25,14 +28,13 @@ class TLWeightingConfig:
     max_weight: float = 9.0
     """Cap on the key-token weight min(n_other / n_key, max_weight); 1 gives plain SFT."""
 
-    def __post_init__(self):
+    def validate(self) -> None:
         self.key_patterns = list(self.key_patterns)
         for i, pat in enumerate(self.key_patterns):
             try:
                 re.compile(pat)
             except re.error as e:
                 raise ConfigError(f"key_patterns[{i}]: invalid regex {pat!r}: {e}") from None
-        check(self.max_weight >= 1.0, "max_weight", f"must be >= 1, got {self.max_weight}")
 
 
 def key_weight(num_key: int, num_other: int, max_weight: float) -> float:
@@ -145,7 +147,7 @@ class TLWeighting(Objective):
                    "key_weight": sum(ws) / len(ws) if ws else 1.0}
         return weights.view(targets.shape).to(targets.device), metrics
 
-    def loss(self, model, batch):
+    def loss(self, model, batch, ctx: StepContext = OUTSIDE_TRAINING):
         weights, metrics = self.token_weights(batch)  # (B, T)
         logits, targets = trained_logits(model, batch)  # (N, V), (N,)
         ce = F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)

@@ -12,6 +12,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.report.rundata import RunData, figures, headline, load_run_data
@@ -90,7 +91,7 @@ def best_indices(values: list, higher_is_better: bool | None) -> list[int]:
 
 def split_targets(targets: list[str]) -> list[tuple[str, Path]]:
     """[(kind, path)] with kind `run` (a run directory) or `recipe` (a YAML file)."""
-    from tunelab.training.run import is_run_dir
+    from tunelab.run.rundir import is_run_dir
 
     out = []
     for t in targets:
@@ -156,9 +157,9 @@ def _check_overrides(overrides: list[str], reference: dict, items: list[tuple[st
                               f"{', '.join(FORCED)}; drop --set, or compare recipes only")
 
 
-def prepare(targets: list[str], out: Path, overrides: list[str] = (), allow_mismatch: bool = False) -> Comparison:
-    """Check the run directories against the reference, train the recipes, load every run."""
-    import tunelab
+def prepare(targets: list[str], out: Path, overrides: list[str] = (), allow_mismatch: bool = False, *,
+            train: Callable[[object], Path]) -> Comparison:
+    """Check the run directories against the reference, train the recipes (with `train`), load every run."""
     from tunelab import config as C
 
     items = split_targets(targets)
@@ -178,7 +179,7 @@ def prepare(targets: list[str], out: Path, overrides: list[str] = (), allow_mism
                           "--allow-mismatch to compare anyway")
     for i, name in recipe_out.items():
         cfg = recipe_config(items[i][1], list(overrides), reference, out / "runs" / name)
-        runs[i] = load_run_data(tunelab.train(cfg))
+        runs[i] = load_run_data(train(cfg))
     ordered = [runs[i] for i in range(len(items))]
     names = _unique([r.name for r in ordered])
     return Comparison(runs=ordered, names=names, reference=reference,

@@ -12,6 +12,7 @@ from tunelab.report import html as H
 from tunelab.report import svg
 from tunelab.report.compare import FORCED, ORDER_DEPENDENT, Comparison
 from tunelab.report.rundata import headline
+from tunelab.run.files import atomic_write_text
 
 
 # (section, figure, axis label) of the side effects plotted against the target gain, when present
@@ -27,9 +28,7 @@ def write_comparison(c: Comparison, out: Path) -> tuple[Path, Path, Path]:
     paths = out / "compare.html", out / "compare.json", out / "compare.md"
     texts = render_html(c), json.dumps(c.to_json(), indent=1), markdown(c)
     for path, text in zip(paths, texts):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        atomic_write_text(path, text)
     return paths
 
 

@@ -1,16 +1,19 @@
-"""Checkpoints: safetensors + JSON only (no pickle), written atomically (temp dir, fsync, rename),
-with a manifest of sizes and SHA-256 checksums that is verified before a checkpoint is trusted.
+"""Step checkpoints: safetensors + JSON only (no pickle), written atomically through
+`tunelab.run.files` (temp dir, manifest with checksums, fsync, rename) and verified before a
+checkpoint is trusted.
 
-A checkpoint holds everything an exact resume needs: the trained tensors, the optimizer state,
-the scheduler, the data position and every RNG state.
+What a checkpoint holds is decided by `tunelab.training.state.TrainState`; this module is the
+format (tensor groups as safetensors files, the rest as state.json; optimizer state and RNG states
+split into tensors and JSON) and the checkpoints' life cycle in RUN/checkpoints (list, newest valid,
+prune).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,121 +21,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tunelab.errors import TunelabError
-from tunelab.training.signals import pause_point
-
-MANIFEST = "manifest.json"
-
-
-# ----------------------------------------------------------------------------- files
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_manifest(directory: Path) -> None:
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-    entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-    (directory / MANIFEST).write_text(json.dumps({"files": entries}, indent=1))
-
-
-def verify(directory: Path) -> str | None:
-    """None if the manifest lists exactly the files present, each with its size and checksum;
-    else the problem, naming the file. Any damage (truncation, a flipped byte, a missing or extra
-    file, a garbage manifest) is caught here, before a single tensor is trusted."""
-    try:
-        entries = json.loads((directory / MANIFEST).read_text())["files"]
-        expected = {name: (int(meta["bytes"]), str(meta["sha256"])) for name, meta in entries.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return f"{directory / MANIFEST}: missing or unreadable manifest"
-    present = {str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()} - {MANIFEST}
-    extra = sorted(present - set(expected))
-    if extra:
-        return f"{directory / extra[0]}: not listed in the manifest"
-    for name, (size, sha) in sorted(expected.items()):
-        p = directory / name
-        if not p.is_file():
-            return f"{p}: missing"
-        if p.stat().st_size != size:
-            return f"{p}: size {p.stat().st_size} != {size} (truncated?)"
-        if _sha256(p) != sha:
-            return f"{p}: checksum mismatch (corrupt)"
-    return None
-
-
-def atomic_dir(target: Path, fill) -> Path:
-    """Create `target` by filling a temp sibling with `fill(tmp)`, writing its manifest, fsyncing
-    and renaming it into place. A crash (even SIGKILL) leaves either the old state or the complete
-    new one; leftovers are hidden dot-dirs that `recover` tidies. A failed write (disk full,
-    read-only) raises TunelabError naming the target and removes the partial copy."""
-    target = Path(target)
-    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
-    old = target.parent / f".old-{target.name}-{os.getpid()}"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        fill(tmp)
-        pause_point(f"write:{target.name}")
-        write_manifest(tmp)
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                with open(p, "rb+") as f:
-                    os.fsync(f.fileno())
-        pause_point(f"manifest:{target.name}")
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
-    except BaseException as e:  # also Ctrl-C: never leave a partial copy or lose the old one
-        if old.exists() and not target.exists():
-            os.replace(old, target)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, (OSError, SafetensorError)):
-            raise TunelabError(f"could not write {target}: {_why(e)}") from None
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    pause_point(f"renamed:{target.name}")
-    return target
-
-
-def _why(e: BaseException) -> str:
-    """The OS reason of a failed write, with the file when the OS names it."""
-    if isinstance(e, OSError) and e.strerror:
-        return f"{e.strerror} ({e.filename})" if e.filename else e.strerror
-    return str(e)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small file so that readers see the old or the new content, never a mix."""
-    tmp = Path(path).with_name(f".tmp-{Path(path).name}-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise TunelabError(f"could not write {path}: {_why(e)}") from None
-
-
-def read_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
-    for f in sorted(Path(directory).glob("*.safetensors")):
-        state.update(load_file(str(f)))
-    return state
+from tunelab.run.dist import Dist
+from tunelab.run.files import atomic_dir, verify
+from tunelab.run.signals import pause_point
 
 
 # ----------------------------------------------------------------------------- optimizer + RNG
@@ -178,25 +69,86 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 # ----------------------------------------------------------------------------- save / load
 
-def save_checkpoint(directory: Path, *, trainable: dict, optimizer, scheduler, extra: dict) -> Path:
+@dataclass
+class Saved:
+    """A checkpoint as read back: its state.json, and (one-process layout) its tensor files by name.
+    A sharded checkpoint's tensors are read into the tensors they belong to (`load_tensors`)."""
+    tensors: dict[str, dict[str, torch.Tensor]]
+    meta: dict
+    directory: Path | None = None
+
+    @property
+    def sharded(self) -> bool:
+        return "trainable" not in self.tensors
+
+
+def save_checkpoint(directory: Path, saved: Saved) -> Path:
+    """Write `saved` as DIRECTORY/<name>.safetensors for each tensor group (in order) and
+    DIRECTORY/state.json, atomically, with a checksummed manifest."""
     def fill(tmp: Path) -> None:
-        opt_tensors, opt_meta = optimizer_to_flat(optimizer)
-        rng_tensors, rng_meta = rng_state()
-        save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        for name, tensors in saved.tensors.items():
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
         pause_point(f"fill:{directory.name}")
-        save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        state = {"optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta, **extra}
-        (tmp / "state.json").write_text(json.dumps(state))
+        (tmp / "state.json").write_text(json.dumps(saved.meta))
     return atomic_dir(directory, fill)
 
 
-def load_checkpoint(directory: Path) -> dict:
-    """Read a verified checkpoint: {'trainable', 'optimizer_tensors', 'rng_tensors', 'state'}."""
-    return {"trainable": load_file(str(directory / "trainable.safetensors")),
-            "optimizer_tensors": load_file(str(directory / "optimizer.safetensors")),
-            "rng_tensors": load_file(str(directory / "rng.safetensors")),
-            "state": json.loads((directory / "state.json").read_text())}
+def save_sharded(directory: Path, tensors: dict, rng: dict[str, torch.Tensor], meta: dict, dist: Dist) -> Path:
+    """The checkpoint of a run on several processes, written by all of them together, atomically:
+    `tensors` (DTensor shards or replicated tensors, by name) through torch.distributed.checkpoint
+    as safetensors files (each rank its own shard file; no pickle), each rank's RNG tensors in
+    rng/rank-R.safetensors, and rank 0's `meta` as state.json."""
+    import torch.distributed.checkpoint as dcp
+
+    def fill(tmp: Path) -> None:
+        dcp.save({k: v.contiguous() for k, v in tensors.items()},
+                 storage_writer=dcp.HuggingFaceStorageWriter(str(tmp), save_distributed=True))
+        (tmp / "rng").mkdir(exist_ok=True)
+        save_file(rng, str(tmp / "rng" / f"rank-{dist.rank}.safetensors"))
+        if dist.is_main:
+            pause_point(f"fill:{directory.name}")
+            (tmp / "state.json").write_text(json.dumps(meta))
+    return atomic_dir(directory, fill, dist)
+
+
+def load_checkpoint(directory: Path) -> Saved:
+    """Read a verified checkpoint back (a sharded one: its state.json only)."""
+    sharded = not (directory / "trainable.safetensors").exists()
+    tensors = {} if sharded else \
+        {f.name[:-len(".safetensors")]: load_file(str(f)) for f in sorted(directory.glob("*.safetensors"))}
+    return Saved(tensors, json.loads((directory / "state.json").read_text()), directory)
+
+
+def checkpoint_keys(directory: Path) -> set[str]:
+    """The names of the tensors a checkpoint of either layout holds (its RNG files aside)."""
+    import torch.distributed.checkpoint as dcp
+    return set(dcp.HuggingFaceStorageReader(str(directory)).read_metadata().state_dict_metadata)
+
+
+def load_tensors(directory: Path, template: dict) -> None:
+    """Fill `template` (tensors or DTensors, by name) in place from a checkpoint of either layout:
+    torch.distributed.checkpoint reads each process's part (reshards) from the safetensors files."""
+    import torch.distributed.checkpoint as dcp
+    dcp.load(template, storage_reader=dcp.HuggingFaceStorageReader(str(directory)))
+
+
+def load_rng(saved: Saved, rank: int, seed: int) -> None:
+    """Restore this process's RNG streams: its own when the checkpoint has them; a rank the run did
+    not have before (resumed on more processes) starts a stream of its own, from `seed`, the rank
+    and the step."""
+    if not saved.sharded and rank == 0:
+        return set_rng_state(saved.tensors["rng"], saved.meta["rng"])
+    ranks = saved.meta.get("rng_ranks", [])
+    if rank >= len(ranks):
+        return seed_rank(seed, rank, saved.meta["step"])
+    set_rng_state(load_file(str(saved.directory / "rng" / f"rank-{rank}.safetensors")), ranks[rank])
+
+
+def seed_rank(seed: int, rank: int, step: int = 0) -> None:
+    """Seed torch and Python's RNGs for rank `rank` (> 0) of a run seeded `seed`, from step `step`."""
+    mixed = (seed * 1_000_003 + rank * 7_919 + step) % 2**63
+    torch.manual_seed(mixed)
+    random.seed(mixed)
 
 
 def step_of(path: Path) -> int:
@@ -217,7 +169,7 @@ def latest_valid(root: Path, warn=print) -> Path | None:
     return found[0] if found else None
 
 
-def load_latest(root: Path, warn=print, read: bool = True) -> tuple[Path, dict | None] | None:
+def load_latest(root: Path, warn=print, read: bool = True) -> tuple[Path, Saved | None] | None:
     """(path, load_checkpoint(path)) of the newest checkpoint that verifies and reads back; each
     one skipped is reported with the file that is wrong. None when there is none."""
     for ckpt in reversed(list_checkpoints(root)):
@@ -239,29 +191,3 @@ def prune(root: Path, keep: int) -> None:
         os.replace(old, doomed)
         pause_point(f"prune:{old.name}")
         shutil.rmtree(doomed, ignore_errors=True)
-
-
-def recover(root: Path) -> None:
-    """Tidy what a killed writer left in `root`: partial copies (.tmp-*) and half-deleted
-    checkpoints (.del-*) go; a directory moved aside for replacement (.old-NAME-PID) whose new
-    version never landed is put back. Call only while holding the run lock."""
-    if not root.is_dir():
-        return
-    for p in sorted(root.iterdir()):
-        if p.name.startswith(".old-"):
-            original = root / p.name[len(".old-"):].rsplit("-", 1)[0]
-            if not original.exists():
-                os.replace(p, original)
-                continue
-        if p.name.startswith((".tmp-", ".del-", ".old-")):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-
-
-def follow_umask(directory: Path) -> None:
-    """Give every file under `directory` the mode a plain `open` would (0666 less the umask):
-    safetensors writes 0600, which hides a model from the other users it is exported for."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for p in Path(directory).rglob("*"):
-        if p.is_file():
-            os.chmod(p, 0o666 & ~mask)

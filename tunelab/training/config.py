@@ -1,14 +1,19 @@
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
-from tunelab.errors import ConfigError
+from tunelab.options import Options, require
 
 
 @dataclass(kw_only=True)
-class TrainConfig:
+class TrainConfig(Options):
+    ranges: ClassVar = {
+        "steps": ">= 1", "micro_batch_size": ">= 1", "grad_accum": ">= 1", "log_every": ">= 1", "lr": "> 0",
+        "max_tokens_per_forward": ">= 0", "max_bad_steps": ">= 1", "warmup_steps": ">= 0", "save_every": ">= 0",
+        "seed": f"[0, {2**32 - 1}]", "weight_decay": ">= 0", "max_grad_norm": ">= 0",
+        # keep >= 1: pruning to 0 would delete the checkpoint just written, leaving nothing to resume
+        "keep_checkpoints": ">= 1"}
     steps: int = 100
     """Optimizer steps."""
     micro_batch_size: int = 8
@@ -55,6 +60,12 @@ class TrainConfig:
     """Also log to TensorBoard (needs the `tensorboard` extra)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; auto picks cuda when available."""
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"
+    """How the processes of a torchrun launch share the work: `ddp` keeps a full replica of the
+    model in each and sums their gradients (DistributedDataParallel); `fsdp` shards parameters,
+    gradients and optimizer state over them (FSDP2). `auto`: the method's first choice (fsdp for
+    full and layers, ddp for the parameter-efficient methods). One process without torchrun: unused.
+    micro_batch_size is per process: N processes take N times its examples per step."""
     compact_host_memory: bool = False
     """CPU: send large allocations to mmap so the resident size stays flat (about -35% peak RSS for
     SmolLM2 LoRA, at about -20% tokens/s; see tunelab/training/memory.py)."""
@@ -63,14 +74,9 @@ class TrainConfig:
     progress: bool = True
     """Show a progress bar with loss, tokens/s and ETA."""
 
-    def __post_init__(self):
-        for name, (low, high) in _RANGES.items():
-            if getattr(self, name) is not None:
-                check_range(name, getattr(self, name), low, high)
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr: must be > 0 and finite, got {self.lr!r}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"betas: must be two numbers in [0, 1), got {self.betas}")
+    def validate(self) -> None:
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
+                f"must be two numbers in [0, 1), got {self.betas}")
         self.betas = list(self.betas)
 
 
@@ -84,16 +90,6 @@ class TrainConfig:
         return out
 
 
-INF = math.inf
-_RANGES: dict[str, tuple[float, float]] = {
-    "steps": (1, INF), "micro_batch_size": (1, INF), "grad_accum": (1, INF), "log_every": (1, INF),
-    "max_tokens_per_forward": (0, INF),
-    "max_bad_steps": (1, INF), "warmup_steps": (0, INF), "save_every": (0, INF), "seed": (0, 2**32 - 1),
-    # keep >= 1: pruning to 0 would delete the checkpoint just written, leaving nothing to resume
-    "keep_checkpoints": (1, INF), "weight_decay": (0, INF), "max_grad_norm": (0, INF),
-}
-"""Valid closed ranges of TrainConfig's numeric fields."""
-
 SPLIT_DEFAULT = {"cpu": 512, "cuda": 16384}
 """max_tokens_per_forward when unset, by device type."""
 
@@ -103,10 +99,3 @@ def max_tokens_per_forward_for(tc: TrainConfig, device) -> int:
     if tc.max_tokens_per_forward is not None:
         return tc.max_tokens_per_forward
     return SPLIT_DEFAULT.get(getattr(device, "type", str(device)), SPLIT_DEFAULT["cpu"])
-
-
-def check_range(name: str, value: float, low: float, high: float) -> None:
-    """ConfigError `name: must be >= low` (or `in [low, high]`) unless the value is finite and in range."""
-    if not (low <= value <= high and math.isfinite(value)):  # NaN fails every comparison
-        valid = f">= {low}" if high == INF else f"in [{low}, {high}]"
-        raise ConfigError(f"{name}: must be {valid}, got {value!r}")

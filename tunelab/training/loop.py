@@ -1,320 +1,343 @@
-"""The training loop: one function, read top to bottom. It never asks which method or objective
-is active; it calls their hooks."""
+"""The training loop, read top to bottom: `train` = build, resume, begin, the steps, finish.
+
+It never asks which method or objective is active: it calls their hooks. Everything a checkpoint
+holds lives in a `TrainState` (training/state.py); one optimizer step is `train_step`
+(training/step.py).
+"""
 from __future__ import annotations
 
 import json
-import math
 import random
-import sys
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from tunelab import config as C
-from tunelab.data.collate import split_batch
 from tunelab.errors import Interrupted, TunelabError
-from tunelab.eval.task import answer_accuracy, eval_loss
+from tunelab.run.context import StepContext
+from tunelab.run.dist import SINGLE, Dist
+from tunelab.run.device import pick_device, resolve_precision
+from tunelab.run.files import atomic_write_text, recover
+from tunelab.run.rundir import MetricsLog, RunLock, fits, redact, write_config
+from tunelab.run.signals import GracefulStop
 from tunelab.training import checkpoint as ckpt
 from tunelab.training.batches import BatchStream
-from tunelab.training.config import max_tokens_per_forward_for
+from tunelab.training.checkpoint import seed_rank
+from tunelab.training.evaluation import evaluate, report
+from tunelab.training.final import is_complete, save_final
+from tunelab.training.inputs import load_examples, warn
 from tunelab.training.memory import tame_allocator
 from tunelab.training.optim import build_optimizer
-from tunelab.training.precision import autocast, resolve_precision
+from tunelab.training.parallel import OneProcess, choose
 from tunelab.training.progress import Progress
-from tunelab.training.run import MetricsLog, RunLock, fits, redact, write_config
-from tunelab.training.signals import GracefulStop, pause_point
+from tunelab.training.state import TrainState
+from tunelab.training.step import StepResult, optimizer_state_bytes, train_step
 
 
-def pick_device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
-                        ("cpu" if name == "auto" else name))
+@dataclass
+class Run:
+    """A run being trained: its config and directory, what was built for it, and its state."""
+    cfg: C.RunConfig
+    run_dir: Path
+    device: torch.device
+    tok: object
+    train_ex: list
+    eval_records: list
+    eval_ex: list
+    state: TrainState
+    log: MetricsLog
+    t_start: float
+    parallel: OneProcess = None
+    """How the processes share the work (training/parallel.py)."""
+    results: dict = field(default_factory=dict)
+    """eval.json: task metrics before and after training."""
+    last_saved: int = 0
+    """The step of the newest checkpoint."""
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def dist(self) -> Dist:
+        return self.state.dist
+
+    def say(self, message: str) -> None:
+        """Print once: on rank 0."""
+        if self.dist.is_main:
+            print(message, flush=True)
+
+    def warn(self, message: str) -> None:
+        """A warning on stderr, once: on rank 0."""
+        if self.dist.is_main:
+            warn(message)
 
 
-def load_examples(cfg: C.RunConfig, tokenizer, say=print):
-    """(train Examples, eval Records, eval Examples); `say` gets the line saying what is evaluated
-    (data.eval, or a held-out slice of data.train: tunelab.data.split)."""
-    from tunelab.data import encode
-    from tunelab.data.split import train_eval_records
-
-    train_records, eval_records, what = train_eval_records(cfg.data)
-    say(what)
-    for spec, records in ((cfg.data.train, train_records), (cfg.data.eval or "eval data", eval_records)):
-        _check_chat_template(spec, records, tokenizer, cfg)
-        if getattr(records, "num_skipped", 0):
-            _warn(f"warning: {spec}: skipped {records.num_skipped} malformed rows (data.on_bad_rows=skip); "
-                  f"first: {'; '.join(records.skip_reasons)}")
-    train_ex, eval_ex = encode(train_records, tokenizer, cfg.data), encode(eval_records, tokenizer, cfg.data)
-    for name, examples in (("data.train", train_ex), ("eval data", eval_ex)):
-        if (cuts := examples.cuts(cfg.data.max_length)) is not None:
-            _warn(f"warning: {name}: {cuts}")
-    return train_ex, eval_records, eval_ex
-
-
-def _check_chat_template(spec: str, records, tokenizer, cfg: C.RunConfig) -> None:
-    if getattr(tokenizer, "chat_template", None) is None and any(r.messages for r in records):
-        raise TunelabError(f"model.name={cfg.model.name}: its tokenizer has no chat template, but {spec} "
-                           f"holds chat rows (format {getattr(records, 'format', '?')}); use a model "
-                           "whose tokenizer has one, or `text` rows")
-
-
-def _warn(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def evaluate(model, tok, eval_records, eval_examples, cfg: C.RunConfig, step: int | None = None) -> dict:
-    if not eval_records:
-        return {}
-    pad = tok.pad_token_id
-    scored = eval_examples[:cfg.eval.num_examples]
-    out = {}
-    if scored:  # no example, no loss (not a loss of 0)
-        loss = eval_loss(model, scored, batch_size=cfg.eval.batch_size, pad_id=pad, precision=cfg.train.precision)
-        out = {"eval_loss": loss, "perplexity": math.exp(min(loss, 700.0)), "loss_examples": len(scored)}
-    pause_point(f"eval:{step}")
-    return out | answer_accuracy(model, tok, eval_records, cfg.eval, precision=cfg.train.precision)
-
-
-def forward_backward(model, objective, micro: list[dict], opt, tc, device) -> tuple[float, float, int, dict]:
-    """One optimizer step's gradients. Each micro-batch's loss *sum* is back-propagated and the
-    gradients are divided by the step's total token count afterwards, so the result does not depend
-    on how the step is split, even when an objective decides its token count in the forward pass.
-    Returns (mean loss, gradient norm before clipping, tokens counted, mean objective metrics)."""
-    loss_sum, total, metrics = 0.0, 0, {}
-    bound = max_tokens_per_forward_for(tc, device)
-    if bound and objective.per_token:
-        micro = [piece for b in micro for piece in split_batch(b, bound)]
-    for batch in micro:
-        with autocast(tc.precision, device):
-            out = objective.loss(model, batch)
-        out.loss_sum.backward()
-        loss_sum += float(out.loss_sum.detach())
-        total += out.num_tokens
-        for k, v in out.metrics.items():
-            metrics[k] = metrics.get(k, 0.0) + v / len(micro)
-    params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-    for p in params:
-        p.grad.div_(max(total, 1))
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or float("inf")))
-    return loss_sum / max(total, 1), grad_norm, total, metrics
-
-
-def optimizer_state_bytes(opt) -> int:
-    return sum(v.nbytes for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
-
-
-def trainable_state(method, objective, model) -> dict:
-    """What a checkpoint holds: the method's trained tensors and the objective's own."""
-    return method.trainable_state(model) | {f"objective.{k}": v for k, v in objective.state_dict().items()}
-
-
-def load_trainable_state(method, objective, model, state: dict) -> None:
-    prefix = "objective."
-    objective.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-    method.load_trainable_state(model, {k: v for k, v in state.items() if not k.startswith(prefix)})
-
-
-def save_final(run_dir: Path, model, tok, method, objective, cfg: C.RunConfig) -> None:
-    from tunelab.models import resolve_model_path
-
-    base = resolve_model_path(cfg.model.name)  # what the HF ecosystem loads: a directory or a hub id
-
-    def fill(tmp: Path) -> None:
-        method.save(model, tok, tmp, base)
-        objective.save(tmp)
-        tok.save_pretrained(tmp)
-        pause_point("fill:final")
-        (tmp / "tunelab.json").write_text(redact(json.dumps({"method": cfg.method.name, "base_model": cfg.model.name,
-                                                             "steps": cfg.train.steps})))
-        ckpt.follow_umask(tmp)
-    ckpt.atomic_dir(run_dir / "final", fill)
-
-
-def train(cfg: C.RunConfig, run_dir: Path) -> Path:
-    """Train `cfg` in `run_dir`, resuming from its newest valid checkpoint if there is one."""
-    from tunelab.methods import METHODS
-    from tunelab.models import load_model
-    from tunelab.objectives import OBJECTIVES
-
-    import transformers  # noqa: F401 -- imported before the clock starts: startup_s measures this run's
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401  loading, not the process's imports
-
-    with RunLock(run_dir), ExitStack() as stack:
-        write_config(cfg, run_dir)
-        ckpt.recover(run_dir)
-        ckpt.recover(run_dir / "checkpoints")
-        t_start = time.perf_counter()
-        tc = cfg.train
-        torch.manual_seed(tc.seed)
-        random.seed(tc.seed)
-        device = pick_device(tc.device)
-        if device.type == "cpu" and tc.compact_host_memory:
-            tame_allocator()
-        print(f"device {device}, precision {resolve_precision(tc.precision, device)}")
-        for warning in tc.warnings():
-            _warn(f"warning: {warning}")
-
-        # ---- model, method, objective, data
-        model, tok = load_model(cfg.model)
-        method = METHODS.get(cfg.method.name)(cfg.method.options)
-        model = method.apply(model).to(device)
-        if tc.grad_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if tc.compile:
-            from tunelab.training.compile import compile_blocks
-            print(f"compiling {compile_blocks(model)} transformer blocks (train.compile)")
-        objective = OBJECTIVES.get(cfg.objective.name)(cfg.objective.options)
-        objective.setup(model, tok)
-        train_ex, eval_records, eval_ex = load_examples(cfg, tok)
-        if not train_ex:
-            raise TunelabError(f"data.train: no example left to train: all {train_ex.num_dropped} were dropped (no "
-                               f"trained token after truncation at data.max_length={cfg.data.max_length}); raise "
-                               "data.max_length or shorten the prompts")
-        groups = method.param_groups(model, tc.weight_decay) + objective.param_groups(tc.weight_decay)
-        opt, sched = build_optimizer(groups, tc)
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        n_total = sum(p.numel() for p in model.parameters())
-
-        # ---- resume
-        log = MetricsLog(run_dir / "metrics.jsonl", tensorboard=tc.tensorboard)
-        start, data_pos = 0, {"epoch": 0, "pos": 0}
-        if (found := ckpt.load_latest(run_dir / "checkpoints", warn=_warn)) is not None:
-            last, saved = found
-            with fits(last, cfg):
-                load_trainable_state(method, objective, model, saved["trainable"])
-                ckpt.optimizer_from_flat(opt, saved["optimizer_tensors"], saved["state"]["optimizer"])
-            sched.load_state_dict(saved["state"]["scheduler"])
-            ckpt.set_rng_state(saved["rng_tensors"], saved["state"]["rng"])
-            start, data_pos = saved["state"]["step"], saved["state"]["data"]
-            print(f"resuming {run_dir} from {last.name}")
-        elif ckpt.list_checkpoints(run_dir / "checkpoints"):
-            _warn(f"warning: {run_dir / 'checkpoints'} holds no valid checkpoint; starting from step 0")
-        log.truncate_after(start if start else -1)  # from scratch: an earlier attempt's lines go too
-        stream = BatchStream(train_ex, tc.micro_batch_size, seed=tc.seed, packing=cfg.data.packing,
-                             pad_id=tok.pad_token_id, **data_pos)
-
-        if _is_complete(run_dir, tc.steps, start, need_eval=bool(eval_records)):
-            print(f"{run_dir} is already trained to step {start}; nothing to do")
+def train(cfg: C.RunConfig, run_dir: Path, dist: Dist = SINGLE) -> Path:
+    """Train `cfg` in `run_dir`, resuming from its newest valid checkpoint if there is one. On
+    several processes (`dist`), every rank calls this; rank 0 owns the run directory."""
+    with (RunLock(run_dir) if dist.is_main else nullcontext()), ExitStack() as stack:
+        run = build(cfg, run_dir, dist)
+        resume(run)
+        if dist.broadcast(is_complete(run_dir, cfg.train.steps, run.state.step, need_eval=bool(run.eval_records))):
+            run.say(f"{run_dir} is already trained to step {run.state.step}; nothing to do")
             return run_dir
-        results_path = run_dir / "eval.json"
-        results = json.loads(results_path.read_text()) if results_path.exists() and start > 0 else {}
-        if start == 0:
-            log.write({"step": 0, "kind": "setup", "trainable_params": n_train, "total_params": n_total,
-                       "train_examples": len(train_ex), "eval_examples": len(eval_records),
-                       "truncated": train_ex.num_truncated, "longest_example": train_ex.longest,
-                       "dropped": train_ex.num_dropped, "bad_rows_skipped": train_ex.num_bad_rows,
-                       "eval_bad_rows_skipped": eval_ex.num_bad_rows, "startup_s": time.perf_counter() - t_start})
-            if cfg.eval.before and eval_records:
-                results["before"] = evaluate(model, tok, eval_records, eval_ex, cfg, step=0)
-                _report("before", results["before"])
-                ckpt.atomic_write_text(results_path, redact(json.dumps(results, indent=1)))
-
-        def save(n: int) -> None:  # a resumable checkpoint of the first n steps
-            ckpt.save_checkpoint(run_dir / "checkpoints" / f"step-{n}", optimizer=opt, scheduler=sched,
-                                 trainable=trainable_state(method, objective, model),
-                                 extra={"step": n, "data": stream.state()})
-            ckpt.prune(run_dir / "checkpoints", tc.keep_checkpoints)
-
-        # ---- steps
-        model.train()
-        bad_in_a_row, last_saved = 0, start
-        stop = stack.enter_context(GracefulStop())
-        stack.enter_context(_aborts_clearly(run_dir))
-        bar = Progress(total=tc.steps, initial=start, enabled=tc.progress)
-        for step in range(start, tc.steps):
-            if stop.requested:  # a step boundary: save what is done, then leave
-                _interrupt(stop, run_dir, step, save if step > last_saved else None)
-            t0 = time.perf_counter()
-            micro = [{k: v.to(device) for k, v in next(stream).items()} for _ in range(tc.grad_accum)]
-            loss, grad_norm, trained, metrics = forward_backward(model, objective, micro, opt, tc, device)
-            pause_point(f"step:{step + 1}")
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                opt.zero_grad(set_to_none=True)
-                bad_in_a_row += 1
-                log.write({"step": step + 1, "kind": "skipped", "loss": loss, "grad_norm": grad_norm})
-                _warn(f"warning: step {step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
-                      f"step skipped ({bad_in_a_row} in a row; the run stops at train.max_bad_steps="
-                      f"{tc.max_bad_steps})")
-                if bad_in_a_row >= tc.max_bad_steps:
-                    raise TunelabError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient "
-                                       f"(last at step {step + 1}); the last good checkpoint is intact in "
-                                       f"{run_dir / 'checkpoints'}. Lower train.lr or check the data.")
-                continue
-            bad_in_a_row = 0
-            lr = opt.param_groups[0]["lr"]
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            method.on_step(model, step + 1, opt)
-
-            dt = time.perf_counter() - t0
-            tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                         for b in micro)
-            bar.update(loss=loss, tokens=tokens, seconds=dt)
-            if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
-                log.write({"step": step + 1, "kind": "train", "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                           "tokens": tokens, "trained_tokens": trained, "tokens_per_s": tokens / dt,
-                           "step_s": dt, "optimizer_state_bytes": optimizer_state_bytes(opt),
-                           **metrics, **method.stats(model)})
-            if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < tc.steps and eval_records:
-                ev = evaluate(model, tok, eval_records, eval_ex, cfg, step=step + 1)
-                log.write({"step": step + 1, "kind": "eval", **{k: v for k, v in ev.items() if k != "samples"}})
-                model.train()
-            if (tc.save_every and (step + 1) % tc.save_every == 0) or step + 1 == tc.steps:
-                save(step + 1)
-                last_saved = step + 1
-        bar.close()
-        if stop.requested:
-            _interrupt(stop, run_dir, tc.steps, None)
-        stop.release()  # no step boundary left: a signal during the final save/evaluation stops the run
-        # at once (Ctrl-C: "aborted ... resume with"); the next start redoes only what is missing
-
-        # ---- final output and evaluation
-        model.eval()
-        save_final(run_dir, model, tok, method, objective, cfg)
-        if eval_records:
-            results["after"] = evaluate(model, tok, eval_records, eval_ex, cfg, step=tc.steps)
-            _report("after", results["after"])
-            ckpt.atomic_write_text(results_path, redact(json.dumps(results, indent=1)))
+        begin(run)
+        run_steps(run, stack)
+        finish(run)
         return run_dir
 
 
-def _is_complete(run_dir: Path, steps: int, start: int, need_eval: bool) -> bool:
-    """Trained to `steps`, final/ written for them and (with eval data) the final evaluation done;
-    a crash between any two of these is finished on the next start."""
-    meta, results = run_dir / "final" / "tunelab.json", run_dir / "eval.json"
-    return start == steps and meta.exists() and json.loads(meta.read_text()).get("steps") == steps \
-        and (not need_eval or (results.exists() and "after" in json.loads(results.read_text())))
+def build(cfg: C.RunConfig, run_dir: Path, dist: Dist = SINGLE) -> Run:
+    """Seed, then model, method, objective, data, optimizer and schedule, in this order (the
+    global RNG draws of initialisations depend on it; every process draws the same)."""
+    import transformers  # noqa: F401 -- imported before the clock starts: startup_s measures this run's
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401  loading, not the process's imports
+
+    from tunelab.models import load_model
+    from tunelab.registry import METHODS, OBJECTIVES
+
+    if dist.is_main:
+        write_config(cfg, run_dir)
+        recover(run_dir)
+        recover(run_dir / "checkpoints")
+    dist.barrier()
+    t_start, tc = time.perf_counter(), cfg.train
+    torch.manual_seed(tc.seed)
+    random.seed(tc.seed)
+    device = pick_device(tc.device, dist.local_rank if dist.active else None)
+    if device.type == "cpu" and tc.compact_host_memory:
+        tame_allocator()
+    _announce(dist, device, tc)
+    model, tok = load_model(cfg.model)
+    method = METHODS.get(cfg.method.name)(cfg.method.options)
+    model = method.apply(model).to(device)
+    prepare_model(model, tc)
+    objective = OBJECTIVES.get(cfg.objective.name)(cfg.objective.options)
+    objective.setup(model, tok)
+    parallel = choose(dist, device, tc.parallel, method, objective)
+    parallel.wrap(model, objective)
+    train_ex, eval_records, eval_ex = load_examples(cfg, tok, quiet=not dist.is_main)
+    groups = method.param_groups(model, tc.weight_decay) + objective.param_groups(tc.weight_decay)
+    opt, sched = build_optimizer(groups, tc)
+    if dist.rank > 0:  # ranks drew the same initialisation; from here each draws its own (dropout, sampling)
+        seed_rank(tc.seed, dist.rank)
+    stream = BatchStream(train_ex, tc.micro_batch_size, seed=tc.seed, packing=cfg.data.packing,
+                         pad_id=tok.pad_token_id, rank=dist.rank, world_size=dist.world_size)
+    state = TrainState(model, method, objective, opt, sched, stream, grad_accum=tc.grad_accum, dist=dist,
+                       seed=tc.seed, sharded_files=parallel.distributed)
+    log = MetricsLog(run_dir / "metrics.jsonl", tensorboard=tc.tensorboard, enabled=dist.is_main)
+    return Run(cfg, run_dir, device, tok, train_ex, eval_records, eval_ex, state, log, t_start, parallel)
 
 
-def _interrupt(stop: GracefulStop, run_dir: Path, step: int, save) -> None:
-    """Leave after a SIGINT/SIGTERM at a step boundary: checkpoint step `step` (unless `save` is
-    None: it is saved already, or nothing has trained), then raise Interrupted with how to resume."""
-    if save is not None and step > 0:
-        save(step)
-    done = f"checkpoint {run_dir / 'checkpoints' / f'step-{step}'} saved" if step else "nothing trained yet"
-    raise Interrupted(f"interrupted at step {step} ({done}); resume with: tunelab train {run_dir}",
+def _announce(dist: Dist, device, tc) -> None:
+    if not dist.is_main:
+        return
+    procs = f", {dist.world_size} processes (train.parallel: {tc.parallel})" if dist.active else ""
+    if not dist.active and tc.parallel != "auto":
+        warn(f"warning: train.parallel: {tc.parallel} does nothing on one process; launch with "
+             "torchrun or `tunelab train ... --nproc N`")
+    print(f"device {device}, precision {resolve_precision(tc.precision, device)}{procs}")
+    for warning in tc.warnings():
+        warn(f"warning: {warning}")
+
+
+def prepare_model(model, tc) -> None:
+    """Gradient checkpointing and torch.compile, when asked for."""
+    if tc.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if tc.compile:
+        from tunelab.training.compile import compile_blocks
+        n = compile_blocks(model)
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            print(f"compiling {n} transformer blocks (train.compile)")
+
+
+def resume(run: Run) -> None:
+    """Restore the newest valid checkpoint, if any; drop the log lines after it."""
+    found = ckpt.load_latest(run.checkpoints, warn=warn) if run.dist.is_main else None
+    name = run.dist.broadcast(found[0].name if found else None)  # every rank resumes from the same one
+    if name is not None:
+        last = run.checkpoints / name
+        with fits(last, run.cfg):
+            saved = found[1] if found else ckpt.load_checkpoint(last)
+            relayout(run, saved.meta)
+            run.state.restore(saved)
+        run.say(f"resuming {run.run_dir} from {last.name}")
+    elif ckpt.list_checkpoints(run.checkpoints):
+        run.warn(f"warning: {run.checkpoints} holds no valid checkpoint; starting from step 0")
+    run.last_saved = run.state.step
+    run.log.truncate_after(run.state.step if run.state.step else -1)  # from scratch: earlier lines go too
+    results_path = run.run_dir / "eval.json"
+    if results_path.exists() and run.state.step > 0:
+        run.results = json.loads(results_path.read_text())
+
+
+def relayout(run: Run, meta: dict) -> None:
+    """A run resumed on another number of processes keeps its examples per step (global batch):
+    the accumulation (else the micro-batch) is changed to fit, and said."""
+    saved_world, state = meta.get("world_size", 1), run.state
+    if saved_world == run.dist.world_size:
+        return
+    world, micro, accum = run.dist.world_size, state.stream.size, state.grad_accum
+    total = meta.get("global_batch", meta.get("micro_batch_size", micro) * meta.get("grad_accum", accum) * saved_world)
+    if total % (micro * world) == 0:
+        accum = total // (micro * world)
+    elif total % (accum * world) == 0:
+        micro = total // (accum * world)
+    elif total % world == 0:
+        micro, accum = total // world, 1
+    else:
+        raise TunelabError(f"{run.run_dir}: its steps take {total} examples, which {world} processes cannot "
+                           f"share evenly; resume it on a number of processes that divides {total}")
+    state.stream.size, state.grad_accum = micro, accum
+    run.say(f"resuming on {world} process{'es' if world > 1 else ''} (was {saved_world}): micro_batch_size "
+            f"{micro}, grad_accum {accum} keep the run's {total} examples per step")
+
+
+def begin(run: Run) -> None:
+    """A fresh run's setup line in metrics.jsonl, and the evaluation before training."""
+    if run.state.step > 0:
+        return
+    model, ex = run.state.model, run.train_ex
+    run.log.write({"step": 0, "kind": "setup",
+                   "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                   "total_params": sum(p.numel() for p in model.parameters()),
+                   "train_examples": len(ex), "eval_examples": len(run.eval_records),
+                   "truncated": ex.num_truncated, "longest_example": ex.longest, "dropped": ex.num_dropped,
+                   "bad_rows_skipped": ex.num_bad_rows, "eval_bad_rows_skipped": run.eval_ex.num_bad_rows,
+                   "startup_s": time.perf_counter() - run.t_start, "processes": run.dist.world_size,
+                   "parallel": run.parallel.name})
+    if run.cfg.eval.before and run.eval_records:
+        run.results["before"] = _evaluate(run, step=0)
+        if run.dist.is_main:
+            report("before", run.results["before"])
+            atomic_write_text(run.run_dir / "eval.json", redact(json.dumps(run.results, indent=1)))
+
+
+def _evaluate(run: Run, step: int, full: tuple | None = None, gathered: bool = False) -> dict:
+    """Task metrics on rank 0, on a model it can run alone: `full` when the caller has gathered it
+    (`gathered`: every rank did, with `_consolidated`), else gathered here; the other ranks wait
+    and get {}. Every rank calls this."""
+    if not gathered:
+        full = _consolidated(run)
+    res = evaluate(full[0], run.tok, run.eval_records, run.eval_ex, run.cfg, step=step) if run.dist.is_main else {}
+    run.dist.barrier()
+    return res
+
+
+def _consolidated(run: Run):
+    """(model, method) holding the trained weights, on rank 0 (None elsewhere): a sharded model's
+    full weights gathered into a fresh copy of the base model with the method applied."""
+    if not run.parallel.sharded:
+        return (run.state.model, run.state.method) if run.dist.is_main else None
+
+    def fresh():
+        from tunelab.models import load_model
+        from tunelab.registry import METHODS
+
+        model, _ = load_model(run.cfg.model)
+        method = METHODS.get(run.cfg.method.name)(run.cfg.method.options)
+        return method.apply(model).to(run.device), method
+    return run.parallel.full_model(fresh)
+
+
+def run_steps(run: Run, stack: ExitStack) -> None:
+    """Steps from the state's step to train.steps: log, evaluate and checkpoint on schedule. A
+    SIGINT/SIGTERM stops at the next step boundary after a checkpoint."""
+    tc, state = run.cfg.train, run.state
+    state.model.train()
+    bad_in_a_row = 0
+    stop = stack.enter_context(GracefulStop())
+    stack.enter_context(_aborts_clearly(run.checkpoints, run.run_dir))
+    bar = Progress(total=tc.steps, initial=state.step, enabled=tc.progress and run.dist.is_main)
+    for step in range(state.step + 1, tc.steps + 1):
+        if run.dist.any(stop.requested is not None):  # a step boundary: save what is done, then leave
+            _interrupt(stop, run, save=state.step > run.last_saved)
+        ctx = StepContext(step=step, total_steps=tc.steps, num_micro_batches=state.grad_accum,
+                          rank=run.dist.rank, world_size=run.dist.world_size)
+        res = train_step(state, run.parallel, tc, run.device, ctx)
+        state.step = step
+        if res.skipped:
+            bad_in_a_row = _skipped(run, res, step, bad_in_a_row + 1)
+            continue
+        bad_in_a_row = 0
+        bar.update(loss=res.loss, tokens=res.tokens, seconds=res.seconds)
+        _after_step(run, res, step)
+    bar.close()
+    if run.dist.any(stop.requested is not None):
+        _interrupt(stop, run, save=False)
+    stop.release()  # no step boundary left: a signal during the final save/evaluation stops the run
+    # at once (Ctrl-C: "aborted ... resume with"); the next start redoes only what is missing
+
+
+def _after_step(run: Run, res: StepResult, step: int) -> None:
+    """The step's metrics line, and the evaluation and checkpoint when they are due."""
+    tc, cfg, state = run.cfg.train, run.cfg, run.state
+    if step % tc.log_every == 0 or step == tc.steps:
+        run.log.write({"step": step, "kind": "train", "loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm,
+                       "tokens": res.tokens, "trained_tokens": res.trained_tokens,
+                       "tokens_per_s": res.tokens / res.seconds, "step_s": res.seconds,
+                       "optimizer_state_bytes": optimizer_state_bytes(state.optimizer),
+                       **res.metrics, **state.method.stats(state.model)})
+    if cfg.eval.every and step % cfg.eval.every == 0 and step < tc.steps and run.eval_records:
+        ev = _evaluate(run, step)
+        run.log.write({"step": step, "kind": "eval", **{k: v for k, v in ev.items() if k != "samples"}})
+        state.model.train()
+    if (tc.save_every and step % tc.save_every == 0) or step == tc.steps:
+        state.save(run.checkpoints, tc.keep_checkpoints)
+        run.last_saved = step
+
+
+def _skipped(run: Run, res: StepResult, step: int, bad_in_a_row: int) -> int:
+    """Log and warn about a step skipped for a non-finite loss or gradient; stop the run after
+    train.max_bad_steps of them in a row."""
+    tc = run.cfg.train
+    run.log.write({"step": step, "kind": "skipped", "loss": res.loss, "grad_norm": res.grad_norm})
+    run.warn(f"warning: step {step}: non-finite loss ({res.loss}) or gradient norm ({res.grad_norm}); "
+         f"step skipped ({bad_in_a_row} in a row; the run stops at train.max_bad_steps={tc.max_bad_steps})")
+    if bad_in_a_row >= tc.max_bad_steps:
+        raise TunelabError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient "
+                           f"(last at step {step}); the last good checkpoint is intact in "
+                           f"{run.checkpoints}. Lower train.lr or check the data.")
+    return bad_in_a_row
+
+
+def finish(run: Run) -> None:
+    """final/ (written once, by rank 0, from the full model) and the evaluation after training."""
+    run.state.model.eval()
+    full = _consolidated(run)
+    if run.dist.is_main:
+        save_final(run.run_dir, full[0], run.tok, full[1], run.state.objective, run.cfg)
+    run.dist.barrier()
+    if run.eval_records:
+        run.results["after"] = _evaluate(run, run.cfg.train.steps, full, gathered=True)
+        if run.dist.is_main:
+            report("after", run.results["after"])
+            atomic_write_text(run.run_dir / "eval.json", redact(json.dumps(run.results, indent=1)))
+
+
+def _interrupt(stop: GracefulStop, run: Run, save: bool) -> None:
+    """Leave after a SIGINT/SIGTERM at a step boundary: checkpoint the steps done (when `save` and
+    there are any), then raise Interrupted with how to resume."""
+    step = run.state.step
+    if save and step > 0:
+        run.state.save(run.checkpoints, run.cfg.train.keep_checkpoints)
+    done = f"checkpoint {run.checkpoints / f'step-{step}'} saved" if step else "nothing trained yet"
+    raise Interrupted(f"interrupted at step {step} ({done}); resume with: tunelab train {run.run_dir}",
                       exit_code=stop.exit_code)
 
 
 @contextmanager
-def _aborts_clearly(run_dir: Path):
+def _aborts_clearly(checkpoints: Path, run_dir: Path):
     """A second Ctrl-C aborts at once (KeyboardInterrupt); say that nothing was corrupted and how
     to resume from the newest complete checkpoint."""
     try:
         yield
     except KeyboardInterrupt:
-        last = ckpt.latest_valid(run_dir / "checkpoints", warn=lambda m: None)
+        last = ckpt.latest_valid(checkpoints, warn=lambda m: None)
         raise Interrupted(f"aborted; the newest complete checkpoint is {last or 'none (starts over)'}; "
                           f"resume with: tunelab train {run_dir}") from None
-
-
-def _report(when: str, res: dict) -> None:
-    if "accuracy" in res:
-        print(f"eval {when}: accuracy {res['accuracy']:.3f} on {res['num_examples']} held-out examples, "
-              f"loss {res['eval_loss']:.4f}")
-    elif "eval_loss" in res:
-        print(f"eval {when}: loss {res['eval_loss']:.4f}, perplexity {res['perplexity']:.2f} on "
-              f"{res['loss_examples']} held-out examples (no gold final answers: an `answer` field or a line "
-              "matching eval.answer_pattern; accuracy not scored)")

@@ -12,6 +12,7 @@ from tunelab.objectives._segments import segment_ids
 from tunelab.objectives.otr import OTRConfig, otr_token_losses
 from tunelab.objectives.qtuning import bisect_quadrants, quadrant_masks, smoothed_scores, top_up
 from tunelab.objectives.sstoken import keep_counts, select_tokens
+from tunelab.run.context import StepContext
 
 NAMES = ["otr", "sstoken", "qtuning"]
 pytestmark = pytest.mark.filterwarnings("ignore:(qtuning. a micro-batch|sstoken reads attention)")
@@ -254,11 +255,13 @@ def _step(model, scale=0.01):
 def test_sstoken_ema_history_moves_once_per_step(model):
     obj = make("sstoken", history="ema", ema_decay=0.9)
     batch = batch_of(2)
-    obj.loss(model, batch)  # creates the history = the model
+    obj.loss(model, batch, StepContext(step=1, total_steps=2, num_micro_batches=2))  # the history = the model
+    obj.loss(model, batch, StepContext(step=1, total_steps=2, micro_batch=1, num_micro_batches=2))
     old = {n: p.detach().clone() for n, p in obj._history.named_parameters()}
+    assert all(torch.equal(old[n], p) for n, p in model.named_parameters())  # step 1 moved nothing
     _step(model)
-    obj.loss(model, batch)
-    obj.loss(model, batch)  # a second micro-batch of the same step: no second update
+    obj.loss(model, batch, StepContext(step=2, total_steps=2, num_micro_batches=2))
+    obj.loss(model, batch, StepContext(step=2, total_steps=2, micro_batch=1, num_micro_batches=2))  # no 2nd update
     for n, p in model.named_parameters():
         torch.testing.assert_close(dict(obj._history.named_parameters())[n], 0.9 * old[n] + 0.1 * p.detach(),
                                    rtol=1e-6, atol=1e-7)

@@ -1,6 +1,6 @@
 """Ctrl-C and SIGTERM during training: the first signal asks the loop to stop at the next step
 boundary (after writing a checkpoint), a second one aborts at once. Both are safe because every
-file a run depends on is written atomically (tunelab/training/checkpoint.py).
+file a run depends on is written atomically (tunelab/run/files.py).
 
 Also the test hook `pause_point`: with `TUNELAB_TEST_PAUSE_AT=write:step-3,eval:2` in the
 environment the process prints `TUNELAB_PAUSED <point>` to stderr at those named points and waits

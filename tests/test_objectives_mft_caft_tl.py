@@ -12,10 +12,11 @@ from tunelab.data import collate
 from tunelab.data.records import Example
 from tunelab.errors import ConfigError
 from tunelab.objectives import OBJECTIVES
-from tunelab.objectives.caft import CAFT, future_targets, schedule_coef
 from tunelab.objectives._segments import segment_ids
+from tunelab.objectives.caft import CAFT, future_targets, schedule_coef
 from tunelab.objectives.masked_thought import MaskedThought, mask_response_tokens, ramped_prob, response_positions
 from tunelab.objectives.tl_weighting import TLWeighting, key_weight
+from tunelab.run.context import StepContext
 
 NAMES = ["masked_thought", "caft", "tl_weighting"]
 SMALL_CAFT = dict(num_heads=2)  # the properties do not depend on the head count; keeps tests fast
@@ -133,21 +134,21 @@ def test_mft_masked_fraction_and_replacement():
     assert (out[chosen] == 999).all() and (out[~chosen] == 5).all()
 
 
-def test_mft_warmup_schedule_counts_optimizer_steps(model, tok):
+def test_mft_warmup_follows_the_step_context(model, tok):
+    """p ramps over warmup_fraction of the run's steps, read from the step context: the same p for
+    every micro-batch of a step, whatever the gradients hold, and nothing to checkpoint."""
     assert [ramped_prob(0.4, s, 66) for s in (0, 66, 100)] == [0.0, 0.4, 0.4]
-    obj = make("masked_thought", tok, model, mask_prob=0.4, warmup_steps=2)
+    obj = make("masked_thought", tok, model, mask_prob=0.4, warmup_fraction=0.5)
     batch = collate(examples(1), packing=True, pad_id=0)
     seen = []
-    for _ in range(3):  # three optimizer steps of two micro-batches each
-        for _ in range(2):
-            out = obj.loss(model, batch)
+    for step in (1, 2, 3, 4):  # a four-step run, two micro-batches each; gradients never cleared
+        for micro in range(2):
+            ctx = StepContext(step=step, total_steps=4, micro_batch=micro, num_micro_batches=2)
+            out = obj.loss(model, batch, ctx)
             out.loss_sum.backward()
             seen.append(out.metrics["mask_prob"])
-        model.zero_grad(set_to_none=True)
-    assert seen == [0.0, 0.0, 0.2, 0.2, 0.4, 0.4]
-    fresh = MaskedThought(obj.cfg)
-    fresh.load_state_dict(obj.state_dict())
-    assert fresh.step == 3
+    assert seen == [0.0, 0.0, 0.2, 0.2, 0.4, 0.4, 0.4, 0.4]
+    assert obj.state_dict() == {}
 
 
 def test_mft_mask_token_choice(model, tok):
@@ -191,12 +192,20 @@ def test_caft_schedules():
     assert schedule_coef("rsine", 5, 10) == pytest.approx(math.sqrt(0.5))
     assert [schedule_coef("sine", s, 10) for s in (0, 10)] == [0.0, 1.0]
     assert [schedule_coef("linear", s, 10) for s in (0, 5, 10)] == [0.0, 0.5, 1.0]
-    assert schedule_coef("rsine", 7, 0) == 1.0 and schedule_coef("constant", 3, 10) == 1.0
+    assert schedule_coef("constant", 3, 10) == 1.0
+
+
+def test_caft_schedule_reads_the_step_context(model, tok):
+    """The auxiliary weight at step s of a T-step run is coef * sched((s - 1) / T), for every
+    micro-batch of the step; the objective keeps no step count of its own."""
+    obj = make("caft", tok, model, **SMALL_CAFT, coef=0.5, schedule="linear")
+    batch = collate(examples(2), packing=True, pad_id=0)
+    weights = [obj.loss(model, batch, StepContext(step=s, total_steps=4, micro_batch=m, num_micro_batches=2))
+               .metrics["aux_weight"] for s in (1, 3) for m in (0, 1)]
+    assert weights == [0.0, 0.0, 0.25, 0.25] and "step" not in obj.state_dict()
 
 
 def test_caft_warns_when_a_setting_does_nothing(model, tok):
-    with pytest.warns(UserWarning, match="schedule_steps"):
-        make("caft", tok, model, **SMALL_CAFT)
     with pytest.warns(UserWarning, match="heads stay random"):
         make("caft", tok, model, **SMALL_CAFT, schedule="constant", train_heads=False)
 
@@ -246,14 +255,14 @@ def test_caft_run_saves_heads_and_merged_export_drops_them(tiny_dir, tmp_path):
 
     cfg = {"model": {"name": str(tiny_dir)}, "data": {"train": str(chat_file(tmp_path)), "eval": None, "max_length": 64},
            "method": {"name": "lora", "r": 4, "alpha": 8},
-           "objective": {"name": "caft", "num_heads": 2, "schedule_steps": 2},
+           "objective": {"name": "caft", "num_heads": 2},
            "train": {"steps": 2, "micro_batch_size": 2, "lr": 1e-3, "save_every": 2, "progress": False},
            "eval": {"before": False}, "diagnostics": {"after_train": []}, "output": str(tmp_path / "run")}
     run = tunelab.train(cfg)
     heads = load_file(str(run / "final" / "caft_heads.safetensors"))
     assert heads and all(k.startswith(("0.", "1.")) for k in heads)
     ckpt_keys = set().union(*(load_file(str(f)) for f in (run / "checkpoints" / "step-2").glob("*.safetensors")))
-    assert any(k.startswith("objective.heads.") for k in ckpt_keys) and "objective.step" in ckpt_keys
+    assert any(k.startswith("objective.heads.") for k in ckpt_keys)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["aux_weight"] for r in lines if r["kind"] == "train"] == pytest.approx([0.01, 0.01 * math.sqrt(0.5)])
     merged = export(run, tmp_path / "merged", merge=True)

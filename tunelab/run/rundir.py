@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tunelab import config as C
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.run.files import atomic_write_text
 
 
 class RunLock:
@@ -79,7 +80,6 @@ def write_config(cfg: C.RunConfig, run_dir: Path) -> None:
     """RUN/config.yaml, atomically (a killed process never leaves half a config) and redacted."""
     import yaml
 
-    from tunelab.training.checkpoint import atomic_write_text
     atomic_write_text(run_dir / "config.yaml", redact(yaml.safe_dump(C.to_dict(cfg), sort_keys=False)))
 
 
@@ -105,31 +105,6 @@ def resolve(target, overrides: list[str] = ()) -> tuple[C.RunConfig, Path]:
     return cfg, run_dir
 
 
-def load_trained(run_dir: str | Path, device: str = "cpu"):
-    """Rebuild a run's trained model: base model + method + what it saved (final/, else the
-    newest valid checkpoint). Returns (cfg, model, tokenizer, method)."""
-    from tunelab.methods import METHODS
-    from tunelab.models import load_model
-    from tunelab.training.checkpoint import load_latest
-
-    run_dir = Path(run_dir)
-    if not is_run_dir(run_dir):
-        raise TunelabError(f"{run_dir}: not a run directory (no config.yaml)")
-    cfg = C.load(run_dir / "config.yaml")
-    model, tok = load_model(cfg.model)
-    method = METHODS.get(cfg.method.name)(cfg.method.options)
-    model = method.apply(model)
-    if (run_dir / "final").is_dir():
-        with fits(run_dir / "final", cfg):
-            method.load(model, run_dir / "final")
-    elif (found := load_latest(run_dir / "checkpoints")) is not None:
-        with fits(found[0], cfg):
-            method.load_trainable_state(model, found[1]["trainable"])
-    else:
-        raise TunelabError(f"{run_dir}: has neither final/ nor a valid checkpoint; train it first")
-    return cfg, model.to(device).eval(), tok, method
-
-
 @contextmanager
 def fits(saved: Path, cfg: C.RunConfig):
     """Turn a saved state that does not fit the model (other shapes or names: the base model or
@@ -145,11 +120,11 @@ def fits(saved: Path, cfg: C.RunConfig):
 
 class MetricsLog:
     """Append-only metrics.jsonl (and TensorBoard scalars if asked); on resume, lines after the
-    checkpoint's step are dropped."""
+    checkpoint's step are dropped. Disabled (`enabled=False`: on ranks other than 0), it writes nothing."""
 
-    def __init__(self, path: Path, tensorboard: bool = False):
-        self.path, self.tb = path, None
-        if tensorboard:
+    def __init__(self, path: Path, tensorboard: bool = False, enabled: bool = True):
+        self.path, self.tb, self.enabled = path, None, enabled
+        if tensorboard and enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
@@ -160,14 +135,15 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         """Keep the lines up to `step` (all lines when `step` < 0: none). A torn last line, left
         by a full disk, is dropped with the rest."""
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return
         keep = [ln for ln in self.path.read_text(errors="replace").splitlines()
                 if (rec := _record(ln)) is not None and rec["step"] <= step]
-        from tunelab.training.checkpoint import atomic_write_text
         atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         try:
             with open(self.path, "a") as f:
                 f.write(redact(json.dumps(record)) + "\n")

@@ -17,15 +17,14 @@ from tunelab.report import svg
 from tunelab.report.diagviews import render_diagnostic
 from tunelab.report.rundata import (RunData, extra_metrics, headline, load_run_data, steps_done,
                                     target_figures, throughput_figures)
+from tunelab.run.files import atomic_write_text
 
 
 def write_report(run_dir: str | Path) -> Path:
     """Write RUN/report.html from what the run wrote; returns its path."""
     run = load_run_data(run_dir)
     out = run.dir / "report.html"
-    tmp = out.with_suffix(".html.tmp")
-    tmp.write_text(render_report(run))
-    tmp.replace(out)  # atomic: a browser never sees half a page
+    atomic_write_text(out, render_report(run))  # a browser never sees half a page
     return out
 
 
@@ -183,12 +182,6 @@ def side_effects_section(run: RunData) -> str:
 
 
 def known_diagnostics() -> list[str]:
-    """The registered diagnostic names, or [] where the diagnostics package is not available."""
-    try:
-        import tunelab.diagnostics as D
-    except ImportError:
-        return []
-    from tunelab.registry import Registry
-    regs = [v for v in vars(D).values() if isinstance(v, Registry)]
-    return regs[0].names() if regs else []
-
+    """The registered diagnostic names."""
+    from tunelab.registry import DIAGNOSTICS
+    return DIAGNOSTICS.names()

@@ -1,4 +1,4 @@
-"""Choosing and applying the compute precision."""
+"""Choosing the device and the compute precision, and applying the precision (autocast)."""
 from __future__ import annotations
 
 import functools
@@ -10,6 +10,13 @@ import torch
 AUTO_PRECISION_ENV = "TUNELAB_AUTO_PRECISION"
 """Set to `bf16` or `fp32` to make `precision: auto` resolve to it on any device, whatever the
 hardware (the test suite runs the training paths both ways on every machine with it)."""
+
+
+def pick_device(name: str, index: int | None = None) -> torch.device:
+    """train.device: `auto` is cuda when available, else cpu; a GPU's `index` when given (one
+    process per GPU: its local rank)."""
+    kind = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    return torch.device(kind, index) if kind == "cuda" and index is not None else torch.device(kind)
 
 
 @functools.lru_cache(maxsize=None)
