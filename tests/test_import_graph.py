@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("methods", ["tunelab.methods", "tunelab.methods.*"]),
     ("objectives", ["tunelab.objectives", "tunelab.objectives.*"]),
     ("evaluation", ["tunelab.eval", "tunelab.eval.*"]),
+    ("mechanisms", ["tunelab.mechanisms", "tunelab.mechanisms.*"]),
     ("training loop", ["tunelab.training", "tunelab.training.*"]),
     ("users of trained runs", ["tunelab.diagnostics", "tunelab.diagnostics.*", "tunelab.report",
                                "tunelab.report.*", "tunelab.export"]),
