@@ -137,3 +137,28 @@ def test_cmap_on_tiny_models(model, tok):
     torch.testing.assert_close(all_heads, tuned_logits, atol=1e-5, rtol=1e-5)
     assert rec.rows[0][1] == rec.rows[1][1] == rec.tuned_accuracy  # only head (1, 2) differs
     assert out_projections(model) == ["model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"]
+
+
+def test_diagnose_mechanisms_on_a_tiny_run_and_its_chart(tiny_dir, tmp_path):
+    """`tunelab diagnose RUN --only mechanisms` writes base/tuned accuracy and the recovery curve;
+    the report shows them as a chart."""
+    import json
+
+    import tunelab
+    from tunelab.cli import main
+    from tunelab.report import write_report
+
+    run = tunelab.train({
+        "model": {"name": str(tiny_dir)}, "data": {"train": "builtin:entity_tracking?n=16", "max_length": 64},
+        "method": {"name": "lora", "r": 2}, "train": {"steps": 2, "micro_batch_size": 4, "lr": 1e-2, "progress": False},
+        "eval": {"before": False}, "diagnostics": {"after_train": [], "options": {"mechanisms": {
+            "num_prompts": 6, "ks": [1, 2], "top_k": 3, "batch_size": 4}}},
+        "output": str(tmp_path / "run")})
+    assert main(["diagnose", str(run), "--only", "mechanisms"]) == 0
+    result = json.loads((run / "diagnostics" / "mechanisms.json").read_text())
+    s, rec = result["summary"], result["details"]["recovery"]
+    assert 0 <= s["base_accuracy"] <= 1 and 0 <= s["tuned_accuracy"] <= 1 and s["num_prompts"] + s["num_skipped"] == 6
+    assert [r[0] for r in rec["rows"]] == [1, 2, 3] and s["top_k"] == 3
+    assert len(result["details"]["top_heads"]["rows"]) == 8  # 2 layers x 4 heads
+    html = write_report(run).read_text()
+    assert "entity tracking: base, tuned, base with the tuned model" in html
