@@ -26,6 +26,8 @@ CORE_ROWS = [
      lambda n: ".lora_" in n and ("q_proj" in n or "v_proj" in n)),
     ("lora-regex", "lora", {"r": 2, "target_modules": [r"model\.layers\.1\.mlp\..*"]},
      lambda n: ".lora_" in n and "layers.1.mlp" in n),
+    ("locft", "locft", {"layer": 0}, lambda n: n.startswith("model.layers.0.mlp.down_proj.")),
+    ("locft-block", "locft", {"layer": -1, "module": ""}, lambda n: n.startswith("model.layers.1.")),
 ]
 METHOD_ROWS = CORE_ROWS + SPARSE_ROWS + PROMPT_ROWS + ADAPTER_ROWS
 

@@ -84,16 +84,43 @@ class Recovery:
         return (patched - self.base_accuracy) / gap if gap else None
 
 
+@torch.no_grad()
+def _run_recording(model: nn.Module, names: list[str], chunk: Prompts) -> tuple[torch.Tensor, dict]:
+    """(last-token logits (B, V), every named projection's input) of one forward."""
+    cache: dict = {}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        (lambda n: lambda m, args: cache.__setitem__(("input", n), args[0].detach().clone()))(n)) for n in names]
+    try:
+        logits = model(**_on(chunk, _device(model))).logits[:, -1].float().cpu()
+    finally:
+        for h in hooks:
+            h.remove()
+    return logits, cache
+
+
+@torch.no_grad()
 def recovery(base: nn.Module, tuned: nn.Module, prompts: Prompts, heads: list[tuple[int, int]], ks: list[int],
              batch_size: int = 16) -> Recovery:
-    """Accuracy of base and tuned, then per k: base with the tuned model's top-k heads and tuned with the base's."""
-    labels = prompts.labels
-    rec = Recovery(accuracy(last_logits(base, prompts, batch_size), labels),
-                   accuracy(last_logits(tuned, prompts, batch_size), labels))
-    for k in ks:
-        sites = head_sites(base, heads[:k])
-        forward = accuracy(last_logits(base, prompts, batch_size, tuned, sites), labels)
-        back = accuracy(last_logits(tuned, prompts, batch_size, base, sites), labels)
+    """Accuracy of base and tuned, then per k: base with the tuned model's top-k heads and tuned with the
+    base's. Both models' head outputs are recorded once per batch and reused for every k."""
+    from tunelab.mechanisms.patching import patch_activations
+
+    names = out_projections(base)
+    hits = torch.zeros(2 + 2 * len(ks))
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts.chunk(i, batch_size)
+        (lb, cb), (lt, ct) = _run_recording(base, names, chunk), _run_recording(tuned, names, chunk)
+        found = [lb, lt]
+        for k in ks:
+            sites = head_sites(base, heads[:k])
+            for target, cache in ((base, ct), (tuned, cb)):
+                with patch_activations(target, cache, sites):
+                    found.append(target(**_on(chunk, _device(target))).logits[:, -1].float().cpu())
+        hits += torch.tensor([float((f.argmax(-1) == chunk.labels).sum()) for f in found])
+    acc = (hits / len(prompts)).tolist()
+    rec = Recovery(acc[0], acc[1])
+    for j, k in enumerate(ks):
+        forward, back = acc[2 + 2 * j], acc[3 + 2 * j]
         rec.rows.append([k, forward, back, rec.share(forward)])
     return rec
 
