@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("evaluation", ["tunelab.eval", "tunelab.eval.*"]),
     ("mechanisms", ["tunelab.mechanisms", "tunelab.mechanisms.*"]),
     ("training loop", ["tunelab.training", "tunelab.training.*"]),
+    ("editing and retrieval", ["tunelab.editing", "tunelab.editing.*", "tunelab.rag", "tunelab.rag.*"]),
     ("users of trained runs", ["tunelab.diagnostics", "tunelab.diagnostics.*", "tunelab.report",
                                "tunelab.report.*", "tunelab.export"]),
     ("entry points", ["tunelab", "tunelab.api", "tunelab.compare", "tunelab.cli", "tunelab.__main__"]),
