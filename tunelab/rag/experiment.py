@@ -30,7 +30,7 @@ def finetune(train_file: Path, size: int, out: Path, model: str, seed: int):
     from tunelab.training.loop import train
 
     cfg = C.build({"model": {"name": model}, "method": LORA,
-                   "data": {"train": str(train_file), "format": "rag", "eval": None, "max_length": 384},
+                   "data": {"train": str(train_file), "format": "rag", "eval": None, "max_length": 768},
                    "train": {"steps": math.ceil(size / 4), "micro_batch_size": 4, "lr": 1e-3, "warmup_steps": 1,
                              "seed": seed, "save_every": 0, "progress": False},
                    "eval": {"before": False}, "output": str(out)})
