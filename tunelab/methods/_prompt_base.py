@@ -80,6 +80,8 @@ class PrefixMethod(Method):
     """Shared hooks: the base model is frozen, the prefix source (submodule `attr`) trains.
     Output is `tunelab_adapter.safetensors` (names as in the model) + `tunelab_adapter.json`."""
 
+    frozen_base = True
+
     supports_merge = False
     attr: ClassVar[str] = "prompt"
 
