@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from devicetrap import DeviceTrap
 from hypothesis import given, settings, strategies as st
 
 from tunelab.data.render import IGNORE
@@ -157,8 +158,10 @@ def test_tunelab_edit_end_to_end(tiny_dir, tmp_path):
     path.write_text("".join(json.dumps({"prompt": r.prompt, "target": r.target, "rephrase": r.prompt + " ",
                                         "locality": "Question Answer"}) + "\n" for r in REQUESTS))
     out = tmp_path / "edit"
-    assert main(["edit", str(path), "--model", str(tiny_dir), "--layer", "1", "--out", str(out),
-                 "lr=2e-2", "precision=fp32", "max_new_tokens=6", "batch_size=2"]) == 0
+    with DeviceTrap() as trap:  # every tensor the edit makes names its device (tests/devicetrap.py)
+        assert main(["edit", str(path), "--model", str(tiny_dir), "--layer", "1", "--out", str(out),
+                     "lr=2e-2", "precision=fp32", "max_new_tokens=6", "batch_size=2"]) == 0
+    assert not trap.found, sorted(trap.found)
     found = json.loads((out / "edit.json").read_text())
     assert found["after"]["reliability"] > found["before"]["reliability"] == 0.0
     assert found["module"] == "model.layers.1.mlp.down_proj" and found["train"]["steps"] > 0

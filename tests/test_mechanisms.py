@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from devicetrap import DeviceTrap
 
 from tunelab.data.builtin import load_builtin
 from tunelab.errors import TunelabError
@@ -124,14 +125,16 @@ def test_cmap_on_tiny_models(model, tok):
     d = model.config.hidden_size // model.config.num_attention_heads
     with torch.no_grad():
         tuned.model.layers[1].self_attn.q_proj.weight[2 * d:3 * d].mul_(4.0)
-    prompts = encode(load_builtin("builtin:entity_tracking?n=12&num_boxes=2&seed=0"), tok)
-    exact = exact_scores(model, tuned, prompts, batch_size=5)
-    attr = attribution_scores(model, tuned, prompts, batch_size=5)
+    with DeviceTrap() as trap:  # every tensor these make names its device (tests/devicetrap.py)
+        prompts = encode(load_builtin("builtin:entity_tracking?n=12&num_boxes=2&seed=0"), tok)
+        exact = exact_scores(model, tuned, prompts, batch_size=5)
+        attr = attribution_scores(model, tuned, prompts, batch_size=5)
+        rec = recovery(model, tuned, prompts, ranked_heads(exact.abs()), [1, 8], batch_size=5)
+    assert not trap.found, sorted(trap.found)
     changed = exact.abs() > 1e-6
     assert changed.sum() == 1 and changed[1, 2]
     assert (attr[~changed].abs() < 1e-5).all() and torch.sign(attr[1, 2]) == torch.sign(exact[1, 2])
     assert ranked_heads(exact.abs())[0] == (1, 2)
-    rec = recovery(model, tuned, prompts, ranked_heads(exact.abs()), [1, 8], batch_size=5)
     tuned_logits = last_logits(tuned, prompts)
     all_heads = last_logits(model, prompts, 4, tuned, head_sites(model, [(1, h) for h in range(4)]))
     torch.testing.assert_close(all_heads, tuned_logits, atol=1e-5, rtol=1e-5)
@@ -154,7 +157,9 @@ def test_diagnose_mechanisms_on_a_tiny_run_and_its_chart(tiny_dir, tmp_path):
         "eval": {"before": False}, "diagnostics": {"after_train": [], "options": {"mechanisms": {
             "num_prompts": 6, "ks": [1, 2], "top_k": 3, "batch_size": 4}}},
         "output": str(tmp_path / "run")})
-    assert main(["diagnose", str(run), "--only", "mechanisms"]) == 0
+    with DeviceTrap() as trap:
+        assert main(["diagnose", str(run), "--only", "mechanisms"]) == 0
+    assert not trap.found, sorted(trap.found)
     result = json.loads((run / "diagnostics" / "mechanisms.json").read_text())
     s, rec = result["summary"], result["details"]["recovery"]
     assert 0 <= s["base_accuracy"] <= 1 and 0 <= s["tuned_accuracy"] <= 1 and s["num_prompts"] + s["num_skipped"] == 6

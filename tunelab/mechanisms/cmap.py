@@ -17,7 +17,7 @@ def attribution_scores(target: nn.Module, source: nn.Module, prompts: Prompts, b
     """(layers, heads): sum over prompts of (a_source - a_target) . d log p(label) / d a_target, with a
     the head's output at the last token (attribution patching: patching's first-order estimate)."""
     projs, heads = out_projections(target), num_heads(target)
-    scores = torch.zeros(len(projs), heads)
+    scores = torch.zeros(len(projs), heads, device="cpu")  # host-side totals
     sites = [Site(n, head=0) for n in projs]  # head 0: records each projection's whole input
     for i in range(0, len(prompts), batch_size):
         chunk = prompts.chunk(i, batch_size)
@@ -58,7 +58,7 @@ def exact_scores(target: nn.Module, source: nn.Module, prompts: Prompts, batch_s
     from `source` into `target` (one pass over the prompts per head)."""
     layers, heads = len(out_projections(target)), num_heads(target)
     base = label_logprob(last_logits(target, prompts, batch_size), prompts.labels).mean()
-    scores = torch.zeros(layers, heads)
+    scores = torch.zeros(layers, heads, device="cpu")
     for layer in range(layers):
         for h in range(heads):
             logits = last_logits(target, prompts, batch_size, source, head_sites(target, [(layer, h)]))
@@ -106,7 +106,7 @@ def recovery(base: nn.Module, tuned: nn.Module, prompts: Prompts, heads: list[tu
     from tunelab.mechanisms.patching import patch_activations
 
     names = out_projections(base)
-    hits = torch.zeros(2 + 2 * len(ks))
+    hits = torch.zeros(2 + 2 * len(ks), device="cpu")  # logits come back to the host
     for i in range(0, len(prompts), batch_size):
         chunk = prompts.chunk(i, batch_size)
         (lb, cb), (lt, ct) = _run_recording(base, names, chunk), _run_recording(tuned, names, chunk)
@@ -116,7 +116,7 @@ def recovery(base: nn.Module, tuned: nn.Module, prompts: Prompts, heads: list[tu
             for target, cache in ((base, ct), (tuned, cb)):
                 with patch_activations(target, cache, sites):
                     found.append(target(**_on(chunk, _device(target))).logits[:, -1].float().cpu())
-        hits += torch.tensor([float((f.argmax(-1) == chunk.labels).sum()) for f in found])
+        hits += torch.tensor([float((f.argmax(-1) == chunk.labels).sum()) for f in found], device="cpu")
     acc = (hits / len(prompts)).tolist()
     rec = Recovery(acc[0], acc[1])
     for j, k in enumerate(ks):

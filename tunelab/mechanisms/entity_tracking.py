@@ -72,9 +72,10 @@ def encode(records: list[Record], tokenizer) -> Prompts:
         raise TunelabError("entity tracking: no usable prompt (every one has two objects with the same first token)")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     width = max(map(len, rows))
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return Prompts(ids, mask, (mask.cumsum(1) - 1).clamp(min=0), torch.tensor(labels), skipped)
+    # built in host memory; each forward moves its chunk to the model's device (_on)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device="cpu")
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device="cpu")
+    return Prompts(ids, mask, (mask.cumsum(1) - 1).clamp(min=0), torch.tensor(labels, device="cpu"), skipped)
 
 
 def _device(model: nn.Module):
