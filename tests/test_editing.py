@@ -85,15 +85,21 @@ REQUESTS = [EditRequest("Where does Zorblax live?", "Quenth"), EditRequest("What
             EditRequest("The quick brown fox", "sleeps"), EditRequest("Hello world!", "goodbye")]
 
 
-@pytest.mark.parametrize("schedule", ["breadth_first", "depth_first"])
-def test_only_the_chosen_modules_weights_change(model, tok, schedule):
-    """All other parameters are bit-identical after real edit steps; the chosen module changed."""
+@pytest.mark.parametrize("schedule, layer, module, prefix", [
+    ("breadth_first", 1, "mlp.down_proj", "model.layers.1.mlp.down_proj."),
+    ("depth_first", 1, "mlp.down_proj", "model.layers.1.mlp.down_proj."),
+    ("breadth_first", 0, "self_attn.v_proj", "model.layers.0.self_attn.v_proj."),
+    ("depth_first", -1, "", "model.layers.1.")])
+def test_only_the_chosen_modules_weights_change(model, tok, schedule, layer, module, prefix):
+    """All other parameters are bit-identical after real edit steps; every weight of the chosen
+    module changed."""
     cfg = EditConfig(lr=1e-2, epochs=3, batch_size=2, schedule=schedule, **FP32)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    _apply(model, "locft", layer=1)
+    _apply(model, "locft", layer=layer, module=module)
     _, stepper = train_edits(model, [encode_request(r, tok, cfg) for r in REQUESTS], cfg, "cpu", 0)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert stepper.steps > 0 and changed == {"model.layers.1.mlp.down_proj.weight"}
+    chosen = {n for n in before if n.startswith(prefix)}
+    assert stepper.steps > 0 and changed == chosen
 
 
 def test_a_batch_below_the_loss_threshold_takes_no_step(model, tok):
@@ -176,3 +182,15 @@ def test_tunelab_edit_end_to_end(tiny_dir, tmp_path):
                  "lr=2e-2", "precision=fp32", "max_new_tokens=6", "epochs=3", "sweep_requests=2"]) == 0
     found = json.loads((swept / "edit.json").read_text())
     assert [r[0] for r in found["sweep"]] == [0, 1] and found["layer"] in (0, 1)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 60), k=st.integers(0, 80), seed=st.integers(0, 5))
+def test_a_scored_sample_is_a_seeded_subset_in_order(n, k, seed):
+    from tunelab.editing.edit import scored
+
+    reqs = [EditRequest(f"p{i}", "t") for i in range(n)]
+    got = scored(reqs, EditConfig(num_scored=k, seed=seed))
+    assert len(got) == (n if k == 0 else min(k, n))
+    positions = [reqs.index(r) for r in got]
+    assert positions == sorted(set(positions)) and got == scored(reqs, EditConfig(num_scored=k, seed=seed))

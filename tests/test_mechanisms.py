@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from devicetrap import DeviceTrap
 
 from tunelab.data.builtin import load_builtin
@@ -44,6 +45,26 @@ def test_self_patching_leaves_logits_unchanged(model, k):
     x = ids()
     cache = record_activations(model, SITES[:k + 1], **x)
     with patch_activations(model, cache, SITES[:k + 1]):
+        patched = logits(model, x)
+    torch.testing.assert_close(patched, logits(model, x), atol=1e-5, rtol=1e-5)
+
+
+MODULES = ["model.layers.0", "model.layers.1", "model.layers.0.mlp", "model.layers.1.self_attn",
+           "model.layers.0.mlp.down_proj", "model.embed_tokens", "model.norm"]
+SITE = st.one_of(
+    st.builds(Site, st.sampled_from(MODULES), st.none(),
+              st.one_of(st.none(), st.lists(st.integers(-9, 8), min_size=1, max_size=4, unique=True).map(tuple))),
+    st.builds(Site, st.sampled_from(["model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"]),
+              st.integers(0, 3), st.one_of(st.none(), st.tuples(st.integers(-9, 8)))))
+
+
+@settings(max_examples=25, deadline=None)
+@given(sites=st.lists(SITE, min_size=1, max_size=4, unique_by=lambda s: (s.module, s.head)), seed=st.integers(0, 9))
+def test_self_patching_any_sites_leaves_logits_unchanged(sites, seed):
+    from tiny import tiny_model
+
+    model, x = tiny_model(), ids(seed)
+    with patch_activations(model, record_activations(model, sites, **x), sites):
         patched = logits(model, x)
     torch.testing.assert_close(patched, logits(model, x), atol=1e-5, rtol=1e-5)
 

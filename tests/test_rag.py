@@ -31,6 +31,26 @@ def test_rag_rows_train_on_the_answer_only_with_passages_in_order(tok):
     assert all(c in prompt for c in ROW["contexts"]) and ROW["question"] in prompt
 
 
+WORDS = st.text(alphabet="abcdefgh XYZ.,", min_size=1, max_size=40).filter(str.strip)
+
+
+@settings(max_examples=40, deadline=None)
+@given(question=WORDS, contexts=st.lists(WORDS, max_size=5), answer=WORDS)
+def test_only_the_answer_trains_whatever_the_passages(question, contexts, answer):
+    """Any question, 0-5 passages and answer: the trained tokens are the answer's and the end of the
+    turn, nothing of the question or the passages; the passages are in the prompt in their order."""
+    from tiny import tiny_tokenizer
+
+    tok, row = tiny_tokenizer(), {"question": question, "contexts": contexts, "answer": answer}
+    ex = encode(to_records(rows(row), "rag.jsonl", "rag"), tok, DataConfig(max_length=2048))[0]
+    trained = [t for t, label in zip(ex.input_ids, ex.labels) if label != IGNORE]
+    assert tok.decode(trained) == answer + "<|im_end|>"
+    prompt = tok.decode([t for t, label in zip(ex.input_ids, ex.labels) if label == IGNORE])
+    at = [prompt.index(f"Passage {i + 1}: {c}\n") for i, c in enumerate(contexts)]
+    asked = prompt.index(f"Question: {question}" if contexts else question)
+    assert at == sorted(at) and asked > max(at, default=-1)
+
+
 def test_a_context_list_over_max_length_is_an_error_naming_the_row():
     from tiny import tiny_tokenizer
 

@@ -11,7 +11,8 @@ from tunelab.options import Options, require
 class EditConfig(Options):
     ranges: ClassVar = {"lr": "> 0", "weight_decay": ">= 0", "batch_size": ">= 1", "epochs": ">= 1",
                         "loss_threshold": ">= 0", "max_grad_norm": ">= 0", "max_new_tokens": ">= 1",
-                        "eval_batch_size": ">= 1", "max_length": ">= 8", "sweep_requests": ">= 1"}
+                        "eval_batch_size": ">= 1", "max_length": ">= 8", "sweep_requests": ">= 1",
+                        "num_scored": ">= 0"}
     model: str = "smollm2-135m"
     """The model to edit: a built-in name, a local directory, a hub id or a .gguf file."""
     method: Literal["locft", "full"] = "locft"
@@ -46,6 +47,10 @@ class EditConfig(Options):
     """Reply length when scoring (cut at the first '.', newline or end of turn, as LocFT)."""
     eval_batch_size: int = 32
     """Prompts generated together when scoring."""
+    num_scored: int = 0
+    """Score a seeded random sample of this many requests (0: all of them); every request trains.
+    Scoring generates for each request's prompt, rephrases and locality prompts, before and after:
+    for thousands of edits a sample of a few hundred says as much for a fraction of the time."""
     seed: int = 0
     """Seeds the breadth-first shuffles."""
     sweep: list[int] = field(default_factory=list)

@@ -10,6 +10,7 @@ tunelab reads (`tunelab diagnose OUT --only forgetting`, `tunelab generate OUT`,
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 
@@ -50,17 +51,27 @@ def _method(cfg: EditConfig, layer: int | None):
     return cls(from_dict(cls.Config, opts, "method"))
 
 
+def scored(requests: list[EditRequest], cfg: EditConfig) -> list[EditRequest]:
+    """The requests that are scored: all, or a seeded sample of `cfg.num_scored` in their order."""
+    if not cfg.num_scored or cfg.num_scored >= len(requests):
+        return requests
+    keep = sorted(random.Random(f"scored:{cfg.seed}").sample(range(len(requests)), cfg.num_scored))
+    return [requests[i] for i in keep]
+
+
 def edit_once(model, tok, requests: list[EditRequest], cfg: EditConfig, method, device) -> dict:
     """Apply `method` to `model`, score, train the edits, score again; the figures as a dict."""
     model = method.apply(model).to(device).eval()
     examples = [encode_request(r, tok, cfg) for r in requests]
-    before_replies = replies(model, tok, locality_prompts(requests), cfg)
-    before, _ = score(model, tok, requests, cfg, before_replies)
+    judged = scored(requests, cfg)
+    before_replies = replies(model, tok, locality_prompts(judged), cfg)
+    before, _ = score(model, tok, judged, cfg, before_replies)
     t0 = time.perf_counter()
     log, stepper = train_edits(model, examples, cfg, device, tok.pad_token_id)
     seconds = time.perf_counter() - t0
-    after, samples = score(model, tok, requests, cfg, before_replies)
-    return {"module": getattr(method, "module_name", "all"), "before": before, "after": after,
+    after, samples = score(model, tok, judged, cfg, before_replies)
+    return {"module": getattr(method, "module_name", "all"), "num_edits": len(requests), "before": before,
+            "after": after,
             "train": {"steps": stepper.steps, "skipped_batches": stepper.skipped, "seconds": round(seconds, 1),
                       "log": log},
             "samples": {"columns": ["prompt", "target", "reply", "reliable"], "rows": samples}}
@@ -118,5 +129,5 @@ def _write(out: Path, spec: str, cfg: EditConfig, model, tok, method, found: dic
     write_config(run_cfg, out)
     atomic_write_text(out / "edit.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     save_final(out, model, tok, method, EditLoss(), run_cfg)
-    result = {"requests": spec, "num_requests": found["after"]["num_requests"], "config": to_dict(cfg), **found}
+    result = {"requests": spec, "config": to_dict(cfg), **found}
     atomic_write_text(out / "edit.json", json.dumps(result, indent=1))
