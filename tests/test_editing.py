@@ -194,3 +194,17 @@ def test_a_scored_sample_is_a_seeded_subset_in_order(n, k, seed):
     assert len(got) == (n if k == 0 else min(k, n))
     positions = [reqs.index(r) for r in got]
     assert positions == sorted(set(positions)) and got == scored(reqs, EditConfig(num_scored=k, seed=seed))
+
+
+def test_the_example_recipe_loads_and_a_bad_field_is_named(tmp_path):
+    from pathlib import Path
+
+    from tunelab.editing import load_config
+    from tunelab.errors import ConfigError
+
+    recipe = Path(__file__).resolve().parent.parent / "examples" / "editing" / "locft_bf.yaml"
+    cfg = load_config(str(recipe), ["epochs=3"], layer=None, model="x")
+    assert (cfg.method, cfg.schedule, cfg.epochs, cfg.model, cfg.layer) == ("locft", "breadth_first", 3, "x", 22)
+    assert Path(cfg.output).is_absolute() and Path(cfg.output).name == "locft_bf"
+    with pytest.raises(ConfigError, match="lr"):
+        load_config(str(recipe), ["lr=-1"])

@@ -188,3 +188,12 @@ def test_diagnose_mechanisms_on_a_tiny_run_and_its_chart(tiny_dir, tmp_path):
     assert len(result["details"]["top_heads"]["rows"]) == 8  # 2 layers x 4 heads
     html = write_report(run).read_text()
     assert "entity tracking: base, tuned, base with the tuned model" in html
+
+
+def test_the_example_recipe_loads():
+    from pathlib import Path
+
+    from tunelab import config as C
+
+    cfg = C.load(Path(__file__).resolve().parent.parent / "examples" / "mechanisms" / "arith_lora_cmap.yaml")
+    assert cfg.method.name == "lora" and cfg.diagnostics.options["mechanisms"]["scoring"] == "attribution"
