@@ -176,7 +176,7 @@ def test_diagnose_mechanisms_on_a_tiny_run_and_its_chart(tiny_dir, tmp_path):
         "model": {"name": str(tiny_dir)}, "data": {"train": "builtin:entity_tracking?n=16", "max_length": 64},
         "method": {"name": "lora", "r": 2}, "train": {"steps": 2, "micro_batch_size": 4, "lr": 1e-2, "progress": False},
         "eval": {"before": False}, "diagnostics": {"after_train": [], "options": {"mechanisms": {
-            "num_prompts": 6, "ks": [1, 2], "top_k": 3, "batch_size": 4}}},
+            "num_prompts": 6, "ks": [1, 2], "top_k": 12, "batch_size": 4}}},  # 12: more than its 8 heads
         "output": str(tmp_path / "run")})
     with DeviceTrap() as trap:
         assert main(["diagnose", str(run), "--only", "mechanisms"]) == 0
@@ -184,7 +184,7 @@ def test_diagnose_mechanisms_on_a_tiny_run_and_its_chart(tiny_dir, tmp_path):
     result = json.loads((run / "diagnostics" / "mechanisms.json").read_text())
     s, rec = result["summary"], result["details"]["recovery"]
     assert 0 <= s["base_accuracy"] <= 1 and 0 <= s["tuned_accuracy"] <= 1 and s["num_prompts"] + s["num_skipped"] == 6
-    assert [r[0] for r in rec["rows"]] == [1, 2, 3] and s["top_k"] == 3
+    assert [r[0] for r in rec["rows"]] == [1, 2, 8] and s["top_k"] == 8  # all heads
     assert len(result["details"]["top_heads"]["rows"]) == 8  # 2 layers x 4 heads
     html = write_report(run).read_text()
     assert "entity tracking: base, tuned, base with the tuned model" in html

@@ -73,7 +73,7 @@ class Mechanisms(Diagnostic):
         base, tuned = ctx.base, ctx.merged()
         scores = SCORERS[c.scoring](base, tuned, _prompts(c, c.seed + 1, tok), c.batch_size)
         heads = ranked_heads(scores)
-        ks = sorted({k for k in [*c.ks, c.top_k] if k <= len(heads)})
+        ks = sorted({min(k, len(heads)) for k in [*c.ks, c.top_k]})  # a k past the head count: all heads
         measured = _prompts(c, c.seed, tok)
         rec = recovery(base, tuned, measured, heads, ks, c.batch_size)
         at = next(r for r in rec.rows if r[0] == min(c.top_k, len(heads)))
