@@ -4,6 +4,7 @@ entity-tracking patching recovery. Raw JSON: bench/results/editing-rag-<part>.js
 
     PYTHONPATH=$PWD python bench/editing_rag.py                 # every part (skips parts already written)
     PYTHONPATH=$PWD python bench/editing_rag.py --part editing  # one part; --force rewrites it
+    PYTHONPATH=$PWD python bench/editing_rag.py --model DIR --results /tmp/r --runs /tmp/runs --layer 1   # a smoke run
 
 Budgets are sized for a shared 2-core CPU (see docs/results/editing-and-rag.md); BUDGET below holds them.
 """
@@ -20,12 +21,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
-RUNS = ROOT / "runs" / "editing-rag"
+WHERE = {"model": "smollm2-135m", "results": ROOT / "bench" / "results", "runs": ROOT / "runs" / "editing-rag"}
+"""The model measured, where the JSON goes, where the runs go (the command line may change them)."""
 BUDGET = {
     "edits": 20, "edit_epochs": 15, "edit_batch": 10, "edit_layer": 22, "full_lr": 1e-5,
-    "scale": [10, 100], "scale_epochs": 15,
-    "forgetting": {"num_prompts": 8, "drift_tokens": 16, "num_probes": 24, "answer_tokens": 12},
+    "scale": [10, 100, 1000], "scale_epochs": 15, "scale_scored": 100,
+    "forgetting": {"num_prompts": 16, "drift_tokens": 16, "num_probes": 64, "answer_tokens": 12},
     "rag_sizes": [16, 32, 64], "rag_eval": 30, "rag_top_k": 2, "rag_entities": 60,
     "cmap_run": "examples/mechanisms/arith_lora_cmap.yaml",
 }
@@ -42,7 +43,15 @@ def wilson(hits: int, n: int, z: float = 1.96) -> list[float] | None:
 
 def machine() -> dict:
     import torch
-    return {"cpus": os.cpu_count(), "torch": torch.__version__, "platform": platform.machine(),
+
+    from tunelab.run.device import cpu_isa, resolve_precision
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.partition(":")[2].strip() for ln in f if ln.startswith("model name")), "unknown")
+    except OSError:
+        model = platform.processor() or "unknown"
+    return {"cpu_model": model, "isa": cpu_isa(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "platform": platform.machine(), "precision_auto": resolve_precision("auto", torch.device("cpu")),
             "load_avg_at_start": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
@@ -67,8 +76,9 @@ def with_intervals(summary: dict) -> dict:
 def edit_run(name: str, n: int, **options) -> dict:
     from tunelab.editing import edit, load_config
 
-    out = RUNS / name
-    cfg = load_config(None, [], output=str(out), precision="auto", max_new_tokens=8, eval_batch_size=32,
+    out = WHERE["runs"] / name
+    cfg = load_config(None, [], model=WHERE["model"], output=str(out), precision="auto", max_new_tokens=8,
+                      eval_batch_size=32,
                       layer=BUDGET["edit_layer"], **options)
     t0 = time.perf_counter()
     edit(f"builtin:facts?n_entities={n}&seed=0", cfg)
@@ -84,44 +94,58 @@ def part_editing() -> dict:
     rows = [edit_run("locft-bf", n, epochs=e, batch_size=b),
             edit_run("locft-df", n, epochs=e, schedule="depth_first"),
             edit_run("full-bf", n, epochs=e, batch_size=b, method="full", lr=BUDGET["full_lr"])]
-    scale = [edit_run(f"locft-bf-{k}", k, epochs=BUDGET["scale_epochs"], batch_size=min(100, k)) for k in BUDGET["scale"]]
-    return {"compare": rows, "scale": scale}
+    return {"compare": rows}
+
+
+def part_scale() -> dict:
+    """LocFT-BF on 10, 100 and 1,000 synthetic edits (batches of at most 100; a seeded sample of at
+    most `scale_scored` of them scored), general ability by the forgetting diagnostic."""
+    return {"scale": [edit_run(f"locft-bf-{k}", k, epochs=BUDGET["scale_epochs"], batch_size=min(100, k),
+                               num_scored=min(k, BUDGET["scale_scored"])) for k in BUDGET["scale"]]}
 
 
 def part_mechanisms() -> dict:
-    run = ROOT / "runs" / "arith_lora_cmap"
+    run = WHERE["runs"] / "arith_lora_cmap"
     if not (run / "final").is_dir():
-        subprocess.run([sys.executable, "-m", "tunelab", "train", BUDGET["cmap_run"], "train.progress=false"],
-                       check=True, cwd=ROOT)
+        subprocess.run([sys.executable, "-m", "tunelab", "train", BUDGET["cmap_run"], "train.progress=false",
+                        f"model.name={WHERE['model']}", f"output={run}"], check=True, cwd=ROOT)
     from tunelab.diagnostics import run_diagnostics
     result = run_diagnostics(run, only=["mechanisms"])["mechanisms"]
     s, n = result["summary"], result["summary"]["num_prompts"]
     for key in ("base_accuracy", "tuned_accuracy", "patched_accuracy", "back_accuracy"):
         s[f"{key}_ci"] = wilson(round(s[key] * n), n)
-    return {"run": str(run.relative_to(ROOT)), "train_eval": json.loads((run / "eval.json").read_text()), **result}
+    return {"run": str(run), "train_eval": json.loads((run / "eval.json").read_text()), **result}
 
 
 def part_rag() -> dict:
     from tunelab.rag.experiment import run_experiment
-    return run_experiment(RUNS / "rag", sizes=BUDGET["rag_sizes"], num_eval=BUDGET["rag_eval"],
+    return run_experiment(WHERE["runs"] / "rag", model=WHERE["model"], sizes=BUDGET["rag_sizes"], num_eval=BUDGET["rag_eval"],
                           top_k=BUDGET["rag_top_k"], n_entities=BUDGET["rag_entities"], interval=wilson)
 
 
-PARTS = {"mechanisms": part_mechanisms, "editing": part_editing, "rag": part_rag}
+PARTS = {"mechanisms": part_mechanisms, "editing": part_editing, "scale": part_scale, "rag": part_rag}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", choices=list(PARTS), action="append")
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--model", default=WHERE["model"])
+    ap.add_argument("--results", type=Path, default=WHERE["results"])
+    ap.add_argument("--runs", type=Path, default=WHERE["runs"])
+    ap.add_argument("--layer", type=int, default=BUDGET["edit_layer"], help="the block LocFT edits")
     a = ap.parse_args()
+    WHERE.update(model=a.model, results=a.results, runs=a.runs.resolve())
+    BUDGET["edit_layer"] = a.layer
+    a.results.mkdir(parents=True, exist_ok=True)
     for part in a.part or list(PARTS):
-        path = RESULTS / f"editing-rag-{part}.json"
+        path = a.results / f"editing-rag-{part}.json"
         if path.exists() and not a.force:
             print(f"{path} exists; --force to rerun")
             continue
         t0 = time.perf_counter()
-        found = {"part": part, "machine": machine(), "budget": BUDGET, "command": " ".join(sys.argv), **PARTS[part]()}
+        found = {"part": part, "model": a.model, "machine": machine(), "budget": BUDGET, "command": " ".join(sys.argv),
+                 **PARTS[part]()}
         found["minutes"] = round((time.perf_counter() - t0) / 60, 1)
         path.write_text(json.dumps(found, indent=1))
         print(f"wrote {path} ({found['minutes']} min)")
