@@ -38,7 +38,33 @@ def wilson(hits: int, n: int, z: float = 1.96) -> list[float] | None:
         return None
     p, d = hits / n, 1 + z * z / n
     mid, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return [round(mid - half, 4), round(mid + half, 4)]
+    return [round(max(0.0, mid - half), 4), round(min(1.0, mid + half), 4)]
+
+
+def paired_bootstrap(a: list[float], b: list[float], n: int = 2000, seed: int = 0) -> dict:
+    """mean(b - a) over paired per-question scores and its 95% percentile bootstrap interval."""
+    import random
+
+    rng, d = random.Random(seed), [y - x for x, y in zip(a, b)]
+    means = sorted(sum(rng.choices(d, k=len(d))) / len(d) for _ in range(n))
+    return {"diff": round(sum(d) / len(d), 4),
+            "ci95": [round(means[int(0.025 * n)], 4), round(means[int(0.975 * n) - 1], 4)]}
+
+
+def rag_differences(conditions: dict) -> dict:
+    """Each fine-tuned condition against the base in the same setting (with or without passages),
+    paired by question: accuracy and completeness differences with bootstrap intervals."""
+    rows = []
+    for name, found in conditions.items():
+        if not name.startswith("ft-"):
+            continue
+        ref = "base+rag" if name.endswith("+rag") else "base"
+        cols = found["rows"]["columns"]
+        for metric in ("accuracy", "completeness"):
+            j = cols.index(metric)
+            d = paired_bootstrap([r[j] for r in conditions[ref]["rows"]["rows"]], [r[j] for r in found["rows"]["rows"]])
+            rows.append([name, ref, metric, d["diff"], d["ci95"]])
+    return {"columns": ["condition", "against", "metric", "difference", "ci95"], "rows": rows}
 
 
 def machine() -> dict:
@@ -86,6 +112,7 @@ def edit_run(name: str, n: int, **options) -> dict:
     return {"name": name, "num_edits": n, "options": options, "seconds": round(time.perf_counter() - t0, 1),
             "before": with_intervals(found["before"]), "after": with_intervals(found["after"]),
             "steps": found["train"]["steps"], "skipped_batches": found["train"]["skipped_batches"],
+            "train_seconds": found["train"]["seconds"], "last_epoch_loss": found["train"]["log"][-1]["loss"],
             "schedule_log_length": len(found["train"]["log"]), "forgetting": forgetting(out)}
 
 
@@ -119,8 +146,10 @@ def part_mechanisms() -> dict:
 
 def part_rag() -> dict:
     from tunelab.rag.experiment import run_experiment
-    return run_experiment(WHERE["runs"] / "rag", model=WHERE["model"], sizes=BUDGET["rag_sizes"], num_eval=BUDGET["rag_eval"],
-                          top_k=BUDGET["rag_top_k"], n_entities=BUDGET["rag_entities"], interval=wilson)
+    found = run_experiment(WHERE["runs"] / "rag", model=WHERE["model"], sizes=BUDGET["rag_sizes"],
+                           num_eval=BUDGET["rag_eval"], top_k=BUDGET["rag_top_k"], n_entities=BUDGET["rag_entities"],
+                           interval=wilson)
+    return found | {"differences": rag_differences(found["conditions"])}
 
 
 PARTS = {"mechanisms": part_mechanisms, "editing": part_editing, "scale": part_scale, "rag": part_rag}
