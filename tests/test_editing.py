@@ -208,3 +208,10 @@ def test_the_example_recipe_loads_and_a_bad_field_is_named(tmp_path):
     assert Path(cfg.output).is_absolute() and Path(cfg.output).name == "locft_bf"
     with pytest.raises(ConfigError, match="lr"):
         load_config(str(recipe), ["lr=-1"])
+
+
+@pytest.mark.parametrize("reply, cut_to", [(" Quenth.", "Quenth"), ("\n\nHe lives in Quenth. Then", "He lives in Quenth"),
+                                           ("Quenth\nMore", "Quenth"), ("   ", ""), ("a.b", "a")])
+def test_replies_are_cut_at_the_first_stop_after_their_first_visible_character(reply, cut_to):
+    from tunelab.editing.score import cut
+    assert cut(reply) == cut_to

@@ -74,7 +74,7 @@ def edit_once(model, tok, requests: list[EditRequest], cfg: EditConfig, method, 
             "after": after,
             "train": {"steps": stepper.steps, "skipped_batches": stepper.skipped, "seconds": round(seconds, 1),
                       "log": log},
-            "samples": {"columns": ["prompt", "target", "reply", "reliable"], "rows": samples}}
+            "samples": samples}
 
 
 def sweep(model, tok, requests: list[EditRequest], cfg: EditConfig, device, say=print) -> tuple[int, list]:
