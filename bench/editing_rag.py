@@ -24,10 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 WHERE = {"model": "smollm2-135m", "results": ROOT / "bench" / "results", "runs": ROOT / "runs" / "editing-rag"}
 """The model measured, where the JSON goes, where the runs go (the command line may change them)."""
 BUDGET = {
-    "edits": 20, "edit_epochs": 15, "edit_batch": 10, "edit_layer": 22, "full_lr": 1e-5,
-    "scale": [10, 100, 1000], "scale_epochs": 15, "scale_scored": 100,
+    # LocFT on SmolLM2 layer 22's mlp.down_proj; the lrs chosen on other edits (bench/results/editing-rag-lr-probe.json)
+    "edits": 20, "edit_epochs": 25, "edit_batch": 10, "edit_layer": 22, "edit_lr": 1e-2, "full_lr": 1e-4,
+    # the scale check: every size takes `scale_steps_per_epoch` batches per epoch (batch = edits / that)
+    "scale": [10, 100, 1000], "scale_epochs": 6, "scale_steps_per_epoch": 10, "scale_scored": 100,
     "forgetting": {"num_prompts": 16, "drift_tokens": 16, "num_probes": 64, "answer_tokens": 12},
-    "rag_sizes": [16, 32, 64], "rag_eval": 30, "rag_top_k": 2, "rag_entities": 60,
+    "rag_sizes": [25, 50, 100], "rag_eval": 60, "rag_top_k": 2, "rag_entities": 60,
     "cmap_run": "examples/mechanisms/arith_lora_cmap.yaml",
 }
 
@@ -118,17 +120,21 @@ def edit_run(name: str, n: int, **options) -> dict:
 
 def part_editing() -> dict:
     n, e, b = BUDGET["edits"], BUDGET["edit_epochs"], BUDGET["edit_batch"]
-    rows = [edit_run("locft-bf", n, epochs=e, batch_size=b),
-            edit_run("locft-df", n, epochs=e, schedule="depth_first"),
+    lr = BUDGET["edit_lr"]
+    rows = [edit_run("locft-bf", n, epochs=e, batch_size=b, lr=lr),
+            edit_run("locft-df", n, epochs=e, schedule="depth_first", lr=lr),
             edit_run("full-bf", n, epochs=e, batch_size=b, method="full", lr=BUDGET["full_lr"])]
     return {"compare": rows}
 
 
 def part_scale() -> dict:
-    """LocFT-BF on 10, 100 and 1,000 synthetic edits (batches of at most 100; a seeded sample of at
-    most `scale_scored` of them scored), general ability by the forgetting diagnostic."""
-    return {"scale": [edit_run(f"locft-bf-{k}", k, epochs=BUDGET["scale_epochs"], batch_size=min(100, k),
-                               num_scored=min(k, BUDGET["scale_scored"])) for k in BUDGET["scale"]]}
+    """LocFT-BF on 10, 100 and 1,000 synthetic edits, the same number of steps for each (batches of
+    edits / `scale_steps_per_epoch`), a seeded sample of at most `scale_scored` of them scored; general
+    ability by the forgetting diagnostic."""
+    per = BUDGET["scale_steps_per_epoch"]
+    return {"scale": [edit_run(f"locft-bf-{k}", k, epochs=BUDGET["scale_epochs"], batch_size=max(1, k // per),
+                               lr=BUDGET["edit_lr"], num_scored=min(k, BUDGET["scale_scored"]))
+                      for k in BUDGET["scale"]]}
 
 
 def part_mechanisms() -> dict:
