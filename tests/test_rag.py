@@ -81,6 +81,7 @@ def test_the_collection_holds_every_answer_and_a_namesake_per_person():
 
 
 def test_bm25_finds_the_right_person_among_namesakes():
+    pytest.importorskip("bm25s")  # the [rag] extra (also in [test])
     docs, qas = facts_collection(30)
     found = BM25Retriever(docs).retrieve([q.question for q in qas], k=2)
     hits = [q.doc_id in {d.doc_id for d in ds} for q, ds in zip(qas, found)]
@@ -109,6 +110,7 @@ def test_the_overlap_judge_scores_partial_answers():
 
 
 def test_the_harness_scores_base_vs_base_identically(model, tok):
+    pytest.importorskip("bm25s")  # the [rag] extra (also in [test])
     docs, qas = facts_collection(4)
     ctx = [[d.text for d in ds] for ds in BM25Retriever(docs).retrieve([q.question for q in qas[:6]], 2)]
     questions, refs = [q.question for q in qas[:6]], [q.answer for q in qas[:6]]
