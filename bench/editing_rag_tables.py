@@ -23,6 +23,23 @@ def table(columns: list[str], rows: list[list]) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
 
 
+def retained(f: dict) -> str:
+    from editing_rag import wilson  # bench/ is on the path when this file runs
+
+    n = f["num_probes_kept"]
+    return pct(f["retained_accuracy"], wilson(round(f["retained_accuracy"] * n), n)) if n else "-"
+
+
+def recovery_svg(d: dict) -> str:
+    """The patching recovery figure: the report's mechanisms chart from the committed JSON."""
+    import re
+
+    from tunelab.report.diagviews import mechanisms_view
+    svg = re.search(r"<svg.*?</svg>", mechanisms_view(d), re.S).group(0)
+    style = "<style>.axis{stroke:#444}.grid{stroke:#e5e5e5}text{font:11px sans-serif}</style>"
+    return re.sub(r"(<svg[^>]*>)", lambda m: m.group(1) + style, svg, count=1)
+
+
 def edit_rows(runs: list[dict]) -> str:
     rows = []
     for r in runs:
@@ -32,7 +49,7 @@ def edit_rows(runs: list[dict]) -> str:
                      f"{pct(b['reliability'])} -> {pct(a['reliability'], a.get('reliability_ci'))}",
                      f"{pct(b['generalization'])} -> {pct(a['generalization'], a.get('generalization_ci'))}",
                      pct(a["locality"], a.get("locality_ci")),
-                     f"{pct(f['retained_accuracy'] if f['num_probes_kept'] else None)} of {f['num_probes_kept']}",
+                     f"{retained(f)} of {f['num_probes_kept']}",
                      f"{f['kl_drift']:.4f}",
                      f"{r['seconds'] / 60:.1f}"])
     return table(["run", "edits", "scored", "steps", "skipped", "last epoch loss", "reliability (95% CI)",
@@ -67,7 +84,10 @@ def mechanism_tables(d: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--figure", type=Path, help="also write the recovery figure (SVG) here")
     a = ap.parse_args()
+    if a.figure:
+        a.figure.write_text(recovery_svg(json.loads((a.results / "editing-rag-mechanisms.json").read_text())))
     show = {"editing": lambda d: edit_rows(d["compare"]), "scale": lambda d: edit_rows(d["scale"]),
             "rag": rag_tables, "mechanisms": mechanism_tables}
     for part, fn in show.items():
