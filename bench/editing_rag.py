@@ -115,7 +115,7 @@ def edit_run(name: str, n: int, **options) -> dict:
             "before": with_intervals(found["before"]), "after": with_intervals(found["after"]),
             "steps": found["train"]["steps"], "skipped_batches": found["train"]["skipped_batches"],
             "train_seconds": found["train"]["seconds"], "last_epoch_loss": found["train"]["log"][-1]["loss"],
-            "schedule_log_length": len(found["train"]["log"]), "forgetting": forgetting(out)}
+            "schedule_log_length": len(found["train"]["log"]), "samples": found["samples"], "forgetting": forgetting(out)}
 
 
 def part_editing() -> dict:
