@@ -144,7 +144,7 @@ def test_peft_loads_adapter_with_same_logits(trained, tmp_path):
     base, method, tuned = trained
     method.save(tuned, None, tmp_path, "tiny")
     if not (tmp_path / "adapter_config.json").exists():
-        pytest.skip(f"{method.name} writes a full model, not a PEFT adapter")
+        pytest.skip(f"{method.name} writes no PEFT adapter (it saves {sorted(p.name for p in tmp_path.iterdir())})")
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
     b = batch(11)
     torch.testing.assert_close(logits(peft_model, b), logits(tuned, b), atol=1e-6, rtol=1e-6)
