@@ -15,7 +15,7 @@ from tunelab.objectives.sstoken import keep_counts, select_tokens
 from tunelab.run.context import StepContext
 
 NAMES = ["otr", "sstoken", "qtuning"]
-pytestmark = pytest.mark.filterwarnings("ignore:(qtuning. a micro-batch|sstoken reads attention)")
+pytestmark = pytest.mark.filterwarnings("ignore:(qtuning. a micro-batch|sstoken reads attention|otr. [0-9])")
 
 
 from tiny import random_examples as examples  # noqa: E402
@@ -431,3 +431,16 @@ def test_example_configs_load():
     for name in NAMES:
         cfg = C.load(root / f"{name}.yaml")
         assert cfg.objective.name == name and isinstance(cfg.objective.options, OBJECTIVES.get(name).Config)
+
+
+def test_otr_warns_once_when_the_model_finds_most_targets_unlikely(model):
+    """A random tiny model gives each target ~1/V: OTR cannot learn it (DFT-like weighting), and says so
+    on the first batch only; targets the model already predicts raise no warning."""
+    obj = make("otr", num_samples=16)
+    with pytest.warns(UserWarning, match="otr: .* hit rate below 0.1"):
+        obj.loss(model, batch_of(3))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        obj.loss(model, batch_of(3))  # once per run
+        make("otr", num_samples=8, temperature=1e-4).loss(model, _with_argmax_targets(model, batch_of(3)))
