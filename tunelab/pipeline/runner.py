@@ -67,10 +67,11 @@ def _write_spec(pipe: Pipeline) -> None:
     """RUN/pipeline.yaml; a run directory holding another pipeline is refused."""
     path = pipe.run_dir / "pipeline.yaml"
     text = redact(yaml.safe_dump(pipe.raw, sort_keys=False))
-    if path.exists() and yaml.safe_load(path.read_text()) != yaml.safe_load(text):
+    if not path.exists():
+        atomic_write_text(path, text)
+    elif yaml.safe_load(path.read_text()) != yaml.safe_load(text):
         raise ConfigError(f"output: {pipe.run_dir} already holds a different pipeline; resume it with "
                           f"`tunelab train {pipe.run_dir}` or choose another output=...")
-    atomic_write_text(path, text)
 
 
 # ----------------------------------------------------------------------------- completion

@@ -123,10 +123,21 @@ def _anchor(raw: dict, base: Path) -> None:
     C.anchor_paths(raw, base)
     for stage in raw.get("stages") or []:
         if isinstance(stage, dict):
+            refs = {k: _pop_refs(v) for k, v in stage.items() if isinstance(v, dict)}
             C.anchor_paths(stage, base)
+            for key, popped in refs.items():
+                stage[key].update(popped)
             for key, value in stage.items():
                 if key not in ("name", "from", "dataset"):
                     stage[key] = _anchor_values(value, base)
+
+
+def _pop_refs(section: dict) -> dict:
+    """Take the `@stage` values out of a section (they are not paths to anchor); returns them."""
+    refs = {k: v for k, v in section.items() if isinstance(v, str) and v.startswith("@")}
+    for k in refs:
+        del section[k]
+    return refs
 
 
 def _anchor_values(value, base: Path):
