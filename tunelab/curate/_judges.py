@@ -4,17 +4,23 @@ A judge is `judge(record, candidate, gold) -> bool`: `record` is the row (its pr
 field), `candidate` the text to accept or reject, `gold` the row's gold assistant turn. Built in:
 - `final_answer`: the final answers agree (tunelab.eval.metrics.exact_match: the `#### N` line, else
   a number the text ends with), against the row's `answer` field, else the gold turn's final answer.
+- `last_number`: the `#### N` answer if there is one, else the last number anywhere in the candidate,
+  equals the gold answer (GSM8K-style lenient extraction: a base model's free-form reasoning that
+  ends "... so she has 36 coins left." is judged by its 36).
 - `contains`: the gold short answer appears in the candidate as a whole word or phrase.
 Any other judge is named `module:function` (imported; your own code) or registered with `JUDGES`.
 """
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable
 
 from tunelab.data.records import Record
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.eval.metrics import DEFAULT_PATTERN, contains_match, exact_match, extract_answer
+from tunelab.eval.metrics import DEFAULT_PATTERN, contains_match, exact_match, extract_answer, normalize
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 Judge = Callable[[Record, str, str], bool]
 
@@ -28,11 +34,18 @@ def final_answer(record: Record, candidate: str, gold: str) -> bool:
     return exact_match(candidate, gold_answer(record, gold), DEFAULT_PATTERN)
 
 
+def last_number(record: Record, candidate: str, gold: str) -> bool:
+    if re.search(DEFAULT_PATTERN, candidate, re.MULTILINE):
+        return final_answer(record, candidate, gold)
+    numbers = NUMBER.findall(candidate)
+    return bool(numbers) and normalize(numbers[-1]) == normalize(gold_answer(record, gold))
+
+
 def contains(record: Record, candidate: str, gold: str) -> bool:
     return contains_match(candidate, gold_answer(record, gold))
 
 
-JUDGES: dict[str, Judge] = {"final_answer": final_answer, "contains": contains}
+JUDGES: dict[str, Judge] = {"final_answer": final_answer, "last_number": last_number, "contains": contains}
 """Judges by name; add yours here (Python) or name it `module:function` in a config."""
 
 
