@@ -132,14 +132,16 @@ def cmd_data_stage(a) -> None:
     import shutil
     from pathlib import Path
 
-    from tunelab.config import parse_override
+    from tunelab.config import parse_override, set_path
     from tunelab.curate import Workspace, build_stage, run_stage
     from tunelab.errors import TunelabError
 
     name = a.method or DATA_STAGE_DEFAULT.get(a.data_cmd)
     if name is None:
         raise TunelabError(f"tunelab data {a.data_cmd}: name the stage with --method (s3ft or pseudo_label)")
-    options = {".".join(k): v for k, v in map(parse_override, a.set)}
+    options: dict = {}
+    for keys, value in map(parse_override, a.set):  # nested keys: --set tasks.solve=FILE
+        set_path(options, keys, value)
     options.update({k: v for k, v in (("k", getattr(a, "k", None)), ("target", getattr(a, "target", None)),
                                       ("judge", getattr(a, "judge", None)), ("seed", getattr(a, "seed", None)))
                     if v is not None})
