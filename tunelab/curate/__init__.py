@@ -38,10 +38,6 @@ class DataStage(Component):
     def run(self, ws: Workspace) -> list[Record]:
         raise NotImplementedError
 
-    def inputs(self) -> list[str]:
-        """The data sources its options name (files, builtin specs), for fingerprints."""
-        return [v for k, v in vars(self.cfg).items() if k in ("input", "pool", "target", "labeled") and v]
-
 
 def provenance(stage: str, kind: str, record: Record, **details: Any) -> dict:
     """The provenance of a row made from `record` by `stage`: what was done (`kind`), the row it came

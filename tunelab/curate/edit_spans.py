@@ -68,7 +68,6 @@ def check(edits: list[Edit], num_words: int) -> None:
         if k and e.start == e.end == edits[k - 1].start == edits[k - 1].end:
             raise EditError(f"edits {k - 1} and {k} both insert before word {e.start}: write them as one")
         prev_end = e.end
-    return None
 
 
 def apply(source: str, edits: list[Edit]) -> str:

@@ -76,9 +76,6 @@ class TaskMix(DataStage):
     verb: ClassVar[str] = "mix"
     Config = TaskMixConfig
 
-    def inputs(self) -> list[str]:
-        return list(self.cfg.tasks.values()) + ([self.cfg.input] if self.cfg.input else [])
-
     def run(self, ws: Workspace) -> list[Record]:
         by_task = self._by_task()
         unknown = sorted(set(self.cfg.weights) - set(by_task))
