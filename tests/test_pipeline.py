@@ -208,3 +208,15 @@ def test_overrides_reach_the_top_level_and_named_stages(tmp_path):
     assert p.stage("b").spec["train"]["steps"] == 7 and p.stage("a").spec["train"]["steps"] == 100
     with pytest.raises(ConfigError, match="stages.NAME.key=value"):
         pipeline.load(path, ["stages.zzz.train.steps=7"])
+
+
+RECIPES = sorted((Path(__file__).parent.parent / "examples" / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_recipe_is_a_valid_pipeline(path):
+    """Each recipe resolves and validates (every stage's run config and data-stage options)."""
+    from tunelab import pipeline
+    p = pipeline.load(path)
+    assert p.run_dir == path.parent.parent / "runs" / path.stem
+    assert p.stages[-1].kind == "train"
