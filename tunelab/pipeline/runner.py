@@ -175,6 +175,8 @@ def publish(run_dir: Path, last: Stage) -> None:
     for name in PUBLISHED:
         target = last.directory / name
         link = run_dir / name
+        if link.exists() and not link.is_symlink():
+            continue  # written there since (e.g. `tunelab diagnose RUN`): the user's, left alone
         if not target.exists():
             if link.is_symlink():
                 link.unlink()
