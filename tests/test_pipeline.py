@@ -34,10 +34,11 @@ stages:
   - name: second
     train: {steps: 3, lr: 2.0e-3}
 """
-POINTS = ["curate:pseudo_label:chunk-1", "step:2", "manifest:weights", "stage-done:first", "step:1",
-          "fill:final", "stage-done:second"]
-"""Kill points in timeline order: inside the data stage, inside the first training stage, while its
-weights are written, between stages (all written but not marked done), inside the second stage."""
+POINTS = ["curate:pseudo_label:chunk-1", "stage-start:first", "step:2", "manifest:weights", "stage-done:first",
+          "stage-start:second", "step:1", "fill:final", "stage-done:second"]
+"""Kill points in timeline order: inside the data stage, between it and the first training stage,
+inside a step of that stage, while its weights are written, after everything is written but before
+the stage is marked done, between the two training stages, inside the second one."""
 
 
 @pytest.fixture(scope="module")

@@ -46,6 +46,7 @@ def run_pipeline(pipe: Pipeline, say=print) -> Path:
             if is_complete(pipe, stage):
                 say(f"stage {stage.name}: complete, skipped")
                 continue
+            pause_point(f"stage-start:{stage.name}")
             say(f"stage {stage.index + 1}/{len(pipe.stages)}: {stage.name} ({_what(stage)})")
             stage.directory.mkdir(parents=True, exist_ok=True)
             summary = run_training(stage) if stage.kind == "train" else run_data(pipe, stage)
