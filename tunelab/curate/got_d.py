@@ -24,7 +24,6 @@ Readings chosen where the sources differ or are silent:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -37,14 +36,18 @@ from tunelab.data.records import Record
 from tunelab.errors import TunelabError
 
 
+def _weights(cost: torch.Tensor, n: int, b: torch.Tensor | None) -> torch.Tensor:
+    """`b` (uniform 1/n when None) on the cost's device and in its dtype: (n,)."""
+    return cost.new_full((n,), 1.0 / n) if b is None else b.to(cost.device, cost.dtype)
+
+
 def sinkhorn(cost: torch.Tensor, eps: float, max_iters: int = 2000, tol: float = 1e-4,
              b: torch.Tensor | None = None):
     """Log-domain Sinkhorn between uniform rows and columns weighted `b` (uniform when None):
     (f (m,), g (n,), iterations, marginal error) for a cost matrix (m, n)."""
     m, n = cost.shape
-    log_a = torch.full((m,), -math.log(m), dtype=cost.dtype)
-    log_b = torch.full((n,), -math.log(n), dtype=cost.dtype) if b is None else b.to(cost.dtype).log()
-    f, g = torch.zeros(m, dtype=cost.dtype), torch.zeros(n, dtype=cost.dtype)
+    log_a, log_b = _weights(cost, m, None).log(), _weights(cost, n, b).log()
+    f, g = cost.new_zeros(m), cost.new_zeros(n)  # on the cost's device, in its dtype
     err = float("inf")
     for it in range(1, max_iters + 1):
         f = -eps * torch.logsumexp((g[None, :] - cost) / eps + log_b[None, :], dim=1)
@@ -61,7 +64,7 @@ def transport_plan(f: torch.Tensor, g: torch.Tensor, cost: torch.Tensor, eps: fl
                    b: torch.Tensor | None = None) -> torch.Tensor:
     """P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps): (m, n)."""
     m, n = cost.shape
-    b = torch.full((n,), 1.0 / n, dtype=cost.dtype) if b is None else b.to(cost.dtype)
+    b = _weights(cost, n, b)
     return torch.exp((f[:, None] + g[None, :] - cost) / eps) * b[None, :] / m
 
 
@@ -69,7 +72,7 @@ def ot_value(cost: torch.Tensor, eps: float, b: torch.Tensor | None = None) -> f
     """The entropic OT value at convergence, its dual sum_i a_i f_i + sum_j b_j g_j."""
     m, n = cost.shape
     f, g, _, _ = sinkhorn(cost, eps, max_iters=20000, tol=1e-10, b=b)
-    b = torch.full((n,), 1.0 / n, dtype=cost.dtype) if b is None else b.to(cost.dtype)
+    b = _weights(cost, n, b)
     return float(f.mean() + (g * b).sum())
 
 

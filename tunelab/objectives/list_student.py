@@ -71,7 +71,7 @@ def meta_weights(params: list[torch.Tensor], losses: torch.Tensor, labeled_loss:
     for i in range(losses.numel()):
         g_i = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
         dots.append(sum((a * b).sum() for a, b in zip(g_l, g_i) if a is not None and b is not None))
-    w = torch.stack([torch.as_tensor(d, dtype=losses.dtype) for d in dots]).clamp_min(0).detach()
+    w = torch.stack([torch.as_tensor(d, dtype=losses.dtype, device=losses.device) for d in dots]).clamp_min(0).detach()
     return w / w.sum() if w.sum() > 0 else w
 
 
