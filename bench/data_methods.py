@@ -38,6 +38,20 @@ RUNS = ROOT / "runs" / "data-methods"
 NO_EVAL = {"eval": None}
 SMOKE: dict = {}
 """--smoke MODEL_DIR: every recipe on a tiny model with 2 steps and 8-row data (checks the code paths)."""
+BUDGETS = {
+    "recipe": {},
+    "small": {"steps": 12,
+              "got_d": {"select": {"pool": "builtin:pool?n=400&on_target=0.1&target=typos", "k": 40}},
+              "s3ft": {"relabel": {"input": "builtin:arith?n=48&split=train", "max_new_tokens": 96, "chunk": 16,
+                                   "batch_size": 16},
+                       "forgetting": {"num_prompts": 8, "num_probes": 16}},
+              "self_training": {"label": {"input": "builtin:arith?n=96&split=train&seed=1&answers=false",
+                                          "max_new_tokens": 48}},
+              "edit_spans": {}},
+}
+"""--budget: `recipe` runs the recipes as written; `small` fits a shared 2-core CPU (every training
+stage's steps scaled so the recipe's top-level steps become `steps`, smaller data-stage inputs)."""
+BUDGET: dict = {}
 
 
 def wilson(hits: int, n: int, z: float = 1.96) -> list[float]:
@@ -61,13 +75,31 @@ def recipe(name: str, out: str) -> dict:
         if "data" in stage:
             stage["data"] = {**stage["data"], **NO_EVAL}
     raw["output"] = str(RUNS / out)
-    return shrink(raw) if SMOKE else raw
+    return shrink(raw) if SMOKE else with_budget(raw, name)
+
+
+def with_budget(raw: dict, name: str) -> dict:
+    """The recipe at the chosen --budget: steps scaled, data stages' options and the forgetting
+    diagnostic's sizes replaced."""
+    if "steps" in BUDGET:
+        top = raw["train"]["steps"]
+        raw["train"] = {**raw["train"], "steps": BUDGET["steps"]}
+        for s in raw["stages"]:
+            if "steps" in s.get("train", {}):
+                s["train"] = {**s["train"], "steps": max(1, round(s["train"]["steps"] * BUDGET["steps"] / top))}
+    mine = BUDGET.get(name, {})
+    for s in raw["stages"]:
+        if s["name"] in mine:
+            s["with"] = {**s["with"], **mine[s["name"]]}
+    if "forgetting" in mine:
+        raw["diagnostics"]["options"]["forgetting"] = {**raw["diagnostics"]["options"]["forgetting"], **mine["forgetting"]}
+    return raw
 
 
 def shrink(raw: dict) -> dict:
     import re
     text = yaml.safe_dump(raw)
-    text = re.sub(r"\bn=\d+", "n=16", text).replace("n_entities=", "n_entities=")
+    text = re.sub(r"\bn=\d+", "n=16", text)
     raw = yaml.safe_load(text)
     raw["model"] = {"name": SMOKE["model"]}
     raw["train"] = {**raw["train"], "steps": 2, "precision": "fp32"}
@@ -300,6 +332,15 @@ def tables(res: dict) -> list[str]:
     return out
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or the platform's processor string elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
 def write_docs() -> Path:
     """The tables of every bench/results/data-methods-*.json into docs/results/data-methods.md."""
     res = {p.stem.removeprefix("data-methods-"): json.loads(p.read_text())
@@ -318,6 +359,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default=",".join(COMPARISONS), help="comma-separated: " + ", ".join(COMPARISONS))
     ap.add_argument("--num-eval", type=int, default=100, help="held-out rows scored per arm and split")
+    ap.add_argument("--budget", choices=list(BUDGETS), default="recipe", help="recipe: the recipes as written; "
+                    "small: fewer steps and smaller data stages (for a shared 2-core CPU)")
     ap.add_argument("--smoke", metavar="MODEL_DIR", help=argparse.SUPPRESS)
     ap.add_argument("--docs", action="store_true", help="only write the tables of the results there are into "
                     "docs/results/data-methods.md")
@@ -330,13 +373,17 @@ def main() -> None:
         SMOKE["model"], RUNS = a.smoke, ROOT / "runs" / "data-methods-smoke"
     import torch
 
+    from tunelab.run.device import cpu_isa
+
+    BUDGET.update(BUDGETS[a.budget])
     for name in a.only.split(","):
         t0 = time.perf_counter()
         res = COMPARISONS[name](a.num_eval)
         res["meta"] = {"comparison": name, "date": datetime.date.today().isoformat(), "model": "smollm2-135m",
                        "num_eval": a.num_eval, "wall_s": round(time.perf_counter() - t0), "torch": torch.__version__,
                        "threads": torch.get_num_threads(), "machine": platform.machine(),
-                       "command": f"python bench/data_methods.py --only {name} --num-eval {a.num_eval}",
+                       "command": f"python bench/data_methods.py --only {name} --num-eval {a.num_eval} --budget {a.budget}",
+                       "budget": {"name": a.budget, **BUDGETS[a.budget]}, "cpu": cpu_model(), "isa": cpu_isa(),
                        "note": "timings on a shared 2-core machine (other sessions were running)"}
         path = HERE / "results" / f"data-methods-{name}.json" if not a.smoke else RUNS / f"{name}.json"
         path.write_text(json.dumps(res, indent=1))
