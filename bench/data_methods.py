@@ -315,7 +315,7 @@ def tables(res: dict) -> list[str]:
         out += ["", "### Self-training vs labeled only", "", f"Labels `{r['setup']['labeled']}`, unlabeled pool "
                 f"`{r['setup']['pool']}`: {q['kept']} of {q['pool']} pseudo-labels kept, {q['correct_among_kept']} of them "
                 "right.", "", "| arm | optimizer steps | accuracy [95% CI] | gold loss |", "|---|---|---|---|",
-                f"| self-training: labels; pseudo-labels (from the base); labels again | {st['supervised']} + {st['pretrain']} + "
+                f"| self-training: labels; pseudo-labels (trained from the base); labels again | {st['supervised']} + {st['pretrain']} + "
                 f"{st['finetune']} | {pct(r['self_training'])} | {r['self_training']['gold_loss']} |",
                 f"| labeled only | {st['labeled_only']} | {pct(r['labeled_only'])} | {r['labeled_only']['gold_loss']} |",
                 f"| (stage 1 of self-training: labeled only) | {st['supervised']} | {pct(r['after_stage_1'])} | "
