@@ -289,19 +289,27 @@ def pct(x: dict) -> str:
     return f"{100 * x['accuracy']:.1f}% ({x['hits']}/{x['n']}) [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
+def measured(meta: dict) -> str:
+    """One line: when, by which command, how long, on what CPU."""
+    steps = meta.get("budget", {}).get("steps", "the recipe's")
+    return (f"Measured {meta['date']} with `{meta['command']}` (train.steps {steps}, "
+            f"{meta['wall_s'] / 60:.0f} min wall on a shared {meta.get('cpu', '?')} with "
+            f"{', '.join(meta.get('isa', []))}, {meta['threads']} threads).")
+
+
 def tables(res: dict) -> list[str]:
     """Markdown tables of whatever comparison results are in `res` (by comparison name)."""
     out = []
     if "got_d" in res:
         r = res["got_d"]
-        out += ["### GOT-D vs random selection", "", f"Pool `{r['setup']['pool']}`, target `{r['setup']['target']}`, "
+        out += ["### GOT-D vs random selection", "", measured(r["meta"]), "", f"Pool `{r['setup']['pool']}`, target `{r['setup']['target']}`, "
                 f"k = {r['setup']['k']}; scored on `{r['setup']['eval']}` (exact sentence).", "",
                 "| selection | selected rows on target | accuracy [95% CI] | gold loss |", "|---|---|---|---|"]
         out += [f"| {a} | {100 * r[a]['selected_on_target']:.0f}% {r[a]['selected_by_domain']} | {pct(r[a])} | {r[a]['gold_loss']} |"
                 for a in ("got_d", "random")]
     if "s3ft" in res:
         r = res["s3ft"]
-        out += ["", "### S3FT vs SFT on gold", "", f"Train `{r['setup']['train']}`, judge `{r['setup']['judge']}`; scored on "
+        out += ["", "### S3FT vs SFT on gold", "", measured(r["meta"]), "", f"Train `{r['setup']['train']}`, judge `{r['setup']['judge']}`; scored on "
                 f"`{r['setup']['eval']}`. S3FT targets: {r['s3ft']['provenance']}.", "",
                 "| targets | accuracy [95% CI] | gold loss | KL drift | retained probes | conjugate retained |",
                 "|---|---|---|---|---|---|"]
@@ -312,7 +320,7 @@ def tables(res: dict) -> list[str]:
     if "self_training" in res:
         r = res["self_training"]
         st, q = r["setup"]["steps"], r["pseudo_labels"]
-        out += ["", "### Self-training vs labeled only", "", f"Labels `{r['setup']['labeled']}`, unlabeled pool "
+        out += ["", "### Self-training vs labeled only", "", measured(r["meta"]), "", f"Labels `{r['setup']['labeled']}`, unlabeled pool "
                 f"`{r['setup']['pool']}`: {q['kept']} of {q['pool']} pseudo-labels kept, {q['correct_among_kept']} of them "
                 "right.", "", "| arm | optimizer steps | accuracy [95% CI] | gold loss |", "|---|---|---|---|",
                 f"| self-training: labels; pseudo-labels (trained from the base); labels again | {st['supervised']} + {st['pretrain']} + "
@@ -323,7 +331,7 @@ def tables(res: dict) -> list[str]:
     if "edit_spans" in res:
         r = res["edit_spans"]
         tt = r["setup"]["target_tokens_per_example"]
-        out += ["", "### Edit spans vs full targets", "", f"Train `{r['setup']['train']}`; target tokens per training example: "
+        out += ["", "### Edit spans vs full targets", "", measured(r["meta"]), "", f"Train `{r['setup']['train']}`; target tokens per training example: "
                 f"edit spans {tt['edits']:.1f}, full {tt['full']:.1f} ({100 * tt['edits'] / tt['full']:.0f}%).", "",
                 "| targets | test accuracy [95% CI] | OOD accuracy [95% CI] | tokens generated (test) | gold loss (test) |",
                 "|---|---|---|---|---|"]
