@@ -23,9 +23,11 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("methods", ["tunelab.methods", "tunelab.methods.*"]),
     ("objectives", ["tunelab.objectives", "tunelab.objectives.*"]),
     ("evaluation", ["tunelab.eval", "tunelab.eval.*"]),
+    ("data stages", ["tunelab.curate", "tunelab.curate.*"]),
     ("training loop", ["tunelab.training", "tunelab.training.*"]),
     ("users of trained runs", ["tunelab.diagnostics", "tunelab.diagnostics.*", "tunelab.report",
                                "tunelab.report.*", "tunelab.export"]),
+    ("pipelines", ["tunelab.pipeline", "tunelab.pipeline.*"]),
     ("entry points", ["tunelab", "tunelab.api", "tunelab.compare", "tunelab.cli", "tunelab.__main__"]),
 ]
 __doc__ += "".join(f"\n    {i}. {name}: {', '.join(pats)}" for i, (name, pats) in enumerate(LAYERS))

@@ -84,8 +84,19 @@ def target_section(run: RunData) -> str:
         note = (f"The eval data has no gold final answer (an <code>answer</code> field or a line matching "
                 f"<code>eval.answer_pattern</code>), so accuracy is not scored: eval loss and perplexity over "
                 f"the trained tokens of {H.fmt(after.get('loss_examples'))} held-out examples show the gain.")
-    body += H.note(note + f" Evaluated: {escape(str(headline(run)['eval_data']))}.") + accuracy_chart(run) + samples_table(run)
+    body += H.note(note + f" Evaluated: {escape(str(headline(run)['eval_data']))}.") + task_table(run) + \
+        accuracy_chart(run) + samples_table(run)
     return H.section("Target task", body, "target")
+
+
+def task_table(run: RunData) -> str:
+    """Accuracy per sub-task (rows with a `task` field: AnyTaskTune task sets), before and after."""
+    before, after = ((run.results.get(k) or {}).get("by_task") or {} for k in ("before", "after"))
+    if not after:
+        return ""
+    rows = [[t, H.fmt(a["num_examples"]), H.cell((before.get(t) or {}).get("accuracy"), f"task_{t}_before"),
+             H.cell(a["accuracy"], f"task_{t}_after")] for t, a in after.items()]
+    return H.table(["task", "examples", "accuracy before", "accuracy after"], rows, css_id="task-table")
 
 
 def _change_cell(v, key: str, higher_better: bool) -> H.Cell:
