@@ -135,8 +135,8 @@ class TokenElimination:
 
     def pre_hook(self, module, args, kwargs):
         module.__dict__.pop("_tunelab_kept", None)
-        if not module.training:
-            return None
+        if not module.training or "tunelab_capture" in kwargs:  # a soft prompt's own run (tunelab.methods._prefix)
+            return None  # stays dense, as at inference
         if "hidden_states" in kwargs:
             h = kwargs["hidden_states"]
         else:
