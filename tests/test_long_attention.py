@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tunelab.models.shifted import GroupedShiftAttention
+from tunelab.models.shifted import GroupedShiftAttention, split_heads
 
 
 class _Module:
@@ -29,12 +29,13 @@ def run(pattern, q, k, v, **kw):
 
 
 def reference(pattern, q, k, v):
-    """Masked explicit attention, head h using visibility half 0 (h < H//2) or 1."""
+    """Masked explicit attention, head h using visibility half 0 (unshifted heads) or 1."""
     H, n = q.shape[1], q.shape[2]
     vis = pattern.visibility(n)
+    split = split_heads(H, k.shape[1])
     k, v = (t.repeat_interleave(H // t.shape[1], 1) for t in (k, v))
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    half = torch.tensor([0 if h < H // 2 or not pattern.shift else 1 for h in range(H)])
+    half = torch.tensor([0 if h < split or not pattern.shift else 1 for h in range(H)])
     mask = vis[half][None]  # (1, H, n, n)
     return scores.masked_fill(~mask, -math.inf).softmax(-1) @ v
 
@@ -45,7 +46,7 @@ def causal(q, k, v):
 
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 40), half=st.integers(1, 12), wrap=st.booleans(), sinks=st.integers(0, 5),
-       heads=st.sampled_from([(4, 2), (9, 3), (3, 1), (2, 2)]))
+       heads=st.sampled_from([(4, 2), (9, 3), (3, 1), (2, 2), (6, 2), (8, 8)]))
 def test_pattern_equals_masked_attention_with_its_visibility(n, half, wrap, sinks, heads):
     pattern = GroupedShiftAttention(2 * half, wrap=wrap, num_sinks=0 if wrap else sinks)
     q, k, v = qkv(n, *heads)
@@ -101,6 +102,12 @@ def test_shift_pattern_covers_every_position(groups, half, extra, wrap, sinks):
     assert torch.equal(_closure(both) & causal_full, causal_full)
     if not wrap:
         assert not (both & ~causal_full).any()  # never a future token
+
+
+def test_split_heads_follows_kv_groups():
+    assert split_heads(9, 3) == 3 and split_heads(4, 2) == 2 and split_heads(8, 8) == 4
+    assert split_heads(3, 1) == 1 and split_heads(32, 8) == 16   # MQA: no inner K/V boundary, exactly half
+    assert split_heads(14, 2) == 7
 
 
 def test_groups_isolate_tokens():
@@ -171,7 +178,7 @@ def test_prefix_keys_are_global():
     H = q.shape[1]
     kk, vv = (torch.cat([a, b], 2).repeat_interleave(2, 1) for a, b in ((pk, k), (pv, v)))
     scores = (q @ kk.transpose(-1, -2)) / math.sqrt(8)
-    half = torch.tensor([0, 0, 1, 1])
+    half = torch.tensor([0, 0, 1, 1])  # 4 heads in 2 K/V groups: 2 unshifted, 2 shifted
     mask = torch.cat([torch.ones(H, n, P, dtype=torch.bool), vis[half]], -1)[None]
     torch.testing.assert_close(out, scores.masked_fill(~mask, -math.inf).softmax(-1) @ vv, atol=1e-5, rtol=1e-5)
 

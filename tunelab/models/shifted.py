@@ -2,19 +2,20 @@
 
 S²-Attn (Chen et al., ICLR 2024, "LongLoRA"). Each example of length n is cut into groups of G
 tokens and attention runs causally inside each group only: cost n*G instead of n^2. Half of the
-heads (the second half; with an odd count, the larger one) use groups shifted by G/2, so that
-information crosses every group boundary of the other half:
+heads (the second half) use groups shifted by G/2, so that information crosses every group
+boundary of the other half:
 
-    heads [0, H//2):  groups [0, G), [G, 2G), ...
-    heads [H//2, H):  groups [0, G/2), [G/2, 3G/2), ..., the last one ending at n      (wrap=False)
+    heads [0, h):     groups [0, G), [G, 2G), ...          (h = H // 2, see split_heads for GQA)
+    heads [h, H):      groups [0, G/2), [G/2, 3G/2), ..., the last one ending at n      (wrap=False)
                       or: q, k, v rolled by -G/2, groups [0, G), ..., output rolled back  (wrap=True)
 
 wrap=False is LongLoRA's flash-attention path (group boundaries offset via cu_seqlens);
 wrap=True its plain path (`torch.roll`), where the last shifted group holds the sequence's last
 G/2 and first G/2 tokens and, causal in rolled order, lets the first tokens see the last ones.
 Training only: inference runs full attention (LongLoRA's claim: the model keeps full-attention
-quality). With grouped-query attention, a query head reads its own key/value head (LongLoRA
-repeats K/V before shifting; here only where the halves do not align with the K/V groups).
+quality). With grouped-query attention LongLoRA repeats the K/V heads and splits the query heads
+exactly in half; we split at the K/V group boundary nearest below half instead, where there is
+one (SmolLM2: 3 of 9 query heads unshifted, 6 shifted), so that no K/V head is copied (`split_heads`).
 
 SF-Attn (Zhang, arXiv 2406.05678, "SinkLoRA"). Our reading of its abstract and figures (no code
 was published): the shifted groups are "segmented and reassembled" so that no group wraps around
@@ -65,7 +66,8 @@ class GroupedShiftAttention:
 
     def example(self, q, k, v, prefix, dropout: float, scaling) -> torch.Tensor:
         """One example: q (1, H, n, D), k/v (1, Hkv, n, D) -> (1, H, n, D)."""
-        H, split = q.shape[1], q.shape[1] // 2 if self.shift else q.shape[1]
+        H = q.shape[1]
+        split = split_heads(H, k.shape[1]) if self.shift else H
         halves = []
         for a, b, shifted in ((0, split, False), (split, H, True)):
             if a == b:
@@ -119,6 +121,15 @@ class GroupedShiftAttention:
                 if self.num_sinks and s:
                     out[h, idx[:, None], torch.arange(min(self.num_sinks, s))[None, :]] = True
         return out
+
+
+def split_heads(num_heads: int, num_kv_heads: int) -> int:
+    """How many query heads keep unshifted groups: half, moved down to a K/V group boundary when
+    one lies inside (0, H), so that no K/V head is copied for the split (9 heads in 3 K/V groups:
+    3 unshifted, 6 shifted); else exactly H // 2 (LongLoRA repeats K/V heads, as `_heads` does then)."""
+    group = num_heads // num_kv_heads
+    aligned = (num_heads // 2) // group * group
+    return aligned if 0 < aligned < num_heads else num_heads // 2
 
 
 def _heads(t: torch.Tensor, a: int, b: int, num_heads: int) -> torch.Tensor:
