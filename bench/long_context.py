@@ -1,0 +1,203 @@
+"""Long-context fine-tuning on the built-in SmolLM2-135M: full attention, S2-Attn, SF-Attn and LeMo
+on the same footing (LongLoRA's parameterization for every row: LoRA r=8 on q, k, v, o plus the
+embeddings and norms; the rows differ only in the training-time attention).
+
+    python bench/long_context.py                 # the curve, then the accuracy runs (hours on 2 CPU cores)
+    python bench/long_context.py --only curve    # step time, saved activations, peak RSS vs length
+    python bench/long_context.py --only accuracy # fine-tune at TRAIN_LENGTH, accuracy per length bucket
+    python bench/long_context.py --docs-from bench/results/long-context-*<date>.json   (tables only)
+
+Each measurement runs in its own process. Results go to bench/results/long-context-<machine>-
+<date>.json as they come (a rerun with the same file skips what it holds), the tables and charts
+into docs/results/long-context.md (between the bench markers) and docs/results/long-context-*.svg.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+ROWS = {"full": {"pattern": "full"}, "s2": {"pattern": "s2"}, "sf": {"pattern": "sf", "num_sink_tokens": 4},
+        "lemo": {"pattern": "lemo", "keep_ratio": 0.5}}
+"""Row -> model.attention (s2/sf: groups of a quarter of the length; lemo: Jenga's layout, oracle scorer)."""
+METHOD = {"name": "longlora"}
+CURVE_LENGTHS = (1024, 2048, 4096, 8192)
+TRAIN_LENGTH, TRAIN_STEPS, TRAIN_LR = 2048, 12, 3e-4
+EVAL = "builtin:longctx?n=24&length=512&max_length=4096&split=test"
+"""6 test rows (2 of each kind) per bucket 512, 1024, 2048, 4096."""
+
+
+# ----------------------------------------------------------------------------- the curve
+def _rss_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _batch(tok, length: int):
+    """One real longctx row cut to exactly `length` tokens, loss on its last 16 (packed layout)."""
+    from tunelab.data import collate, encode, load_records
+    from tunelab.data.config import DataConfig
+    from tunelab.data.records import Example
+
+    rec = load_records(f"builtin:longctx?n=1&length={2 * length}&kind=kv", DataConfig())
+    ids = encode(rec, tok, DataConfig(max_length=10**6))[0].input_ids[:length]
+    return collate([Example(ids, [-100] * (length - 16) + ids[-16:])], packing=True, pad_id=0)
+
+
+def curve_point(row: str, length: int) -> dict:
+    """One optimizer step at `length` tokens after a warm-up step at 256: step time, bytes saved
+    for backward, and the peak RSS of the step over the RSS before it (VmHWM reset)."""
+    import torch
+
+    from tunelab.models import load_model
+    from tunelab.models.config import ModelConfig
+    from tunelab.objectives import OBJECTIVES
+    from tunelab.options import from_dict
+    from tunelab.registry import METHODS
+    from tunelab.run.device import autocast, resolve_precision
+
+    att = ROWS[row] | ({"group_size": length // 4} if row in ("s2", "sf") else {})
+    model, tok = load_model(from_dict(ModelConfig, {"attention": att}, "model"))
+    method = METHODS.get(METHOD["name"])()
+    model = method.apply(model).train()
+    opt = torch.optim.AdamW(method.param_groups(model, 0.0), lr=1e-5)
+    loss_fn, saved = OBJECTIVES.get("sft")(), [0]
+
+    def count(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    def step(batch, hook=lambda t: t) -> float:
+        t0 = time.perf_counter()
+        with autocast("auto"), torch.autograd.graph.saved_tensors_hooks(hook, lambda t: t):
+            out = loss_fn.loss(model, batch)
+        out.loss_sum.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+    step(_batch(tok, 256))
+    batch = _batch(tok, length)
+    before = _rss_mib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the RSS high-water mark
+    seconds = step(batch, count)
+    return {"row": row, "length": length, "step_s": seconds, "saved_activations_mib": saved[0] / 2**20,
+            "step_peak_rss_mib": _rss_mib("VmHWM") - before, "rss_before_mib": before,
+            "precision": resolve_precision("auto", torch.device("cpu"))}
+
+
+# ----------------------------------------------------------------------------- accuracy
+def scores(model, tok) -> dict:
+    from tunelab.data import load_records
+    from tunelab.data.config import DataConfig
+    from tunelab.eval.long_context import answer_scores, by_bucket
+
+    records = load_records(EVAL, DataConfig())
+    return {str(k): v for k, v in by_bucket(records, answer_scores(model, tok, records, precision="auto")).items()}
+
+
+def accuracy_row(row: str) -> dict:
+    """`before`: the base model; else fine-tune with `row`'s attention at TRAIN_LENGTH, then score."""
+    import statistics
+
+    import tunelab
+    if row == "before":
+        from tunelab.models import load_model
+        from tunelab.models.config import ModelConfig
+        return {"row": row, "buckets": scores(*load_model(ModelConfig()))}
+    out = ROOT / "runs" / "long-context" / row
+    run = tunelab.train({
+        "model": {"name": "smollm2-135m", "attention": ROWS[row]},
+        "data": {"train": f"builtin:longctx?n=64&length={TRAIN_LENGTH}&split=train", "eval": None,
+                 "max_length": TRAIN_LENGTH, "packing": True},
+        "method": METHOD,
+        "train": {"steps": TRAIN_STEPS, "micro_batch_size": 1, "lr": TRAIN_LR, "warmup_steps": 2,
+                  "schedule": "constant", "seed": 0, "save_every": 4, "progress": False},
+        "diagnostics": {"after_train": []}, "output": str(out)})
+    _, model, tok, _ = tunelab.load_run(run)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if x["kind"] == "train"]
+    return {"row": row, "buckets": scores(model, tok), "step_s_median": statistics.median(x["step_s"] for x in train),
+            "final_loss": statistics.mean(x["loss"] for x in train[-4:]),
+            "trainable_params": next(x for x in lines if x["kind"] == "setup")["trainable_params"],
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+# ----------------------------------------------------------------------------- orchestration
+def child(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=ROOT,
+                          env=dict(os.environ, TQDM_DISABLE="1"))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1][:300] if (proc.stderr or proc.stdout)
+                else f"exit {proc.returncode}"}
+    return json.loads(lines[-1])
+
+
+def machine() -> str:
+    return os.environ.get("BENCH_MACHINE", f"cpu{os.cpu_count()}")
+
+
+def run_all(only: str, path: Path) -> dict:
+    res = json.loads(path.read_text()) if path.exists() else {
+        "machine": machine(), "date": datetime.date.today().isoformat(), "curve": [], "accuracy": [],
+        "command": "python bench/long_context.py" + (f" --only {only}" if only else ""),
+        "settings": {"rows": ROWS, "method": METHOD, "curve_lengths": CURVE_LENGTHS, "train_length": TRAIN_LENGTH,
+                     "train_steps": TRAIN_STEPS, "train_lr": TRAIN_LR, "eval": EVAL}}
+    t0 = time.time()
+    todo = ([("curve", r, n) for n in CURVE_LENGTHS for r in ROWS] if only in ("", "curve") else []) + \
+           ([("accuracy", r, None) for r in ["before", *ROWS]] if only in ("", "accuracy") else [])
+    for kind, row, n in todo:
+        if any(x.get("row") == row and x.get("length") == n and "error" not in x for x in res[kind]):
+            continue
+        print(f"{kind} {row} {n or ''} ...", flush=True)
+        got = child([kind, row] + ([str(n)] if n else []))
+        res[kind] = [x for x in res[kind] if not (x.get("row") == row and x.get("length") == n)]
+        res[kind].append({"row": row, **({"length": n} if n else {}), **got})
+        res["minutes"] = res.get("minutes", 0) + (time.time() - t0) / 60
+        t0 = time.time()
+        path.write_text(json.dumps(res, indent=1))
+        print(json.dumps(res[kind][-1]), flush=True)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", choices=["curve", "accuracy"], default="")
+    ap.add_argument("--out", help="results JSON (default bench/results/long-context-<machine>-<date>.json)")
+    ap.add_argument("--docs-from", metavar="JSON", nargs="+", help="only rewrite the docs from results files")
+    a, rest = ap.parse_known_args()
+    if rest:  # a child: curve ROW LENGTH | accuracy ROW
+        fn = curve_point if rest[0] == "curve" else accuracy_row
+        print(json.dumps(fn(rest[1], *map(int, rest[2:]))))
+        return
+    from long_context_docs import write
+    if a.docs_from:
+        write(merged([json.loads(Path(p).read_text()) for p in a.docs_from]), [Path(p) for p in a.docs_from])
+        return
+    part = f"{a.only}-" if a.only else ""
+    path = Path(a.out or HERE / "results" / f"long-context-{part}{machine()}-{datetime.date.today().isoformat()}.json")
+    write(run_all(a.only, path), [path])
+
+
+def merged(results: list[dict]) -> dict:
+    """One result from the files of separate runs (--only curve, --only accuracy)."""
+    out = dict(results[0])
+    for r in results[1:]:
+        out["curve"], out["accuracy"] = out["curve"] + r["curve"], out["accuracy"] + r["accuracy"]
+        out["minutes"] = out.get("minutes", 0) + r.get("minutes", 0)
+        out["command"] += f"; {r['command']}"
+    return out
+
+
+if __name__ == "__main__":
+    main()
