@@ -29,6 +29,10 @@ class Method(Component):
     """The train.parallel modes it can train under on several processes, the first being `auto`'s
     choice; empty when it cannot (then `single_process_why` says why)."""
     single_process_why: ClassVar[str] = ""
+    frozen_base: ClassVar[bool] = False
+    """Whether the base model's weights stay frozen for the whole run and are read only by their own
+    layers' forward (LoRA, adapters, the prompt family): then, under bf16 compute, its frozen linear
+    weights are stored once in bf16 (tunelab/training/lowp.py) instead of cast in every forward."""
 
     # -- set-up ---------------------------------------------------------------------------
     def apply(self, model):
