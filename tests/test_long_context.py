@@ -4,9 +4,11 @@ scaling from the config; clear errors before training."""
 import copy
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import tunelab
@@ -192,8 +194,8 @@ def test_longer_than_the_models_positions_without_scaling_fails_before_training(
     data.write_text("".join(json.dumps(r) + "\n" for r in long_rows))
     cfg = run_cfg(tiny_dir, data, tmp_path / "run", {"pattern": "full"})
     cfg["data"] |= {"max_length": 1024, "eval": None}
-    with pytest.raises(TunelabError, match=r"data.train: examples up to \d+ tokens are longer than the 512 positions.*"
-                                           r"model.rope_scaling"):
+    with pytest.raises(TunelabError, match=r"data.train: examples up to \d+ tokens \(the longest: \S*long.jsonl:\d+\) "
+                                           r"are longer than the 512 positions.*model.rope_scaling"):
         tunelab.train(cfg)
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or "train" not in (tmp_path / "run" / "metrics.jsonl").read_text()
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
@@ -247,3 +249,42 @@ def test_load_model_installs_the_configured_pattern(pattern, tiny_dir):
     else:
         assert all(a.__dict__[PATTERN].group_size == 8 for a in attns)
         assert all((a.__dict__[PATTERN].num_sinks == 2) == (pattern == "sf") for a in attns)
+
+
+# -- the recipes -------------------------------------------------------------------------------------
+EXAMPLES = Path(__file__).parent.parent / "examples"
+RECIPES = sorted((EXAMPLES / "long_context").glob("*.yaml")) + [EXAMPLES / "methods" / "longlora.yaml"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_trains_on_the_models_device_and_scores_by_length(recipe, tiny_dir, tmp_path):
+    """Each long-context recipe as written (attention pattern, rope scaling, method, eval), with the
+    model swapped for the tiny one and shorter retrieval rows: it trains, every tensor tunelab
+    makes names its device (tests/devicetrap.py), and eval.json has accuracy per length bucket."""
+    from devicetrap import DeviceTrap
+
+    raw = yaml.safe_load(recipe.read_text())
+    cfg = C.load(None, [f"model.name={tiny_dir}", "data.train=builtin:longctx?n=6&length=128&max_length=256",
+                        "data.eval=builtin:longctx?n=4&length=128&max_length=256&split=test", "data.max_length=512",
+                        "train.steps=2", "train.save_every=0", "train.progress=false", "train.precision=fp32",
+                        "eval.before=false", "eval.num_examples=4", "diagnostics.after_train=[]",
+                        f"output={tmp_path / 'run'}"]
+                + (["model.attention.num_dense_first=0"] if raw["model"]["attention"]["pattern"] == "lemo" else []),
+                base=raw)  # lemo: the tiny model's 2 layers are its default dense half and dense last layer
+    att = cfg.model.attention
+    assert att.pattern == raw["model"]["attention"]["pattern"]
+    assert att.group_size == (128 if att.pattern in ("s2", "sf") else None)  # unset: a quarter of data.max_length
+    with DeviceTrap() as trap:
+        run = tunelab.train(cfg)
+    assert not trap.found, "tensors created without a device:\n  " + "\n  ".join(sorted(trap.found))
+    after = json.loads((run / "eval.json").read_text())["after"]
+    assert set(after["by_length"]) == {"128", "256"} and sum(b["num_examples"] for b in after["by_length"].values()) == 4
+
+
+def test_lemo_without_a_sparse_layer_warns(tiny_dir):
+    from tunelab.models import load_model
+    from tunelab.models.config import ModelConfig
+
+    with pytest.warns(UserWarning, match="eliminates tokens in no layer of this 2-layer model"):
+        load_model(from_dict(ModelConfig, {"name": str(tiny_dir), "attention": {"pattern": "lemo"}}, "model"))

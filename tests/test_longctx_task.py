@@ -95,3 +95,14 @@ def test_hit_is_greedy_decoding_and_nll_is_the_answer_ce():
     rs = [Record(text="x", meta={"length": 512}), Record(text="y", meta={"length": 1024})]
     assert by_bucket(rs, s) == {512: {"accuracy": 1.0, "answer_nll": s[0]["nll"], "mean_tokens": 44, "num_examples": 1},
                                 1024: {"accuracy": 0.0, "answer_nll": s[1]["nll"], "mean_tokens": 44, "num_examples": 1}}
+
+
+def test_answer_accuracy_by_length_bucket():
+    """eval.json's `by_length`: accuracy per `meta["length"]` bucket, absent without buckets."""
+    from tunelab.data.records import Record
+    from tunelab.eval.task import by_length
+
+    rs = [Record(text=str(i), meta={"length": n}) for i, n in enumerate([1024, 512, 512, 1024, 512])]
+    assert by_length(rs, [True, False, True, False, False]) == {"by_length": {
+        512: {"accuracy": 1 / 3, "num_examples": 3}, 1024: {"accuracy": 0.5, "num_examples": 2}}}
+    assert by_length([Record(text="x")], [True]) == {}

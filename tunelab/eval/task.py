@@ -105,6 +105,17 @@ def answer_accuracy(model, tokenizer, records: list[Record], cfg: EvalConfig, pr
              "contains": contains_match}[cfg.metric]
     hits = [bool(score(p, r)) for p, r in zip(preds, refs)]
     return {"accuracy": sum(hits) / len(hits), "num_examples": len(hits),
-            "examples_per_s": len(hits) / seconds,
+            "examples_per_s": len(hits) / seconds, **by_length(chat, hits),
             "samples": [{"source": r.source, "reference": ref, "prediction": p, "correct": h}
                         for r, ref, p, h in list(zip(chat, refs, preds, hits))[:5]]}
+
+
+def by_length(records: list[Record], hits: list[bool]) -> dict:
+    """{"by_length": {bucket: {"accuracy", "num_examples"}}} when the records name a length
+    bucket in `meta["length"]` (builtin:longctx), else {}."""
+    groups: dict[int, list[bool]] = {}
+    for r, h in zip(records, hits):
+        if "length" in r.meta:
+            groups.setdefault(r.meta["length"], []).append(h)
+    return {"by_length": {b: {"accuracy": sum(g) / len(g), "num_examples": len(g)}
+                          for b, g in sorted(groups.items())}} if groups else {}

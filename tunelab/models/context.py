@@ -34,20 +34,23 @@ def positions(config) -> tuple[int, str]:
     return int(base * params["factor"]), f"{base} x rope_scaling factor {params['factor']:g} ({params['rope_type']})"
 
 
-def check_positions(model, lengths: dict[str, int], model_name: str) -> None:
+def check_positions(model, examples: dict[str, list], model_name: str) -> None:
     """A clear error before training when an example is longer than the model's positions.
-    `lengths`: what -> longest example in tokens (e.g. {"data.train": 9000})."""
+    `examples`: what -> its encoded examples (e.g. {"data.train": [...]}); the error names the
+    longest one's source (file:line)."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     if getattr(cfg, "max_position_embeddings", None) is None:
         return
     limit, why = positions(cfg)
-    for what, longest in lengths.items():
-        if longest > limit:
+    for what, exs in examples.items():
+        longest = max(exs, key=len, default=None)
+        if longest is not None and len(longest) > limit:
+            where = f" (the longest: {longest.source})" if longest.source else ""
             raise TunelabError(
-                f"{what}: examples up to {longest} tokens are longer than the {limit} positions of model "
-                f"{model_name} ({why}); set model.rope_scaling (e.g. {{type: linear, factor: "
-                f"{-(-longest // cfg.max_position_embeddings)}}}, LongLoRA's position interpolation) or lower "
-                "data.max_length")
+                f"{what}: examples up to {len(longest)} tokens{where} are longer than the {limit} positions of "
+                f"model {model_name} ({why}); set model.rope_scaling (e.g. {{type: linear, factor: "
+                f"{-(-len(longest) // cfg.max_position_embeddings)}}}, LongLoRA's position interpolation) or "
+                "lower data.max_length")
 
 
 def install_attention(model, att: AttentionConfig) -> str:

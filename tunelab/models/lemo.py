@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -184,6 +185,10 @@ def install(model, att) -> int:
     if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
         raise ConfigError("model.attention: pattern lemo needs a decoder whose layers have `self_attn` (Llama family)")
     chosen = sparse_layers(len(layers), att.num_dense_first, att.num_dense_last)
+    if not chosen:
+        warnings.warn(f"model.attention: pattern lemo eliminates tokens in no layer of this {len(layers)}-layer model "
+                      f"(num_dense_first={att.num_dense_first}, num_dense_last={att.num_dense_last}): it trains as "
+                      "full attention", stacklevel=2)
     hook = TokenElimination(att.keep_ratio, att.block_size, SCORERS[att.scorer], att.num_recent_blocks)
     for i in chosen:
         attn = layers[i].self_attn
