@@ -97,12 +97,16 @@ def curve_point(row: str, length: int) -> dict:
 
 # ----------------------------------------------------------------------------- accuracy
 def scores(model, tok) -> dict:
+    """Accuracy per length bucket on EVAL, and each row's hit and answer CE (for paired intervals)."""
     from tunelab.data import load_records
     from tunelab.data.config import DataConfig
     from tunelab.eval.long_context import answer_scores, by_bucket
 
     records = load_records(EVAL, DataConfig())
-    return {str(k): v for k, v in by_bucket(records, answer_scores(model, tok, records, precision="auto")).items()}
+    got = answer_scores(model, tok, records, precision="auto")
+    return {"buckets": {str(k): v for k, v in by_bucket(records, got).items()},
+            "examples": [{"source": r.source, "length": r.meta["length"], "kind": r.meta["kind"], **g}
+                         for r, g in zip(records, got)]}
 
 
 def accuracy_row(row: str) -> dict:
@@ -113,7 +117,7 @@ def accuracy_row(row: str) -> dict:
     if row == "before":
         from tunelab.models import load_model
         from tunelab.models.config import ModelConfig
-        return {"row": row, "buckets": scores(*load_model(ModelConfig()))}
+        return {"row": row, **scores(*load_model(ModelConfig()))}
     out = ROOT / "runs" / "long-context" / row
     run = tunelab.train({
         "model": {"name": "smollm2-135m", "attention": ROWS[row]},
@@ -126,7 +130,7 @@ def accuracy_row(row: str) -> dict:
     _, model, tok, _ = tunelab.load_run(run)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     train = [x for x in lines if x["kind"] == "train"]
-    return {"row": row, "buckets": scores(model, tok), "step_s_median": statistics.median(x["step_s"] for x in train),
+    return {"row": row, **scores(model, tok), "step_s_median": statistics.median(x["step_s"] for x in train),
             "final_loss": statistics.mean(x["loss"] for x in train[-4:]),
             "trainable_params": next(x for x in lines if x["kind"] == "setup")["trainable_params"],
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
