@@ -4,7 +4,9 @@ embeddings and norms; the rows differ only in the training-time attention).
 
     python bench/long_context.py                 # the curve, then the accuracy runs (hours on 2 CPU cores)
     python bench/long_context.py --only curve    # step time, saved activations, peak RSS vs length
-    python bench/long_context.py --only accuracy # fine-tune at TRAIN_LENGTH, accuracy per length bucket
+    python bench/long_context.py --only accuracy # fine-tune at --train-length, accuracy per length bucket
+    python bench/long_context.py --lengths 512 1024 2048 --train-length 1024 --train-steps 6 --eval-rows 12 \
+        --eval-max-length 2048                   # a smaller budget (each flag's default: BUDGET)
     python bench/long_context.py --docs-from bench/results/long-context-*<date>.json   (tables only)
 
 Each measurement runs in its own process. Results go to bench/results/long-context-<machine>-
@@ -29,10 +31,16 @@ ROWS = {"full": {"pattern": "full"}, "s2": {"pattern": "s2"}, "sf": {"pattern": 
         "lemo": {"pattern": "lemo", "keep_ratio": 0.5}}
 """Row -> model.attention (s2/sf: groups of a quarter of the length; lemo: Jenga's layout, oracle scorer)."""
 METHOD = {"name": "longlora"}
-CURVE_LENGTHS = (1024, 2048, 4096, 8192)
-TRAIN_LENGTH, TRAIN_STEPS, TRAIN_LR = 2048, 12, 3e-4
-EVAL = "builtin:longctx?n=24&length=512&max_length=4096&split=test"
-"""6 test rows (2 of each kind) per bucket 512, 1024, 2048, 4096."""
+BUDGET = {"lengths": [1024, 2048, 4096, 8192], "train_length": 2048, "train_steps": 12, "eval_rows": 24,
+          "eval_max_length": 4096}
+"""The default budget (each a command-line flag: --lengths, --train-length, ...): the curve's
+lengths; fine-tuning steps at train_length tokens; eval_rows test rows spread evenly over the
+buckets 512, 1024, ... eval_max_length (a third of each bucket per kind)."""
+TRAIN_LR = 3e-4
+
+
+def eval_spec(budget: dict) -> str:
+    return f"builtin:longctx?n={budget['eval_rows']}&length=512&max_length={budget['eval_max_length']}&split=test"
 
 
 # ----------------------------------------------------------------------------- the curve
@@ -96,49 +104,49 @@ def curve_point(row: str, length: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- accuracy
-def scores(model, tok) -> dict:
-    """Accuracy per length bucket on EVAL, and each row's hit and answer CE (for paired intervals)."""
+def scores(model, tok, budget: dict) -> dict:
+    """Accuracy per length bucket on the eval rows, and each row's hit and answer CE (for paired intervals)."""
     from tunelab.data import load_records
     from tunelab.data.config import DataConfig
     from tunelab.eval.long_context import answer_scores, by_bucket
 
-    records = load_records(EVAL, DataConfig())
+    records = load_records(eval_spec(budget), DataConfig())
     got = answer_scores(model, tok, records, precision="auto")
     return {"buckets": {str(k): v for k, v in by_bucket(records, got).items()},
             "examples": [{"source": r.source, "length": r.meta["length"], "kind": r.meta["kind"], **g}
                          for r, g in zip(records, got)]}
 
 
-def accuracy_row(row: str) -> dict:
-    """`before`: the base model; else fine-tune with `row`'s attention at TRAIN_LENGTH, then score."""
+def accuracy_row(row: str, budget: dict) -> dict:
+    """`before`: the base model; else fine-tune with `row`'s attention at the budget's train_length, then score."""
     import statistics
 
     import tunelab
     if row == "before":
         from tunelab.models import load_model
         from tunelab.models.config import ModelConfig
-        return {"row": row, **scores(*load_model(ModelConfig()))}
-    out = ROOT / "runs" / "long-context" / row
+        return {"row": row, **scores(*load_model(ModelConfig()), budget)}
+    out, length = ROOT / "runs" / "long-context" / row, budget["train_length"]
     run = tunelab.train({
         "model": {"name": "smollm2-135m", "attention": ROWS[row]},
-        "data": {"train": f"builtin:longctx?n=64&length={TRAIN_LENGTH}&split=train", "eval": None,
-                 "max_length": TRAIN_LENGTH, "packing": True},
+        "data": {"train": f"builtin:longctx?n=64&length={length}&split=train", "eval": None,
+                 "max_length": length, "packing": True},
         "method": METHOD,
-        "train": {"steps": TRAIN_STEPS, "micro_batch_size": 1, "lr": TRAIN_LR, "warmup_steps": 2,
+        "train": {"steps": budget["train_steps"], "micro_batch_size": 1, "lr": TRAIN_LR, "warmup_steps": 2,
                   "schedule": "constant", "seed": 0, "save_every": 4, "progress": False},
         "diagnostics": {"after_train": []}, "output": str(out)})
     _, model, tok, _ = tunelab.load_run(run)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     train = [x for x in lines if x["kind"] == "train"]
-    return {"row": row, **scores(model, tok), "step_s_median": statistics.median(x["step_s"] for x in train),
+    return {"row": row, **scores(model, tok, budget), "step_s_median": statistics.median(x["step_s"] for x in train),
             "final_loss": statistics.mean(x["loss"] for x in train[-4:]),
             "trainable_params": next(x for x in lines if x["kind"] == "setup")["trainable_params"],
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 # ----------------------------------------------------------------------------- orchestration
-def child(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=ROOT,
+def child(args: list[str], budget: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args, "--budget", json.dumps(budget)], capture_output=True, text=True, cwd=ROOT,
                           env=dict(os.environ, TQDM_DISABLE="1"))
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
@@ -151,20 +159,21 @@ def machine() -> str:
     return os.environ.get("BENCH_MACHINE", f"cpu{os.cpu_count()}")
 
 
-def run_all(only: str, path: Path) -> dict:
+def run_all(only: str, path: Path, budget: dict, command: str) -> dict:
+    """Measure what `only` names under `budget` into `path`, skipping what it already holds (a
+    later call may add lengths; each call's command and budget are recorded)."""
     res = json.loads(path.read_text()) if path.exists() else {
         "machine": machine(), "date": datetime.date.today().isoformat(), "curve": [], "accuracy": [],
-        "command": "python bench/long_context.py" + (f" --only {only}" if only else ""),
-        "settings": {"rows": ROWS, "method": METHOD, "curve_lengths": CURVE_LENGTHS, "train_length": TRAIN_LENGTH,
-                     "train_steps": TRAIN_STEPS, "train_lr": TRAIN_LR, "eval": EVAL}}
+        "settings": {"rows": ROWS, "method": METHOD, "train_lr": TRAIN_LR}, "calls": []}
+    res["calls"].append({"command": command, "budget": budget, "eval": eval_spec(budget)})
     t0 = time.time()
-    todo = ([("curve", r, n) for n in CURVE_LENGTHS for r in ROWS] if only in ("", "curve") else []) + \
+    todo = ([("curve", r, n) for n in budget["lengths"] for r in ROWS] if only in ("", "curve") else []) + \
            ([("accuracy", r, None) for r in ["before", *ROWS]] if only in ("", "accuracy") else [])
     for kind, row, n in todo:
         if any(x.get("row") == row and x.get("length") == n and "error" not in x for x in res[kind]):
             continue
         print(f"{kind} {row} {n or ''} ...", flush=True)
-        got = child([kind, row] + ([str(n)] if n else []))
+        got = child([kind, row] + ([str(n)] if n else []), budget)
         res[kind] = [x for x in res[kind] if not (x.get("row") == row and x.get("length") == n)]
         res[kind].append({"row": row, **({"length": n} if n else {}), **got})
         res["minutes"] = res.get("minutes", 0) + (time.time() - t0) / 60
@@ -179,10 +188,16 @@ def main() -> None:
     ap.add_argument("--only", choices=["curve", "accuracy"], default="")
     ap.add_argument("--out", help="results JSON (default bench/results/long-context-<machine>-<date>.json)")
     ap.add_argument("--docs-from", metavar="JSON", nargs="+", help="only rewrite the docs from results files")
+    ap.add_argument("--lengths", type=int, nargs="+", default=BUDGET["lengths"], help="the curve's sequence lengths")
+    for key in ("train_length", "train_steps", "eval_rows", "eval_max_length"):
+        ap.add_argument("--" + key.replace("_", "-"), type=int, default=BUDGET[key])
+    ap.add_argument("--budget", help=argparse.SUPPRESS)  # a child's: the parent's budget as JSON
     a, rest = ap.parse_known_args()
     if rest:  # a child: curve ROW LENGTH | accuracy ROW
-        fn = curve_point if rest[0] == "curve" else accuracy_row
-        print(json.dumps(fn(rest[1], *map(int, rest[2:]))))
+        if rest[0] == "curve":
+            print(json.dumps(curve_point(rest[1], int(rest[2]))))
+        else:
+            print(json.dumps(accuracy_row(rest[1], json.loads(a.budget))))
         return
     from long_context_docs import write
     if a.docs_from:
@@ -190,7 +205,8 @@ def main() -> None:
         return
     part = f"{a.only}-" if a.only else ""
     path = Path(a.out or HERE / "results" / f"long-context-{part}{machine()}-{datetime.date.today().isoformat()}.json")
-    write(run_all(a.only, path), [path])
+    budget = {k: getattr(a, k) for k in BUDGET}
+    write(run_all(a.only, path, budget, " ".join(["python bench/long_context.py", *sys.argv[1:]])), [path])
 
 
 def merged(results: list[dict]) -> dict:
@@ -199,7 +215,7 @@ def merged(results: list[dict]) -> dict:
     for r in results[1:]:
         out["curve"], out["accuracy"] = out["curve"] + r["curve"], out["accuracy"] + r["accuracy"]
         out["minutes"] = out.get("minutes", 0) + r.get("minutes", 0)
-        out["command"] += f"; {r['command']}"
+        out["calls"] = out["calls"] + r["calls"]
     return out
 
 

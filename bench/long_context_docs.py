@@ -132,10 +132,23 @@ def charts(res: dict) -> dict[str, str]:
     return out
 
 
+def budget_line(res: dict) -> str:
+    """The budget in words, from the last call that ran the accuracy rows (else the last call)."""
+    call = next((c for c in reversed(res["calls"]) if "--only curve" not in c["command"]), res["calls"][-1])
+    b = call["budget"]
+    lengths = sorted({p["length"] for p in res["curve"]})
+    return (f"Curve: one optimizer step per length ({', '.join(f'{n:,}' for n in lengths)} tokens) after a warm-up "
+            f"step. Accuracy: {b['train_steps']} fine-tuning steps of one {b['train_length']:,}-token row "
+            f"(`builtin:longctx?n=64&length={b['train_length']}&split=train`), then {b['eval_rows']} test rows "
+            f"(`{call['eval']}`). Method {res['settings']['method']['name']}, "
+            f"lr {res['settings']['train_lr']:g}.")
+
+
 def write(res: dict, sources: list[Path]) -> None:
     raw = ", ".join(f"`{p.resolve().relative_to(ROOT)}`" for p in sources)
     md = (f"Measured {res['date']} on {res['machine']} (2 cores shared with other sessions, which were running: "
-          f"timings are noisy), {res.get('minutes', 0):.0f} min; command `{res['command']}`; raw results {raw}.\n\n")
+          f"timings are noisy), {res.get('minutes', 0):.0f} min; raw results {raw}; command(s):\n\n"
+          + "".join(f"    {c['command']}\n" for c in res["calls"]) + "\n" + budget_line(res) + "\n\n")
     if res["curve"]:
         md += (f"### Step time and memory against sequence length\n\n{curve_table(res)}\n"
                f"**Full attention's cost divided by each pattern's** (above 1: the pattern is cheaper)\n\n"
