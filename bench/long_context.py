@@ -63,8 +63,9 @@ def _batch(tok, length: int):
 
 
 def curve_point(row: str, length: int) -> dict:
-    """One optimizer step at `length` tokens after a warm-up step at 256: step time, bytes saved
-    for backward, and the peak RSS of the step over the RSS before it (VmHWM reset)."""
+    """One optimizer step at `length` tokens after a warm-up step at 256: wall and CPU time (all
+    threads; steadier than wall time on a shared machine), bytes saved for backward, and the peak
+    RSS of the step over the RSS before it (VmHWM reset)."""
     import torch
 
     from tunelab.models import load_model
@@ -85,20 +86,20 @@ def curve_point(row: str, length: int) -> dict:
         saved[0] += t.numel() * t.element_size()
         return t
 
-    def step(batch, hook=lambda t: t) -> float:
-        t0 = time.perf_counter()
+    def step(batch, hook=lambda t: t) -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
         with autocast("auto"), torch.autograd.graph.saved_tensors_hooks(hook, lambda t: t):
             out = loss_fn.loss(model, batch)
         out.loss_sum.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
     step(_batch(tok, 256))
     batch = _batch(tok, length)
     before = _rss_mib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the RSS high-water mark
-    seconds = step(batch, count)
-    return {"row": row, "length": length, "step_s": seconds, "saved_activations_mib": saved[0] / 2**20,
+    seconds, cpu = step(batch, count)
+    return {"row": row, "length": length, "step_s": seconds, "step_cpu_s": cpu, "saved_activations_mib": saved[0] / 2**20,
             "step_peak_rss_mib": _rss_mib("VmHWM") - before, "rss_before_mib": before,
             "precision": resolve_precision("auto", torch.device("cpu"))}
 

@@ -22,7 +22,8 @@ def curve_table(res: dict) -> str:
     rows = [r for r in NAMES if any(k[0] == r for k in pts)]
     head = "| attention | " + " | ".join(f"{n:,} tokens" for n in lengths) + " |\n|---|" + "---|" * len(lengths) + "\n"
     out = []
-    for title, key, spec in (("step time, s", "step_s", ".1f"), ("activations saved for backward, MiB",
+    for title, key, spec in (("step CPU time (all threads), s", "step_cpu_s", ".1f"), ("step wall time, s", "step_s", ".1f"),
+                             ("activations saved for backward, MiB",
                                                                   "saved_activations_mib", ".0f"),
                              ("peak RSS of the step over the loaded model, MiB", "step_peak_rss_mib", ".0f")):
         body = []
@@ -95,7 +96,7 @@ def nll_table(res: dict) -> str:
 
 
 def ratio_table(res: dict) -> str:
-    """Full attention's step time and saved activations divided by each pattern's, per length."""
+    """Full attention's step CPU time and saved activations divided by each pattern's, per length."""
     pts = {(p["row"], p["length"]): p for p in res["curve"] if "error" not in p}
     lengths = sorted({n for r, n in pts if r == "full"})
     out = ["| pattern | " + " | ".join(f"{n:,}: time, activations" for n in lengths) + " |",
@@ -104,8 +105,8 @@ def ratio_table(res: dict) -> str:
         cells = []
         for n in lengths:
             a, b = pts.get(("full", n)), pts.get((r, n))
-            cells.append(f"{a['step_s'] / b['step_s']:.2f}x, {a['saved_activations_mib'] / b['saved_activations_mib']:.2f}x"
-                         if a and b else "-")
+            cells.append(f"{a['step_cpu_s'] / b['step_cpu_s']:.2f}x, {a['saved_activations_mib'] / b['saved_activations_mib']:.2f}x"
+                         if a and b and "step_cpu_s" in a and "step_cpu_s" in b else "-")
         out.append(f"| {NAMES[r]} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
@@ -117,8 +118,8 @@ def charts(res: dict) -> dict[str, str]:
     def series(key):
         return [Series(name=NAMES[r], points=sorted((p["length"], p[key]) for p in res["curve"]
                                                     if p["row"] == r and key in p)) for r in NAMES if r != "before"]
-    out = {"time": line_chart(series("step_s"), title="Step time against sequence length", x_label="tokens",
-                              y_label="seconds per step"),
+    out = {"time": line_chart(series("step_cpu_s"), title="Step CPU time against sequence length", x_label="tokens",
+                              y_label="CPU seconds per step"),
            "memory": line_chart(series("saved_activations_mib"), title="Activations saved for backward",
                                 x_label="tokens", y_label="MiB"),
            "rss": line_chart(series("step_peak_rss_mib"), title="Peak RSS of one step over the loaded model",
