@@ -26,6 +26,9 @@ CORE_ROWS = [
      lambda n: ".lora_" in n and ("q_proj" in n or "v_proj" in n)),
     ("lora-regex", "lora", {"r": 2, "target_modules": [r"model\.layers\.1\.mlp\..*"]},
      lambda n: ".lora_" in n and "layers.1.mlp" in n),
+    ("longlora", "longlora", {"r": 4, "alpha": 8},  # LoRA on q, k, v, o; embeddings and norms in full
+     lambda n: (".lora_" in n and n.split(".")[-3] in ("q_proj", "k_proj", "v_proj", "o_proj"))
+     or "embed_tokens" in n or n.endswith("norm.weight")),
 ]
 METHOD_ROWS = CORE_ROWS + SPARSE_ROWS + PROMPT_ROWS + ADAPTER_ROWS
 

@@ -19,7 +19,7 @@ from tunelab.data.config import DataConfig
 from tunelab.diagnostics.config import DiagnosticsConfig
 from tunelab.errors import ConfigError
 from tunelab.eval.config import EvalConfig
-from tunelab.models.config import ModelConfig, looks_like_path
+from tunelab.models.config import ModelConfig, check_context, looks_like_path
 from tunelab.options import ComponentSpec, from_dict, to_dict
 from tunelab.registry import METHODS, OBJECTIVES
 from tunelab.training.config import TrainConfig
@@ -45,6 +45,9 @@ class RunConfig:
     """Side-effect diagnostics after training (forgetting, knowledge, tuco, intruder) and their options."""
     output: str = "runs/latest"
     """The run directory."""
+
+    def __post_init__(self) -> None:
+        check_context(self.model, self.data.max_length)  # rules between sections, named by key path
 
 
 # ----------------------------------------------------------------------------- components

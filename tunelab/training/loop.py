@@ -17,6 +17,7 @@ import torch
 
 from tunelab import config as C
 from tunelab.errors import Interrupted, TunelabError
+from tunelab.models.context import check_positions
 from tunelab.run.context import StepContext
 from tunelab.run.dist import SINGLE, Dist
 from tunelab.run.device import pick_device, resolve_precision
@@ -124,6 +125,7 @@ def build(cfg: C.RunConfig, run_dir: Path, dist: Dist = SINGLE) -> Run:
     parallel = choose(dist, device, tc.parallel, method, objective)
     parallel.wrap(model, objective)
     train_ex, eval_records, eval_ex = load_examples(cfg, tok, quiet=not dist.is_main)
+    check_positions(model, {"data.train": train_ex, "eval data": eval_ex}, cfg.model.name)
     groups = method.param_groups(model, tc.weight_decay) + objective.param_groups(tc.weight_decay)
     opt, sched = build_optimizer(groups, tc)
     if dist.rank > 0:  # ranks drew the same initialisation; from here each draws its own (dropout, sampling)
