@@ -13,7 +13,7 @@ from tunelab.eval.metrics import contains_match, exact_match, extract_answer, no
 
 STEP = re.compile(r"^Step (\d+): (\d+) ([-+*]) (\d+) = (-?\d+)$")
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
-FACT_SPLITS = ["train", "probe_verbatim", "probe_rephrased", "update_train", "probe_updated"]
+FACT_SPLITS = ["train", "probe_verbatim", "probe_rephrased", "update_train", "probe_updated", "probe_locality"]
 
 
 def arith(split: str, n: int = 300, seed: int = 0):
@@ -144,7 +144,8 @@ def test_arith_wording_varies():
 def test_facts_deterministic_and_counted(split):
     rows = facts(split, 20, seed=5)
     assert rows == facts(split, 20, seed=5)
-    per_entity = {"train": 6, "probe_verbatim": 5, "probe_rephrased": 5, "update_train": 1, "probe_updated": 1}
+    per_entity = {"train": 6, "probe_verbatim": 5, "probe_rephrased": 5, "update_train": 1, "probe_updated": 1,
+                  "probe_locality": 1}
     assert len(rows) == 20 * per_entity[split]
     assert [r.source for r in rows] == [f"builtin:facts:{split}:{i}" for i in range(len(rows))]
     assert len({r.meta["entity"] for r in rows}) == 20
@@ -189,6 +190,14 @@ def test_facts_updates():
         assert old == truth[r.meta["entity"], r.meta["attribute"]] != r.answer
         assert contains_match(assistant(r), r.answer) and not contains_match(assistant(r), old)
     assert len({r.meta["attribute"] for r in probe}) > 1  # different attributes get updated
+
+
+def test_facts_locality_probes_ask_a_fact_the_update_leaves_alone():
+    truth = {(r.meta["entity"], r.meta["attribute"]): r.answer for r in facts("probe_verbatim")}
+    updated = {r.meta["entity"]: r.meta["attribute"] for r in facts("update_train")}
+    for r in facts("probe_locality"):
+        assert r.meta["attribute"] != updated[r.meta["entity"]] == r.meta["updated"]
+        assert r.answer == truth[r.meta["entity"], r.meta["attribute"]]
 
 
 def test_facts_names_are_unique_and_invented():

@@ -29,6 +29,8 @@ CORE_ROWS = [
     ("longlora", "longlora", {"r": 4, "alpha": 8},  # LoRA on q, k, v, o; embeddings and norms in full
      lambda n: (".lora_" in n and n.split(".")[-3] in ("q_proj", "k_proj", "v_proj", "o_proj"))
      or "embed_tokens" in n or n.endswith("norm.weight")),
+    ("locft", "locft", {"layer": 0}, lambda n: n.startswith("model.layers.0.mlp.down_proj.")),
+    ("locft-block", "locft", {"layer": -1, "module": ""}, lambda n: n.startswith("model.layers.1.")),
 ]
 METHOD_ROWS = CORE_ROWS + SPARSE_ROWS + PROMPT_ROWS + ADAPTER_ROWS
 

@@ -67,6 +67,15 @@ def cmd_diagnose(a) -> None:
     print(f"wrote {len(results)} diagnostics to {a.run}/diagnostics/: {', '.join(results)}")
 
 
+def cmd_edit(a) -> None:
+    from tunelab.editing import edit, load_config
+    sweep = [int(x) for x in a.sweep.split(",")] if a.sweep else None
+    cfg = load_config(a.config, a.overrides, model=a.model, layer=a.layer, schedule=a.schedule, output=a.out,
+                      sweep=sweep)
+    out = edit(a.requests, cfg)
+    print(f"run directory: {out} (edit.json: the figures; general ability: tunelab diagnose {out} --only forgetting)")
+
+
 def cmd_report(a) -> None:
     from tunelab.report import write_report
     print(f"wrote {write_report(a.run)}")
@@ -193,6 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--only", nargs="+", metavar="NAME", help="run only these diagnostics (default: the run "
                     "config's diagnostics.after_train if it names any, else the cheap ones that fit its data)")
     dg.set_defaults(fn=cmd_diagnose)
+    ed = sub.add_parser("edit", help="edit a model with requests (LocFT-BF: one module, breadth-first) and "
+                        "score reliability, generalization and locality")
+    ed.add_argument("requests", help="a JSONL/JSON/CSV of {prompt, target, rephrase?, locality?}, or "
+                    "builtin:facts?n_entities=N for synthetic edits")
+    ed.add_argument("overrides", nargs="*", help="key=value options of the edit (lr=1e-4 epochs=10 ...)")
+    ed.add_argument("--model", help="the model to edit (default: the recipe's, else smollm2-135m)")
+    ed.add_argument("--config", metavar="RECIPE", help="an edit recipe YAML (examples/editing/)")
+    ed.add_argument("--layer", type=int, help="the block whose module trains")
+    ed.add_argument("--sweep", metavar="L1,L2,...", help="try these layers on the first requests and edit at the best")
+    ed.add_argument("--schedule", choices=["breadth_first", "depth_first"])
+    ed.add_argument("--out", help="the run directory (default: the recipe's output, else runs/edit)")
+    ed.set_defaults(fn=cmd_edit)
     r = sub.add_parser("report", help="write RUN/report.html: target gain, loss curve, throughput, side effects")
     r.add_argument("run")
     r.set_defaults(fn=cmd_report)
@@ -265,11 +286,11 @@ def add_data_stage_commands(d) -> None:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line; `train`'s key=value overrides may also follow its options
+    """The command line; `train`'s (and `edit`'s) key=value overrides may also follow its options
     (`tunelab train x.yaml --nproc 2 train.steps=5`)."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command == "train" and all("=" in r and not r.startswith("-") for r in rest):
+    if rest and hasattr(args, "overrides") and all("=" in r and not r.startswith("-") for r in rest):
         args.overrides += rest
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -7,7 +7,7 @@ from tunelab.options import Options
 
 HOLDOUT = "holdout"
 """`data.eval` meaning: a held-out slice of `data.train` (tunelab.data.split)."""
-Format = Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt", "text"]
+Format = Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt", "rag", "text"]
 
 
 @dataclass(kw_only=True)

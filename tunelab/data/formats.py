@@ -10,6 +10,9 @@ Formats:
 - `prompt_completion`: {"prompt": str | messages, "completion": str | messages}
 - `alpaca`: {"instruction": str, "input": str (optional), "output": str, "system": str (optional)}
 - `sharegpt`: {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}
+- `rag`: {"question": str, "contexts": [str, ...], "answer": str}: the passages go into the user turn
+  in their order (`rag_prompt`), the answer is the assistant turn (the only one that trains); a
+  row that does not fit data.max_length is an error, never a silent cut of its answer
 - `text`: {"text": str}
 Any row may carry an `answer` (str or number), the reference answer for exact-match eval, a `task`
 (the sub-task it belongs to, a non-empty string: AnyTaskTune task sets, scored per task) and a
@@ -286,6 +289,26 @@ def _from_alpaca(row: dict) -> Record:
     return Record(messages=messages)
 
 
+def rag_prompt(question: str, contexts: list[str]) -> str:
+    """The user turn of a retrieval-augmented question: numbered passages, then the question (the
+    bare question when there are no passages)."""
+    if not contexts:
+        return question
+    passages = "\n".join(f"Passage {i + 1}: {c}" for i, c in enumerate(contexts))
+    return f"Answer the question using the passages.\n\n{passages}\n\nQuestion: {question}"
+
+
+def _from_rag(row: dict) -> Record:
+    question = _text(_field(row, "question"), "question")
+    contexts = row.get("contexts") or []
+    if not isinstance(contexts, list):
+        raise RowError("contexts", f"expected a list of passages, got {type(contexts).__name__}")
+    contexts = [_text(c, f"contexts[{i}]") for i, c in enumerate(contexts)]
+    answer = _text(_field(row, "answer"), "answer")
+    messages = [{"role": "user", "content": rag_prompt(question, contexts)}, {"role": "assistant", "content": answer}]
+    return Record(messages=messages, meta={"must_fit": "contexts", "question": question, "contexts": contexts})
+
+
 def _from_text(row: dict) -> Record:
     return Record(text=_text(_field(row, "text"), "text"))
 
@@ -302,6 +325,7 @@ FORMATS: dict[str, Format] = {
     "sharegpt": Format(("conversations",), _from_sharegpt),
     "alpaca": Format(("instruction", "output"), _from_alpaca),
     "prompt_completion": Format(("prompt", "completion"), _from_prompt_completion),
+    "rag": Format(("contexts", "question", "answer"), _from_rag),
     "text": Format(("text",), _from_text),
 }
 """Formats in detection order: the first whose identifying (first) key is in the first row wins,

@@ -78,12 +78,25 @@ def encode(records: Sequence[Record], tokenizer: Any, cfg: DataConfig) -> Exampl
         ex = encode_one(record, tokenizer, cfg.train_on_prompt, max_length=cfg.max_length)
         if len(ex) > out.longest:
             out.longest, out.longest_partial = len(ex), ex.partial
+        full = len(ex)
         ex = _truncate(ex, cfg.max_length)
+        if ex.truncated and record.meta.get("must_fit"):
+            _overflow(record, full, cfg.max_length)
         if num_trained(ex) == 0:
             out.num_dropped += 1
             continue
         out.append(ex)
     return out
+
+
+def _overflow(record: Record, tokens: int, max_length: int) -> None:
+    """A row whose format may not be cut (a RAG row: cutting it drops the answer) is over max_length."""
+    field = record.meta["must_fit"]
+    file, _, line = (record.source or "<records>").rpartition(":")
+    raise DataError(f"the question, its {len(record.meta.get(field) or [])} passages and the answer take at least "
+                    f"{max(tokens, max_length + 1)} tokens, over data.max_length={max_length}; use fewer or shorter "
+                    f"passages, or raise data.max_length", file=file or record.source, field=field,
+                    line=int(line) if line.isdigit() else None)
 
 
 def encode_one(record: Record, tokenizer: Any, train_on_prompt: bool = False,

@@ -78,3 +78,27 @@ def contains_match(prediction: str, reference: str) -> bool:
     phrase = r"\s+".join(re.escape(word) for word in ref.split())
     text = _THOUSANDS_COMMA.sub("", prediction)
     return re.search(rf"(?<!\w){phrase}(?!\w)", text, re.IGNORECASE) is not None
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = re.compile(r"[^\w\s]")
+
+
+def squad_normalize(text: str) -> str:
+    """SQuAD's answer normalisation, as model-editing metrics use it (LocFT's eval_edit_metric.py):
+    lower case, punctuation removed, articles (a, an, the) removed, whitespace collapsed.
+    "The Golden Gate." -> "golden gate"."""
+    return " ".join(_ARTICLES.sub(" ", _PUNCT.sub(" ", text.lower())).split())
+
+
+def token_overlap(prediction: str, reference: str) -> tuple[float, float]:
+    """(precision, recall) of the prediction's normalised tokens against the reference's, counting
+    repeated tokens at most as often as the other side has them (SQuAD's F1 parts); (0, 0) when
+    either side is empty."""
+    from collections import Counter
+
+    pred, ref = squad_normalize(prediction).split(), squad_normalize(reference).split()
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if not pred or not ref or not common:
+        return 0.0, 0.0
+    return common / len(pred), common / len(ref)

@@ -164,3 +164,21 @@ def intruder_view(d: dict) -> str:
             return svg.bar_chart(list(totals), list(totals.values()), title=f"intruder dimensions per {mod}",
                                  y_label=f"{num} per {mod}")
     return ""
+
+
+@view("mechanisms")
+def mechanisms_view(d: dict) -> str:
+    """Entity-tracking accuracy of the base, the tuned model, and the base with the tuned model's
+    top-k heads patched in (CMAP), as bars; a sentence on the share of the gap recovered."""
+    s, rec = d["summary"], d["details"].get("recovery") or {}
+    if not H.is_number(s.get("base_accuracy")) or not rec.get("rows"):
+        return ""
+    labels = ["base", "tuned"] + [f"base+{r[0]}" for r in rec["rows"]]
+    values = [s["base_accuracy"], s["tuned_accuracy"]] + [r[1] for r in rec["rows"]]
+    chart = svg.bar_chart(labels, values, title="entity tracking: base, tuned, base with the tuned model's top-k heads",
+                          y_label="accuracy")
+    share = s.get("recovered_share")
+    said = (f"Patching the tuned model's top {s['top_k']} heads into the base recovers "
+            f"{svg.fmt_num(100 * share)}% of the gap." if H.is_number(share) else
+            "Base and tuned are equally accurate: there is no gap to recover.")
+    return chart + H.note(said)

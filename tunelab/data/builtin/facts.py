@@ -21,6 +21,9 @@ Design
   - `update_train`: per entity, the verbatim question of its updated attribute answered with the
     new value.
   - `probe_updated`: the same questions, `answer` = the new value, `meta["old_answer"]` = the old.
+  - `probe_locality`: per entity, the verbatim question of the attribute after the updated one
+    (`locality_key`), `answer` = its value: a fact an edit of the updated one must leave alone
+    (model editing's locality; `meta["updated"]` names the edited attribute).
 - Probe answers are words, so score them with `tunelab.eval.metrics.contains_match` (the value
   appears as a whole word in the generation); birth years also work with `exact_match`.
 Every record's meta carries `split`, `entity` and `attribute` ("*" for the "Tell me about" rows).
@@ -34,7 +37,7 @@ from typing import Annotated, Literal
 from tunelab.data.builtin import Range, task
 from tunelab.data.records import Record
 
-Split = Literal["train", "probe_verbatim", "probe_rephrased", "update_train", "probe_updated"]
+Split = Literal["train", "probe_verbatim", "probe_rephrased", "update_train", "probe_updated", "probe_locality"]
 
 FIRST_SYLLABLES = ["vel", "mo", "ka", "lo", "se", "dri", "an", "or", "ve", "ni", "ta", "bre", "cal", "ys", "mi", "qua"]
 FIRST_ENDINGS = ["ra", "na", "lis", "mon", "vin", "dra", "wen", "thas", "rin", "sa"]
@@ -154,12 +157,27 @@ def _update(e: Entity, split: str) -> list[Record]:
     return [row]
 
 
+def locality_key(entity: Entity) -> str:
+    """The attribute whose probe checks that editing `entity.updated` left the rest alone: the next one."""
+    keys = [a.key for a in ATTRIBUTES]
+    return keys[(keys.index(entity.updated) + 1) % len(keys)]
+
+
+def _locality(e: Entity) -> list[Record]:
+    key = locality_key(e)
+    row = _chat(BY_KEY[key].question.format(name=e.name), state(e, key), "probe_locality", e, key)
+    row.answer = e.facts[key]
+    row.meta["updated"] = e.updated
+    return [row]
+
+
 RENDER = {
     "train": _train,
     "probe_verbatim": lambda e: _probe(e, "probe_verbatim", "question"),
     "probe_rephrased": lambda e: _probe(e, "probe_rephrased", "rephrased"),
     "update_train": lambda e: _update(e, "update_train"),
     "probe_updated": lambda e: _update(e, "probe_updated"),
+    "probe_locality": _locality,
 }
 """split -> the records one entity contributes to it."""
 
