@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("methods", ["tunelab.methods", "tunelab.methods.*"]),
     ("objectives", ["tunelab.objectives", "tunelab.objectives.*"]),
     ("evaluation", ["tunelab.eval", "tunelab.eval.*"]),
+    ("privacy", ["tunelab.privacy", "tunelab.privacy.*"]),  # DP-SGD: what the step calls when it is on
     ("training loop", ["tunelab.training", "tunelab.training.*"]),
     ("users of trained runs", ["tunelab.diagnostics", "tunelab.diagnostics.*", "tunelab.report",
                                "tunelab.report.*", "tunelab.export"]),

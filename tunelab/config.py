@@ -21,6 +21,7 @@ from tunelab.errors import ConfigError
 from tunelab.eval.config import EvalConfig
 from tunelab.models.config import ModelConfig, looks_like_path
 from tunelab.options import ComponentSpec, from_dict, to_dict
+from tunelab.privacy.config import PrivacyConfig
 from tunelab.registry import METHODS, OBJECTIVES
 from tunelab.training.config import TrainConfig
 
@@ -43,6 +44,8 @@ class RunConfig:
     """Task evaluation (loss + exact match by generation)."""
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     """Side-effect diagnostics after training (forgetting, knowledge, tuco, intruder) and their options."""
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    """Differential privacy: DP-SGD with per-example clipping, noise and an epsilon accountant."""
     output: str = "runs/latest"
     """The run directory."""
 

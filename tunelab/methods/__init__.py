@@ -29,6 +29,9 @@ class Method(Component):
     """The train.parallel modes it can train under on several processes, the first being `auto`'s
     choice; empty when it cannot (then `single_process_why` says why)."""
     single_process_why: ClassVar[str] = ""
+    private_why: ClassVar[str] = ""
+    """Why this method cannot train with DP-SGD (privacy.dp_sgd), said before training; empty when
+    it can (its choices then depend on the data only through the clipped, noised updates)."""
 
     # -- set-up ---------------------------------------------------------------------------
     def apply(self, model):
