@@ -28,8 +28,8 @@ RUNS = ROOT / "runs" / "fedpriv"
 RESULTS = HERE / "results" / "federated-and-privacy.json"
 PY = sys.executable
 
-NUM_ARITH, NUM_CANARIES, CANARY_REPEATS, NUM_EVAL = 300, 4, 5, 100
-STEPS, BATCH = 40, 8
+NUM_ARITH, NUM_CANARIES, CANARY_REPEATS, NUM_EVAL = 300, 4, 5, 40
+STEPS, BATCH = 30, 8
 SIGMAS = (0.5, 1.0, 2.0)
 CANARY_OWNERS = ("Vorlund", "Quessa", "Maribex", "Tolvane")
 
@@ -64,7 +64,7 @@ def base_config(name: str, **over) -> dict:
            "method": {"name": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"},
            "train": {"steps": STEPS, "micro_batch_size": BATCH, "lr": 1e-3, "warmup_steps": 4, "save_every": 10,
                      "seed": 0, "progress": False},
-           "eval": {"before": False, "num_examples": NUM_EVAL, "max_new_tokens": 64, "batch_size": 25},
+           "eval": {"before": False, "num_examples": NUM_EVAL, "max_new_tokens": 64, "batch_size": 20},
            "diagnostics": {"after_train": []}, "output": str(RUNS / name)}
     for key, value in over.items():
         node = cfg

@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("evaluation", ["tunelab.eval", "tunelab.eval.*"]),
     ("privacy", ["tunelab.privacy", "tunelab.privacy.*"]),  # DP-SGD: what the step calls when it is on
     ("training loop", ["tunelab.training", "tunelab.training.*"]),
+    ("federated", ["tunelab.federated", "tunelab.federated.*"]),  # runs the step and the loop's parts
     ("users of trained runs", ["tunelab.diagnostics", "tunelab.diagnostics.*", "tunelab.report",
                                "tunelab.report.*", "tunelab.export"]),
     ("entry points", ["tunelab", "tunelab.api", "tunelab.compare", "tunelab.cli", "tunelab.__main__"]),

@@ -22,6 +22,7 @@ from tunelab.eval.config import EvalConfig
 from tunelab.models.config import ModelConfig, looks_like_path
 from tunelab.options import ComponentSpec, from_dict, to_dict
 from tunelab.privacy.config import PrivacyConfig
+from tunelab.federated.config import FederatedConfig
 from tunelab.registry import METHODS, OBJECTIVES
 from tunelab.training.config import TrainConfig
 
@@ -46,6 +47,8 @@ class RunConfig:
     """Side-effect diagnostics after training (forgetting, knowledge, tuco, intruder) and their options."""
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     """Differential privacy: DP-SGD with per-example clipping, noise and an epsilon accountant."""
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
+    """What `tunelab federate` runs: FedKSeed or FedAvg of adapters over clients (unused by `train`)."""
     output: str = "runs/latest"
     """The run directory."""
 
