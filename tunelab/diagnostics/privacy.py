@@ -61,6 +61,17 @@ def _example_grads(model, ex) -> dict:
     weight = getattr(q, "base_layer", q).weight
     lora_a = getattr(getattr(q, "lora_A", None), "weight", None)
     params = [p for p in model.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:  # every weight's gradient: what full-parameter sharing would expose
+        p.requires_grad_(True)
+    try:
+        return _grads(model, ex, params, weight, lora_a)
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+
+
+def _grads(model, ex, params, weight, lora_a) -> dict:
     ids, labels = torch.tensor([ex.input_ids]), torch.tensor([ex.labels])
     x = model.get_input_embeddings()(ids).detach().requires_grad_(True)
     loss = model(inputs_embeds=x, labels=labels).loss
