@@ -35,6 +35,15 @@ class Settings:
     lora_alpha: int = 32
 
 
+def precision_of(contender: str) -> str:
+    """The compute precision a contender runs in: the HF ones bf16 mixed precision where the
+    hardware computes bf16 natively (TrainingArguments.bf16), tunelab its `auto` (the same rule)."""
+    import torch
+
+    from tunelab.run.device import resolve_precision
+    return resolve_precision("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def native_bf16() -> bool:
     import torch
 
@@ -68,7 +77,8 @@ def report(name: str, s: Settings, *, step_s: list[float], tokens: list[int], lo
     import statistics
     timed = list(zip(step_s, tokens))[s.warmup:]
     rates = [t / dt for dt, t in timed]
-    out = {"contender": name, "settings": asdict(s), "tokens_per_s": statistics.median(rates),
+    out = {"contender": name, "settings": asdict(s), "precision": precision_of(name),
+           "tokens_per_s": statistics.median(rates),
            "tokens_per_step": statistics.mean(t for _, t in timed), "step_s": [round(x, 3) for x in step_s],
            "step_tokens": list(tokens),
            "peak_memory_mb": peak_memory_mb(), "startup_s": first_step_end - launched,

@@ -61,7 +61,11 @@ def hf_model(s: Settings):
 
 def hf_args(s: Settings, out: str, **kw) -> dict:
     """TrainingArguments a careful user picks, shared by the hf and trl contenders."""
+    import torch
+
+    # use_cpu: without it, the Trainer refuses bf16 on a CPU ("Your setup doesn't support bf16/gpu")
     return dict(output_dir=out, per_device_train_batch_size=s.batch_size, learning_rate=s.lr,
+                use_cpu=not torch.cuda.is_available(),
                 max_steps=s.steps, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
                 max_grad_norm=1.0, optim="adamw_torch", bf16=native_bf16(), logging_steps=1,
                 save_strategy="no", report_to=[], seed=s.seed, dataloader_num_workers=0,
@@ -133,9 +137,12 @@ def run_tunelab(s: Settings, out: str, overrides: tuple[str, ...] = ()) -> None:
 
 
 if __name__ == "__main__":
+    import os
     import tempfile
 
     name, mode, steps, warmup = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    if name in os.environ.get("BENCH_BREAK", "").split(","):  # to check that a failing contender fails the bench
+        raise SystemExit(f"{name}: deliberately broken (BENCH_BREAK={os.environ['BENCH_BREAK']})")
     overrides = tuple(sys.argv[5:])  # key.path=value, tunelab only (for ablations)
     runners = {"hf": run_hf, "trl": run_trl, "tunelab": lambda s, out: run_tunelab(s, out, overrides)}
     with tempfile.TemporaryDirectory() as out:

@@ -6,24 +6,25 @@ from pathlib import Path
 
 def _row(r: dict, hf: dict | None, best_hf: dict | None) -> str:
     if "error" in r:
-        return f"| {r['mode']} | {r['contender']} | failed: {r['error'].strip().splitlines()[-1][:80]} |" + " |" * 9
+        return f"| {r['mode']} | {r['contender']} | - | failed: {(r['error'].strip().splitlines() or ['?'])[-1][:80]} |" + " |" * 9
     speed = r["tokens_per_s"]
     vs_hf = f"{speed / hf['tokens_per_s']:.2f}x" if hf else "-"
     vs_best = f"{speed / best_hf['tokens_per_s']:.2f}x" if best_hf else "-"
     mem = f"{r['peak_memory_mb'] / hf['peak_memory_mb']:.2f}x" if hf else "-"
     rounds = " / ".join(f"{x['tokens_per_s']:.0f}" for x in r.get("rounds", [])) or "-"
-    return (f"| {r['mode']} | {r['contender']} | {speed:.0f} | {rounds} | {vs_hf} | {vs_best} | {r['peak_memory_mb']:.0f} "
+    return (f"| {r['mode']} | {r['contender']} | {r.get('precision', '?')} | {speed:.0f} | {rounds} | {vs_hf} | {vs_best} | {r['peak_memory_mb']:.0f} "
             f"| {mem} | {r['startup_s']:.1f} | {r['final_loss']:.3f} | {100 * r.get('ceiling_fraction', 0):.0f}% |")
 
 
 def markdown(res: dict) -> str:
     m = res["machine"]
-    lines = [f"Machine: {m['name']} ({m['cpus']} CPUs, {m['processor']}, torch {m['torch']}, "
+    isa = ", ".join(m.get("isa", [])) or "-"
+    lines = [f"Machine: {m['name']} ({m.get('cpu_model', m['processor'])}, {m['cpus']} CPUs, ISA {isa}, torch {m['torch']}, "
              f"native bf16: {m['native_bf16']}); model {res.get('model', 'smollm2-135m')}; plan `{res['plan']}`, {res['date']}; "
              f"command `{res['command']}`; {res['bench_seconds'] / 60:.1f} min.", "",
-             "| mode | contender | real tokens/s (median) | per round | vs HF Trainer | vs faster HF path | peak memory MB "
+             "| mode | contender | precision | real tokens/s (median) | per round | vs HF Trainer | vs faster HF path | peak memory MB "
              "| memory vs HF | start-up s | loss (last 3 steps) | of matmul ceiling |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for mode in dict.fromkeys(r["mode"] for r in res["contenders"]):
         rows = [r for r in res["contenders"] if r["mode"] == mode]
         ok = {r["contender"]: r for r in rows if "error" not in r}

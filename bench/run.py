@@ -88,14 +88,33 @@ def pool(runs: list[dict]) -> dict:
                       "rounds": [{k: r[k] for k in keys} for r in runs]}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), e.g. 'AMD EPYC' or 'Intel(R) Xeon(R) Platinum 8480+'."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.partition(":")[2].strip() for ln in f if ln.startswith("model name")), "unknown")
+    except OSError:
+        return platform.processor() or "unknown"
+
+
 def machine() -> dict:
     import torch
 
     from common import native_bf16
+    from tunelab.run.device import cpu_isa
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    isa = cpu_isa()
+    kind = "gpu" if gpu else ("amx" if "AMX-BF16" in isa else "bf16" if "AVX512-BF16" in isa else "fp32")
     return {"name": (gpu or f"cpu{os.cpu_count()}").replace(" ", "-"), "gpu": gpu, "cpus": os.cpu_count(),
+            "cpu_model": cpu_model(), "isa": isa, "machine_class": kind,
             "processor": platform.processor() or platform.machine(), "torch": torch.__version__,
             "native_bf16": native_bf16()}
+
+
+def failures(res: dict) -> list[str]:
+    """'contender mode: reason' for every contender that failed (any failure fails the bench)."""
+    return [f"{r['contender']} {r['mode']}: {r['error'].strip().splitlines()[-1] if r['error'].strip() else 'no output'}"
+            for r in res["contenders"] if "error" in r]
 
 
 def ceiling(model_dir: Path, tokens: int) -> dict:
@@ -202,9 +221,19 @@ def main(plan_name: str) -> Path:
     out.with_suffix(".json").write_text(json.dumps(res, indent=1))
     md = markdown(res)
     out.with_suffix(".md").write_text(md)
-    write_docs(md, HERE.parent / "docs" / "results" / "performance.md", "bench-gpu" if env else "bench")
+    if failed := failures(res):  # the results file keeps the failure; the docs table is not replaced
+        print(md)
+        raise SystemExit("bench: failed contenders (results in " + str(out.with_suffix(".json")) + "):\n  " +
+                         "\n  ".join(failed))
+    write_docs(md, HERE.parent / "docs" / "results" / "performance.md", section_for(res))
     print(md)
     return out
+
+
+def section_for(res: dict) -> str:
+    """The docs section of a run's machine class: one table per class (fp32-only CPU, bf16 CPU
+    without AMX, AMX CPU, GPU), each from one run."""
+    return {"gpu": "bench-gpu", "amx": "bench-amx", "bf16": "bench-bf16"}.get(res["machine"]["machine_class"], "bench")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def test_markdown_shows_each_round():
            "plan": "full", "date": "d", "command": "c", "bench_seconds": 60, "contenders": rows,
            "ceiling": {"fp32_gflops": 1, "bf16_gflops": 1}, "startup": {"tunelab_help_s": 0.1, "builtin_model_load_s": 1}}
     md = markdown(res)
-    assert "| lora | tunelab | 75 | 100 / 50 | 1.00x |" in md and "ran 2 times per mode" in md
+    assert "| lora | tunelab | ? | 75 | 100 / 50 | 1.00x |" in md and "ran 2 times per mode" in md
 
 
 def test_random_weight_shapes_are_llama_shaped_and_load(tiny_dir, tmp_path):
@@ -100,3 +100,45 @@ def test_gpu_results_get_their_own_section_of_the_docs(tmp_path):
     text = doc.read_text()
     assert text.startswith("# Performance\n\nintro\n<!-- bench:start -->\nnew cpu\n<!-- bench:end -->\nnotes\n")
     assert text.count("gpu table") == 1 and "<!-- bench-gpu:start -->\ngpu table 2\n<!-- bench-gpu:end -->" in text
+
+
+def _fake_contender(name, mode, precision="bf16"):
+    return _round([9.0, 1.0, 1.0], [100] * 3, 1000, 5.0, 0.5) | {"contender": name, "precision": precision}
+
+
+def test_a_failing_contender_fails_the_bench_with_its_reason(monkeypatch, tmp_path, tiny_dir):
+    """Any contender that fails makes `make bench` exit non-zero naming it and its last error line;
+    the results file keeps the failure and the docs table is left as it was."""
+    import json
+
+    import pytest
+
+    import run
+
+    def child(args, **env):
+        if args[0] != "bench/contenders.py":
+            return {}
+        name, mode = args[1], args[2]
+        return {"error": "Traceback ...\nValueError: Your setup doesn't support bf16/gpu."} if name == "trl" \
+            else _fake_contender(name, mode)
+
+    docs = []
+    monkeypatch.setattr(run, "child", child)
+    monkeypatch.setattr(run, "ceiling", lambda model_dir, tokens: {"fp32_gflops": 100.0, "bf16_gflops": 400.0})
+    monkeypatch.setattr(run, "startup", lambda model="": {"tunelab_help_s": 0.1, "builtin_model_load_s": 1.0})
+    monkeypatch.setattr(run, "result_stem", lambda res: tmp_path / "result")
+    monkeypatch.setattr("tunelab.models.pull", lambda name: tiny_dir)
+    monkeypatch.setattr("report.write_docs", lambda *a: docs.append(a))
+    with pytest.raises(SystemExit) as e:
+        run.main("quick")
+    assert "trl lora: ValueError: Your setup doesn't support bf16/gpu." in str(e.value)
+    assert "trl full:" in str(e.value) and "hf " not in str(e.value) and not docs
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["machine"]["cpu_model"] and isinstance(saved["machine"]["isa"], list)
+    assert {r["contender"]: r.get("precision") for r in saved["contenders"]} == {"hf": "bf16", "trl": None, "tunelab": "bf16"}
+
+
+def test_each_machine_class_has_its_own_docs_section():
+    from run import section_for
+    assert [section_for({"machine": {"machine_class": k}}) for k in ("fp32", "bf16", "amx", "gpu")] == \
+        ["bench", "bench-bf16", "bench-amx", "bench-gpu"]

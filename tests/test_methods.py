@@ -172,7 +172,7 @@ def test_target_pattern_matching_nothing_fails(model):
 def test_lora_fused_path_equals_the_module_formula(bias):
     """LoRALinear's training path (the scaled update accumulated by addmm_) gives the plain
     formula's output and gradients for x, A and B; gradcheck in float64 checks its backward against
-    finite differences. Dropout, autocast and a trainable base take the plain formula."""
+    finite differences. Dropout and a trainable base take the plain formula."""
     from tunelab.methods.lora import LoRALinear, _FrozenBaseLoRA
 
     torch.manual_seed(0)
@@ -194,8 +194,72 @@ def test_lora_fused_path_equals_the_module_formula(bias):
     assert torch.autograd.gradcheck(_FrozenBaseLoRA.apply, args)
 
     layer.float()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not layer._fused_ok(x)
     assert not LoRALinear(torch.nn.Linear(24, 40), r=3, scaling=1.0, dropout=0.1).train()._fused_ok(x)
     layer.base_layer.weight.requires_grad_(True)
     assert not layer._fused_ok(x)
+
+
+def _bf16_case(store_bf16: bool):
+    from tunelab.methods.lora import LoRALinear
+    from tunelab.training.lowp import store_frozen_in
+
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(64, 48, bias=True).requires_grad_(False), r=4, scaling=2.0, dropout=0.0)
+    torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
+    if store_bf16:
+        store_frozen_in(layer, torch.bfloat16)
+    x = torch.randn(3, 7, 64, requires_grad=True)
+    return layer, x, [x, layer.lora_A.weight, layer.lora_B.weight]
+
+
+@pytest.mark.parametrize("store_bf16", [False, True])
+def test_lora_fused_path_under_bf16_autocast(store_bf16):
+    """Under bf16 autocast the fused path runs in bf16 (inputs cast as autocast would) and matches
+    the plain formula under autocast within bf16 rounding: |fused - plain| <= 4 * 2**-8 * |plain|
+    elementwise-max (the plain formula rounds the update, its scale and the sum separately: three
+    bf16 roundings more). Gradients of x, A and B come back in fp32, and the fused path is nearer
+    the fp32 reference than the plain one. Storing the frozen weight in bf16 first changes nothing."""
+    layer, x, params = _bf16_case(store_bf16)
+    g = torch.randn(3, 7, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer._fused_ok(x)
+        fused = layer(x)
+        plain = layer.base_layer(x) + layer.lora_B(layer.lora_A(x)) * layer.scaling
+    assert fused.dtype == plain.dtype == torch.bfloat16
+    tol = 4 * 2.0 ** -8 * float(plain.float().abs().max())
+    assert float((fused.float() - plain.float()).abs().max()) <= tol
+    gf, gp = torch.autograd.grad(fused, params, g), torch.autograd.grad(plain, params, g)
+    assert all(t.dtype == torch.float32 for t in gf)
+    for a, b in zip(gf, gp):
+        assert float((a - b).abs().max()) <= 4 * 2.0 ** -8 * float(b.abs().max())
+    with torch.no_grad():  # the fp32 reference
+        w = layer.base_layer.weight.float()
+        ref = x @ w.t() + layer.base_layer.bias.float() + (x @ layer.lora_A.weight.t()) @ layer.lora_B.weight.t() * 2.0
+    assert (fused.float() - ref).abs().max() <= (plain.float() - ref).abs().max() * 1.01
+
+
+def test_frozen_weights_stored_in_bf16_give_autocasts_numbers_exactly():
+    """training/lowp.py: autocast would cast each frozen weight to bf16 in every forward; storing it
+    in bf16 once gives bit-identical outputs and gradients (a mutation, e.g. storing in fp16 or
+    truncating instead of rounding, breaks it)."""
+    outs = []
+    for store in (False, True):
+        layer, x, params = _bf16_case(store)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        outs.append((y, torch.autograd.grad(y, params, torch.ones_like(y))))
+    (y0, g0), (y1, g1) = outs
+    assert torch.equal(y0, y1) and all(torch.equal(a, b) for a, b in zip(g0, g1))
+
+
+def test_only_frozen_plain_linears_are_stored_in_low_precision(model):
+    """The head (tied to the embeddings), trainable layers and non-Linear modules keep fp32."""
+    from tunelab.methods.lora import LoRA, LoRAConfig
+    from tunelab.training.lowp import store_frozen_in
+
+    tuned = LoRA(LoRAConfig(r=2)).apply(model)
+    n = store_frozen_in(tuned, torch.bfloat16)
+    dtypes = {name: p.dtype for name, p in tuned.named_parameters()}
+    assert n == 14  # 2 layers x (q, k, v, o, gate, up, down)
+    assert all(dt == torch.bfloat16 for name, dt in dtypes.items() if name.endswith("base_layer.weight"))
+    assert all(dt == torch.float32 for name, dt in dtypes.items() if "lora_" in name or "norm" in name or "embed" in name)

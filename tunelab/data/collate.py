@@ -26,6 +26,10 @@ import torch
 from tunelab.data.records import Example
 from tunelab.data.render import IGNORE
 
+HOST = torch.device("cpu")
+"""Batches are built in host memory (explicitly, whatever torch's default device is); the loop
+moves them to the model's device."""
+
 
 def shifted_targets(labels: Sequence[int]) -> list[int]:
     """labels[1:] + [-100]: the target at position t is the label of token t+1."""
@@ -46,27 +50,27 @@ def _packed(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         tgt += shifted_targets(ex.labels)
         lengths.append(len(ex))
     return {
-        "input_ids": torch.tensor([ids], dtype=torch.long),  # (1, N)
-        "position_ids": torch.tensor([pos], dtype=torch.long),  # (1, N), 0 at each example start
-        "targets": torch.tensor([tgt], dtype=torch.long),  # (1, N)
-        "cu_seqlens": torch.tensor(lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32),  # (n+1,)
+        "input_ids": torch.tensor([ids], dtype=torch.long, device=HOST),  # (1, N)
+        "position_ids": torch.tensor([pos], dtype=torch.long, device=HOST),  # (1, N), 0 at each example start
+        "targets": torch.tensor([tgt], dtype=torch.long, device=HOST),  # (1, N)
+        "cu_seqlens": torch.tensor(lengths, dtype=torch.int32, device=HOST).cumsum(0, dtype=torch.int32),  # (n+1,)
     }
 
 
 def _padded(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     B, T = len(examples), max(len(ex) for ex in examples)
     batch = {
-        "input_ids": torch.full((B, T), pad_id, dtype=torch.long),
-        "attention_mask": torch.zeros((B, T), dtype=torch.long),
-        "position_ids": torch.zeros((B, T), dtype=torch.long),
-        "targets": torch.full((B, T), IGNORE, dtype=torch.long),
+        "input_ids": torch.full((B, T), pad_id, dtype=torch.long, device=HOST),
+        "attention_mask": torch.zeros((B, T), dtype=torch.long, device=HOST),
+        "position_ids": torch.zeros((B, T), dtype=torch.long, device=HOST),
+        "targets": torch.full((B, T), IGNORE, dtype=torch.long, device=HOST),
     }
     for b, ex in enumerate(examples):
         n = len(ex)
-        batch["input_ids"][b, :n] = torch.tensor(ex.input_ids)
+        batch["input_ids"][b, :n] = torch.tensor(ex.input_ids, device=HOST)
         batch["attention_mask"][b, :n] = 1
-        batch["position_ids"][b, :n] = torch.arange(n)
-        batch["targets"][b, :n] = torch.tensor(shifted_targets(ex.labels))
+        batch["position_ids"][b, :n] = torch.arange(n, device=HOST)
+        batch["targets"][b, :n] = torch.tensor(shifted_targets(ex.labels), device=HOST)
     return batch
 
 

@@ -85,7 +85,7 @@ def drift(base, tuned, tokenizer, base_answer: Answerer, instructions: list[str]
     kls = token_kl(base, tuned, [prompts[i] for i in keep], [reply_ids[i] for i in keep],
                    tokenizer.pad_token_id, batch_size)
     per_prompt = [float(k.mean()) for k in kls]
-    total = torch.cat(kls) if kls else torch.zeros(0)
+    total = torch.cat(kls) if kls else torch.zeros(0, device="cpu")
     rows = sorted(([instructions[i], round(v, 6), len(reply_ids[i]), replies[i]] for i, v in zip(keep, per_prompt)),
                   key=lambda r: -r[1])
     summary = {"kl_drift": float(total.mean()) if len(total) else 0.0,

@@ -67,7 +67,7 @@ def matrix_rows(base, tuned, names: list[str], top_k: int, epsilon: float) -> li
         w0 = base.get_submodule(name).weight
         w1 = tuned.get_submodule(name).weight.to(w0.device)
         changed = not torch.equal(w0, w1)
-        cos = best_cosines(w0, w1, top_k) if changed else torch.ones(1)
+        cos = best_cosines(w0, w1, top_k) if changed else torch.ones(1, device=w0.device)
         rows.append([name, layer_of(name), name.rsplit(".", 1)[-1], changed,
                      int((cos < epsilon).sum()), round(float(cos.min()), 6)])
     return rows

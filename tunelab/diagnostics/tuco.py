@@ -187,8 +187,8 @@ def decompose(base: nn.Module, tuned: nn.Module, input_ids: torch.Tensor,
     with steered(base, tuned, 1.0, acc):
         tuned(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     last = (attention_mask.sum(-1) - 1) if attention_mask is not None else \
-        torch.full((input_ids.shape[0],), input_ids.shape[1] - 1)
-    rows = torch.arange(input_ids.shape[0])
+        torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     return Decomposition(acc["ptc"][rows, last].float(), acc["ftc"][rows, last].float(),
                          torch.stack(acc["ptc_norms"])[:, rows, last].float(),
                          torch.stack(acc["ftc_norms"])[:, rows, last].float())
@@ -205,7 +205,7 @@ def tuco_of_prompts(base, tuned, prompts: list[list[int]], pad_id: int, batch_si
 
 def distribution(values: torch.Tensor, quantiles: list[float]) -> dict:
     """{"values": per-prompt values, "quantiles": {q: value}} for the report."""
-    qs = torch.quantile(values.double(), torch.tensor(quantiles, dtype=torch.double)).tolist() if len(values) else []
+    qs = torch.quantile(values.double(), torch.tensor(quantiles, dtype=torch.double, device=values.device)).tolist() if len(values) else []
     return {"values": [round(v, 6) for v in values.tolist()], "quantiles": {str(q): v for q, v in zip(quantiles, qs)}}
 
 

@@ -10,7 +10,7 @@ import torch
 from tunelab.data.records import Example, Record
 from tunelab.eval.config import EvalConfig
 from tunelab.objectives import chunked_head_cross_entropy, model_inputs, token_cross_entropy, trained_hidden
-from tunelab.run.device import autocast
+from tunelab.run.device import autocast, model_device, to_device
 
 
 EVAL_CHUNK_TOKENS = 1024
@@ -24,11 +24,11 @@ def eval_loss(model, examples: list[Example], *, batch_size: int, pad_id: int, p
     `EVAL_CHUNK_TOKENS` at a time (the full (B, T, V) logits are never built for a plain head)."""
     from tunelab.data import collate
 
-    total, count, was_training = 0.0, 0, model.training
+    total, count, was_training, device = 0.0, 0, model.training, model_device(model)
     model.eval()  # no dropout; the caller's mode comes back afterwards
     for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i:i + batch_size], packing=False, pad_id=pad_id)
-        with torch.no_grad(), autocast(precision):
+        batch = to_device(collate(examples[i:i + batch_size], packing=False, pad_id=pad_id), device)
+        with torch.no_grad(), autocast(precision, device):
             hidden, targets = trained_hidden(model, batch)
             if hidden is None:  # a head that transforms its logits: the plain full forward
                 total += float(token_cross_entropy(model(**model_inputs(batch)).logits, batch["targets"]).sum())
@@ -56,12 +56,13 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     """Greedy completions of token-id prompts, `batch_size` at a time, left-padded, KV-cached."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     outs: list[str] = []
+    device = model_device(model)
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         width = max(map(len, chunk))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-        with autocast(precision):
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)  # (B, width), left-padded
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        with autocast(precision, device):
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=pad, eos_token_id=stop_token_ids(tokenizer),
                                  use_cache=True)

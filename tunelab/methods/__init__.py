@@ -32,6 +32,10 @@ class Method(Component):
     private_why: ClassVar[str] = ""
     """Why this method cannot train with DP-SGD (privacy.dp_sgd), said before training; empty when
     it can (its choices then depend on the data only through the clipped, noised updates)."""
+    frozen_base: ClassVar[bool] = False
+    """Whether the base model's weights stay frozen for the whole run and are read only by their own
+    layers' forward (LoRA, adapters, the prompt family): then, under bf16 compute, its frozen linear
+    weights are stored once in bf16 (tunelab/training/lowp.py) instead of cast in every forward."""
 
     # -- set-up ---------------------------------------------------------------------------
     def apply(self, model):

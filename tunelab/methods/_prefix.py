@@ -221,16 +221,16 @@ class PrefixKV(PrefixSource):
     stable training; PEFT's `prefix_projection`); `table()` folds it into the plain layout."""
 
     def __init__(self, num_virtual_tokens: int, num_layers: int, num_kv_heads: int, head_dim: int,
-                 hidden_size: int, projection_hidden: int | None = None):
+                 hidden_size: int, projection_hidden: int | None = None, device=None):
         super().__init__()
         self.num_virtual_tokens, self.shape = num_virtual_tokens, (num_layers, num_kv_heads, head_dim)
         width = num_layers * 2 * num_kv_heads * head_dim
         if projection_hidden:
-            self.embedding = nn.Parameter(torch.randn(num_virtual_tokens, hidden_size))
-            self.mlp = nn.Sequential(nn.Linear(hidden_size, projection_hidden), nn.Tanh(),
-                                     nn.Linear(projection_hidden, width))
+            self.embedding = nn.Parameter(torch.randn(num_virtual_tokens, hidden_size, device=device))
+            self.mlp = nn.Sequential(nn.Linear(hidden_size, projection_hidden, device=device), nn.Tanh(),
+                                     nn.Linear(projection_hidden, width, device=device))
         else:
-            self.weight = nn.Parameter(torch.randn(num_virtual_tokens, width))
+            self.weight = nn.Parameter(torch.randn(num_virtual_tokens, width, device=device))
 
     @classmethod
     def for_model(cls, model, num_virtual_tokens: int, projection_hidden: int | None = None,
@@ -241,10 +241,10 @@ class PrefixKV(PrefixSource):
         if num_virtual_tokens < 1:
             raise ConfigError(f"num_virtual_tokens: must be >= 1, got {num_virtual_tokens}")
         emb = model.get_input_embeddings().weight
-        src = cls(num_virtual_tokens, *model_dims(model), projection_hidden=projection_hidden)
+        src = cls(num_virtual_tokens, *model_dims(model), projection_hidden=projection_hidden, device=emb.device)
         src.to(device=emb.device, dtype=emb.dtype)
         if init == "vocab" and not projection_hidden:
-            ids = torch.randint(0, emb.shape[0], (num_virtual_tokens,))  # global RNG: seeded by the run
+            ids = torch.randint(0, emb.shape[0], (num_virtual_tokens,), device="cpu")  # the run's seeded CPU RNG, any device
             with torch.no_grad():
                 src.weight.copy_(kv_to_table(prompt_kv(model.get_decoder(), emb[ids.to(emb.device)])[1]))
         return src

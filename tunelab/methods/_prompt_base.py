@@ -54,13 +54,13 @@ def initial_prompt(model, cfg: SoftPromptConfig) -> torch.Tensor:
     if cfg.init == "random":
         return torch.randn(n, emb.shape[1], device=emb.device, dtype=emb.dtype) * emb.float().std().item()
     if cfg.init == "vocab":
-        ids = torch.randint(0, emb.shape[0], (n,))
+        ids = torch.randint(0, emb.shape[0], (n,), device="cpu")  # the run's seeded CPU RNG, any device
     else:
         tok = tokenizer_for(model, "init_text")
         text_ids = tok(cfg.init_text, add_special_tokens=False)["input_ids"]
         if not text_ids:
             raise ConfigError("init_text: tokenizes to no tokens")
-        ids = torch.tensor((text_ids * (n // len(text_ids) + 1))[:n])
+        ids = torch.tensor((text_ids * (n // len(text_ids) + 1))[:n], device="cpu")
     return emb[ids.to(emb.device)].clone()
 
 
@@ -79,6 +79,8 @@ class SoftPrompt(PromptSource):
 class PrefixMethod(Method):
     """Shared hooks: the base model is frozen, the prefix source (submodule `attr`) trains.
     Output is `tunelab_adapter.safetensors` (names as in the model) + `tunelab_adapter.json`."""
+
+    frozen_base = True
 
     supports_merge = False
     attr: ClassVar[str] = "prompt"

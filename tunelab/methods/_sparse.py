@@ -24,6 +24,7 @@ from torch import nn
 
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.methods._shared import decay_groups, freeze_all, set_module
+from tunelab.run.device import model_device
 from tunelab.methods.full import FullFineTuning
 
 DELTA_FILE, DELTA_CONFIG = "sparse_delta.safetensors", "sparse_delta.json"
@@ -266,7 +267,7 @@ class TensorSelection(FullFineTuning):
     def _init_selection(self, model, candidates: list[str]) -> None:
         self.candidates, self.ever = candidates, set()
         freeze_all(model)
-        root_buffer(model, self._step_key, torch.zeros(1, dtype=torch.int64))
+        root_buffer(model, self._step_key, torch.zeros(1, dtype=torch.int64, device=model_device(model)))
 
     @property
     def _step_key(self) -> str:

@@ -98,6 +98,8 @@ def attach_adapters(model, cfg: BottleneckOptions, kind: type[Bottleneck], slots
 class AdapterMethod(Method):
     """Shared hooks of the adapter family: frozen base, adapters train, own safetensors output."""
 
+    frozen_base = True
+
     supports_merge = False
     kind: ClassVar[type[Bottleneck]]
 

@@ -109,7 +109,7 @@ def label_weights(type_mask: torch.Tensor, decay: float) -> torch.Tensor:
     the context, is group 0) get decay^(g), i.e. the context's last group decay^1; others 0."""
     is_label = (type_mask > 0) & (type_mask % 4 == 0)
     groups = type_mask[is_label].unique().flip(0)  # last group first
-    w = torch.zeros(type_mask.shape, dtype=torch.float32)
+    w = torch.zeros(type_mask.shape, dtype=torch.float32, device=type_mask.device)
     for g, code in enumerate(groups.tolist(), start=1):
         w[type_mask == code] = decay ** g
     return w
@@ -136,12 +136,12 @@ class CPTContext(PrefixSource):
     def __init__(self, token_ids: list[int], type_mask: list[int], cfg: CPTConfig, head: nn.Module, like):
         super().__init__()
         self.num_virtual_tokens, self.cfg = len(token_ids), cfg
-        types = torch.tensor(type_mask)
+        types = torch.tensor(type_mask, device=like.device)
         d = like.shape[1]
         self.register_buffer("token_ids", torch.tensor(token_ids, device=like.device), persistent=False)
-        self.register_buffer("type_mask", types.to(like.device), persistent=False)
+        self.register_buffer("type_mask", types, persistent=False)
         fmt, inp = (types > 0) & (types % 4 % 2 == 1), (types > 0) & (types % 4 == 2)  # codes 1, 3 | 2
-        eps = torch.zeros(len(token_ids))
+        eps = torch.zeros(len(token_ids), device=like.device)
         eps[fmt], eps[inp] = cfg.epsilon_format * math.sqrt(d / 2048), cfg.epsilon_input * math.sqrt(d / 2048)
         self.register_buffer("epsilon", eps.to(like), persistent=False)  # (n,)
         self.register_buffer("movable", (fmt | inp).to(like)[:, None], persistent=False)  # (n, 1)

@@ -73,7 +73,7 @@ class DSEEConfig(Options):
 def grebsmo(weight: torch.Tensor, max_rank: int, iters: int, threshold: float, generator) -> torch.Tensor:
     """The sparse part S* (m, n) of W ≈ U V + S* (GreBsmo-style greedy bilateral smoothing)."""
     w = weight.float()                                                    # (m, n), on its device
-    v = torch.randn(1, w.shape[1], generator=generator).to(w.device)     # (rank, n)
+    v = torch.randn(1, w.shape[1], generator=generator, device="cpu").to(w.device)  # (rank, n); host RNG
     for rank in range(1, max(1, min(max_rank, min(w.shape) // 2)) + 1):
         s = torch.zeros_like(w)
         for _ in range(iters):
@@ -89,7 +89,7 @@ def sparse_support(weight: torch.Tensor, cfg: DSEEConfig, generator) -> torch.Te
     """Sorted flat indices of the N entries of M."""
     n = min(cfg.num_sparse, weight.numel())
     if cfg.sparse_method == "random":
-        return torch.randperm(weight.numel(), generator=generator)[:n].sort().values
+        return torch.randperm(weight.numel(), generator=generator, device="cpu")[:n].sort().values
     score = weight.float() if cfg.sparse_method == "magnitude" else \
         grebsmo(weight, cfg.grebsmo_rank, cfg.grebsmo_iters, cfg.grebsmo_threshold, generator)
     return torch.topk(score.abs().reshape(-1), n, sorted=False).indices.sort().values.cpu()
@@ -103,7 +103,7 @@ class DSEELinear(S.SparseDeltaLinear):
         kw = dict(bias=False, dtype=base.weight.dtype, device=base.weight.device)
         self.lora_A, self.lora_B = nn.Linear(base.in_features, r, **kw), nn.Linear(r, base.out_features, **kw)
         with torch.no_grad():
-            self.lora_A.weight.copy_(torch.randn(self.lora_A.weight.shape, generator=generator) * 0.02)
+            self.lora_A.weight.copy_(torch.randn(self.lora_A.weight.shape, generator=generator, device="cpu") * 0.02)
             self.lora_B.weight.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -63,8 +63,8 @@ class EPTPrompt(DecomposedPrompt):
         if cfg.num_spaces > 1:
             self.space_U = nn.Parameter(torch.randn(cfg.num_spaces, d, cfg.space_rank, **like) / math.sqrt(d))
             self.space_V = nn.Parameter(torch.zeros(cfg.num_spaces, cfg.space_rank, d, **like))  # W_i = I at init
-            self.gate = nn.Sequential(nn.Linear(d, cfg.gate_hidden), nn.Tanh(),
-                                      nn.Linear(cfg.gate_hidden, cfg.num_spaces)).to(**like)
+            self.gate = nn.Sequential(nn.Linear(d, cfg.gate_hidden, **like), nn.Tanh(),
+                                      nn.Linear(cfg.gate_hidden, cfg.num_spaces, **like))
 
     def fused(self) -> torch.Tensor:
         """P_f (m, d)."""

@@ -38,6 +38,7 @@ from torch import nn
 from tunelab.methods import register
 from tunelab.methods import _sparse as S
 from tunelab.options import Options
+from tunelab.run.device import model_device
 from tunelab.run.context import StepContext
 
 
@@ -125,14 +126,14 @@ def select_tensors(t_dw: list[int], t_dy: list[int], importance: list[float], bu
     at most `budget`: for each candidate deepest tensor k, a 0/1 knapsack over the tensors
     between k and the output with weights t_dw. Exact, O(N * budget)."""
     n = len(t_dw)
-    table = torch.zeros(budget + 1, dtype=torch.float64)  # best importance within capacity t
+    table = torch.zeros(budget + 1, dtype=torch.float64, device="cpu")  # best importance within capacity t (host)
     keep, best, best_val, dy_sum = [], None, 0.0, 0
     for q, k in enumerate(reversed(range(n))):             # output first
         dy_sum += t_dy[k]
         rem = budget - dy_sum - t_dw[k]
         if importance[k] > 0 and rem >= 0 and importance[k] + float(table[rem]) > best_val:
             best_val, best = importance[k] + float(table[rem]), (k, rem, q)
-        take = torch.zeros(budget + 1, dtype=torch.bool)
+        take = torch.zeros(budget + 1, dtype=torch.bool, device="cpu")
         w = t_dw[k]
         if importance[k] > 0 and w <= budget:
             cand = table[: budget + 1 - w] + importance[k]
@@ -171,7 +172,7 @@ class GreenTrainer(S.TensorSelection):
             params[n].requires_grad_(True)            # a hook needs it; _init_selection freezes
             params[n].register_post_accumulate_grad_hook(partial(self._probe, n))
         self._init_selection(model, names)
-        S.root_buffer(model, "greentrainer_selected", torch.zeros(len(self.entries), dtype=torch.bool))
+        S.root_buffer(model, "greentrainer_selected", torch.zeros(len(self.entries), dtype=torch.bool, device=model_device(model)))
         self._restore(model)
         return model
 
@@ -200,7 +201,7 @@ class GreenTrainer(S.TensorSelection):
         self._set_step(model, ctx.step)
         if self.probing:
             mask = self.select(self.importance())
-            model.greentrainer_selected.copy_(torch.tensor(mask))
+            model.greentrainer_selected.copy_(torch.tensor(mask, device=model.greentrainer_selected.device))
             self.stash.clear()
             self.set_trainable(model, self._selected_names(model), optimizer)
         self._restore(model)

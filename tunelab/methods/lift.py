@@ -99,7 +99,7 @@ class PrincipalLinear(S.SparseDeltaLinear):
         self.retire(old_idx[leaving], values[leaving])
         values.copy_(torch.where(found, values[source.clamp(min=0)], torch.zeros_like(values)))
         self.sparse_indices.copy_(new_idx)
-        S.reset_moments(optimizer, values, torch.zeros(0, dtype=torch.int64), source)
+        S.reset_moments(optimizer, values, torch.zeros(0, dtype=torch.int64, device=values.device), source)
 
 
 @register("lift")
@@ -145,8 +145,8 @@ class PrincipalWeights(Method):
         state, _ = S.read_sparse(out_dir)
         renamed = {k.replace(".fixed0_", ".past_"): v for k, v in state.items()}
         for n, m in S.sparse_layers(model).items():  # entries never retired: an empty past
-            renamed.setdefault(f"{n}.past_indices", torch.zeros(0, dtype=torch.int64))
-            renamed.setdefault(f"{n}.past_values", torch.zeros(0))
+            renamed.setdefault(f"{n}.past_indices", torch.zeros(0, dtype=torch.int64, device=m.sparse_values.device))
+            renamed.setdefault(f"{n}.past_values", torch.zeros(0, device=m.sparse_values.device))
         S.load_state(model, renamed, set(self.trainable_state(model)))
 
     def merge(self, model):

@@ -71,22 +71,36 @@ class LoRALinear(nn.Module):
         if not self.enabled:
             return self.base_layer(x)
         if self._fused_ok(x):
-            base = self.base_layer
-            y = _FrozenBaseLoRA.apply(x.reshape(-1, x.shape[-1]), base.weight, base.bias, self.lora_A.weight,
-                                      self.lora_B.weight, self.scaling)
-            return y.view(*x.shape[:-1], y.shape[-1])
+            return self._fused(x)
         return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
 
     def _fused_ok(self, x: torch.Tensor) -> bool:
-        """The fused path covers fp32 (or any single-dtype) training without autocast, i.e. the CPU
-        default: frozen plain nn.Linear base, no active dropout, one dtype. Anything else (bf16
-        autocast on GPU, dropout, a trainable base) takes the plain autograd formula."""
-        base, dt = self.base_layer, x.dtype
+        """The fused path covers a frozen plain nn.Linear base without active dropout, in one dtype
+        or under autocast (bf16 on CPU or GPU: everything is cast to the autocast dtype first, as
+        autocast would). Anything else (dropout, a trainable base, hooks) takes the plain formula."""
+        base = self.base_layer
+        same = torch.is_autocast_enabled(x.device.type) or (
+            base.weight.dtype == x.dtype == self.lora_A.weight.dtype == self.lora_B.weight.dtype)
         return (type(base) is nn.Linear and not base._forward_hooks and not base._forward_pre_hooks
                 and not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
-                and (isinstance(self.dropout, nn.Identity) or not self.training)
-                and not torch.is_autocast_enabled(x.device.type)
-                and base.weight.dtype == dt and self.lora_A.weight.dtype == dt and self.lora_B.weight.dtype == dt)
+                and (isinstance(self.dropout, nn.Identity) or not self.training) and same)
+
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        """_FrozenBaseLoRA on x flattened to (M, in). Under autocast its inputs are cast to the
+        autocast dtype here (a frozen weight stored in it already, training/lowp.py, is used as is;
+        A and B are cast per forward, their gradients come back in fp32 through the casts), and it
+        runs with autocast off: its in-place accumulation needs one dtype."""
+        base, kind = self.base_layer, x.device.type
+        if not torch.is_autocast_enabled(kind):
+            y = _FrozenBaseLoRA.apply(x.reshape(-1, x.shape[-1]), base.weight, base.bias, self.lora_A.weight,
+                                      self.lora_B.weight, self.scaling)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        dt = torch.get_autocast_dtype(kind)
+        bias = base.bias.to(dt) if base.bias is not None else None
+        with torch.autocast(kind, enabled=False):
+            y = _FrozenBaseLoRA.apply(x.reshape(-1, x.shape[-1]).to(dt), base.weight.to(dt), bias,
+                                      self.lora_A.weight.to(dt), self.lora_B.weight.to(dt), self.scaling)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def merged_linear(self) -> nn.Module:
         """The base layer with W += s * B A folded in (in the base weight's dtype; transposed for
@@ -135,6 +149,8 @@ def _lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 @register("lora")
 class LoRA(Method):
     """LoRA / rsLoRA on the selected linear layers; everything else frozen."""
+
+    frozen_base = True
 
     Config = LoRAConfig
 

@@ -30,6 +30,7 @@ from torch import nn
 from tunelab.methods import Method, register
 from tunelab.methods import _sparse as S
 from tunelab.methods._shared import decay_groups, freeze_all, set_module, target_linears
+from tunelab.run.device import model_device
 from tunelab.options import Options
 from tunelab.run.context import StepContext
 
@@ -54,7 +55,7 @@ class TicketLinear(S.SparseDeltaLinear):
     """Phase 1: W trains, `theta0` (a frozen copy) waits for the reset. Phase 2: the delta trains."""
 
     def __init__(self, base: nn.Linear):
-        super().__init__(base, torch.zeros(0, dtype=torch.int64))
+        super().__init__(base, torch.zeros(0, dtype=torch.int64, device=base.weight.device))
         self.sparse_values.requires_grad_(False)
         self.register_buffer("theta0", base.weight.detach().clone(), persistent=False)
 
@@ -98,7 +99,7 @@ class LotteryTicketSFT(Method):
             base = model.get_submodule(n)
             base.weight.requires_grad_(True)
             set_module(model, n, TicketLinear(base))
-        S.root_buffer(model, "lt_sft_step", torch.zeros(1, dtype=torch.int64))
+        S.root_buffer(model, "lt_sft_step", torch.zeros(1, dtype=torch.int64, device=model_device(model)))
         return model
 
     def sparse_phase(self, model) -> bool:
@@ -135,7 +136,7 @@ class LotteryTicketSFT(Method):
                 for n, m in S.sparse_layers(model).items()} | {"lt_sft_step": model.lt_sft_step}
 
     def load_trainable_state(self, model, state: dict) -> None:
-        step = int(state.get("lt_sft_step", torch.zeros(1)))
+        step = int(state["lt_sft_step"]) if "lt_sft_step" in state else 0
         if step >= self.cfg.full_ft_steps:
             for n, m in S.sparse_layers(model).items():
                 m.start_sparse(state[f"{n}.sparse_indices"])
@@ -152,7 +153,7 @@ class LotteryTicketSFT(Method):
 
     def load(self, model, out_dir: Path) -> None:
         state, _ = S.read_sparse(out_dir)
-        self.load_trainable_state(model, state | {"lt_sft_step": torch.tensor([self.cfg.full_ft_steps])})
+        self.load_trainable_state(model, state | {"lt_sft_step": torch.tensor([self.cfg.full_ft_steps], device=model_device(model))})
 
     def merge(self, model):
         S.drop_root_buffers(model, "lt_sft_")

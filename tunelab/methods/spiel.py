@@ -31,6 +31,7 @@ from torch import nn
 from tunelab.methods import Method, register
 from tunelab.methods import _sparse as S
 from tunelab.methods._shared import decay_groups, freeze_all, set_module, target_linears
+from tunelab.run.device import model_device
 from tunelab.options import Options, require
 from tunelab.run.context import StepContext
 
@@ -94,7 +95,7 @@ class SpIELLinear(S.SparseDeltaLinear):
         k, count = len(self.sparse_values), int(self.cand_count)
         self.cand_count.zero_()
         if count == 0 or int(k * p) == 0:
-            return torch.zeros(0, dtype=torch.int64)
+            return torch.zeros(0, dtype=torch.int64, device=self.sparse_values.device)
         out_slots = torch.topk(self.sparse_values.abs(), int(k * p), largest=False, sorted=True).indices
         stay = torch.ones(k, dtype=torch.bool, device=out_slots.device)
         stay[out_slots] = False
@@ -128,9 +129,9 @@ class SpIEL(Method):
         total = self.cfg.num_tunable_weights or max(1, int(self.cfg.density * sum(sizes)))
         g = torch.Generator().manual_seed(self.cfg.seed)
         for n, numel, k in zip(names, sizes, S.split_budget(sizes, total)):
-            idx = torch.randperm(numel, generator=g)[:k].sort().values
+            idx = torch.randperm(numel, generator=g, device="cpu")[:k].sort().values  # host RNG: same support on any device
             set_module(model, n, SpIELLinear(model.get_submodule(n), idx))
-        S.root_buffer(model, "spiel_step", torch.zeros(1, dtype=torch.int64))
+        S.root_buffer(model, "spiel_step", torch.zeros(1, dtype=torch.int64, device=model_device(model)))
         self._arm(model, self.horizon(None))
         return model
 

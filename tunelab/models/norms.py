@@ -56,11 +56,11 @@ def _matches(module) -> bool:
     """Does this norm's own forward equal the closed form (values, grad of x and of weight)?"""
     import copy
 
-    d = module.weight.shape[-1]
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, d, generator=gen, requires_grad=True)
-    w = (1 + 0.3 * torch.randn(d, generator=gen)).requires_grad_(True)
-    g = torch.randn(2, 3, d, generator=gen)
+    d, dev = module.weight.shape[-1], module.weight.device
+    gen = torch.Generator(device="cpu").manual_seed(0)  # drawn on the host, the same on any device
+    x = torch.randn(2, 3, d, generator=gen, device="cpu").to(dev).requires_grad_(True)
+    w = (1 + 0.3 * torch.randn(d, generator=gen, device="cpu")).to(dev).requires_grad_(True)
+    g = torch.randn(2, 3, d, generator=gen, device="cpu").to(dev)
     probe = copy.deepcopy(module).float()
     probe.weight = torch.nn.Parameter(w.detach().clone())
     try:

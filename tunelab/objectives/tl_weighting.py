@@ -54,7 +54,7 @@ def token_offsets(tokenizer, ids: list[int]) -> tuple[str, list[tuple[int, int]]
         if enc["input_ids"] == ids:
             return text, [tuple(o) for o in enc["offset_mapping"]]
     pieces = tokenizer.batch_decode([[i] for i in ids])
-    ends = torch.tensor([len(p) for p in pieces]).cumsum(0).tolist()
+    ends = torch.tensor([len(p) for p in pieces], device="cpu").cumsum(0).tolist()
     return "".join(pieces), [(e - len(p), e) for p, e in zip(pieces, ends)]
 
 
@@ -129,7 +129,7 @@ class TLWeighting(Objective):
         targets = batch["targets"]
         seg = segment_ids(batch).flatten().tolist()
         flat_t = targets.flatten().tolist()
-        weights = torch.zeros(targets.numel())
+        weights = torch.zeros(targets.numel(), device="cpu")  # filled position by position on the host
         by_example: dict[int, list[int]] = {}
         for pos, (s, t) in enumerate(zip(seg, flat_t)):
             if t != IGNORE:
@@ -139,7 +139,7 @@ class TLWeighting(Objective):
             key = [k for run in spans(positions) for k in self._is_key([flat_t[p] for p in run])]
             n_key = sum(key)
             w = key_weight(n_key, len(key) - n_key, self.cfg.max_weight)
-            raw = torch.tensor([w if k else 1.0 for k in key])
+            raw = torch.tensor([w if k else 1.0 for k in key], device="cpu")
             weights[positions] = raw * (len(key) / raw.sum())
             num_key += n_key
             ws += [w] if n_key else []

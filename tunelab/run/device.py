@@ -19,6 +19,16 @@ def pick_device(name: str, index: int | None = None) -> torch.device:
     return torch.device(kind, index) if kind == "cuda" and index is not None else torch.device(kind)
 
 
+def model_device(model) -> torch.device:
+    """Where a model computes: the device of its first parameter (cpu for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A batch's tensors on `device` (other values as they are)."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_flags() -> frozenset[str]:
     """The CPU feature flags of /proc/cpuinfo (Linux); empty elsewhere."""

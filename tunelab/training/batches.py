@@ -25,8 +25,8 @@ class BatchStream:
         self._order = self._permutation(epoch)
 
     def _permutation(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(len(self.examples), generator=g).tolist()
+        g = torch.Generator(device="cpu").manual_seed(self.seed * 100_003 + epoch)  # host-side data order
+        return torch.randperm(len(self.examples), generator=g, device="cpu").tolist()
 
     def _next_index(self) -> int:
         if self.pos == len(self._order):

@@ -29,6 +29,7 @@ from tunelab.training.checkpoint import seed_rank
 from tunelab.training.evaluation import evaluate, report
 from tunelab.training.final import is_complete, save_final
 from tunelab.training.inputs import load_examples, warn
+from tunelab.training.lowp import store_frozen_in
 from tunelab.training.memory import tame_allocator
 from tunelab.training.optim import build_optimizer
 from tunelab.training.parallel import OneProcess, choose
@@ -115,6 +116,8 @@ def build(cfg: C.RunConfig, run_dir: Path, dist: Dist = SINGLE) -> Run:
     model, tok = load_model(cfg.model)
     method = METHODS.get(cfg.method.name)(cfg.method.options)
     model = method.apply(model).to(device)
+    if method.frozen_base and resolve_precision(tc.precision, device) == "bf16":
+        store_frozen_in(model, torch.bfloat16)  # the same numbers as autocast's per-forward casts
     prepare_model(model, tc)
     objective = OBJECTIVES.get(cfg.objective.name)(cfg.objective.options)
     objective.setup(model, tok)

@@ -109,6 +109,6 @@ class TrainState:
         for key in sorted(ckpt.checkpoint_keys(directory)):
             if (m := _OPTIMIZER_KEY.match(key)) and key not in trainable:
                 p = params[int(m.group(1))]
-                opt_tensors[key] = torch.zeros((), dtype=torch.float32) if m.group(2) == "step" else torch.zeros_like(p)
+                opt_tensors[key] = torch.zeros((), dtype=torch.float32, device="cpu") if m.group(2) == "step" else torch.zeros_like(p)
         ckpt.load_tensors(directory, trainable | opt_tensors)
         return trainable, opt_tensors

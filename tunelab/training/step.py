@@ -61,7 +61,7 @@ def forward_backward(parallel: OneProcess, objective, micro: list[dict], opt, tc
     params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
     for p in params:
         p.grad.div_(max(total, 1))
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or float("inf")))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or float("inf"))) if params else 0.0
     return loss_sum / max(total, 1), grad_norm, total, metrics
 
 
