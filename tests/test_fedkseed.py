@@ -67,6 +67,15 @@ def test_projected_gradient_is_the_directional_derivative():
     assert g == pytest.approx(want, rel=1e-3)
 
 
+def test_zo_steps_and_replay_name_their_devices():
+    from devicetrap import DeviceTrap
+    model, seeds = tiny_model(), K.candidate_seeds(0, 4)
+    with DeviceTrap() as trap:
+        g = K.zo_step(_params(model), _loss_fn(model), int(seeds[1]), 1e-3, 1e-3)
+        K.replay_round(_params(model), seeds, np.array([0, g, 0, 1], np.float32), 1e-3)
+    assert not trap.found, trap.found
+
+
 def test_directions_depend_on_the_seed_and_the_parameter_order():
     a, b = torch.zeros(5), torch.zeros(7)
     z1, z2 = list(K.directions([a, b], 9)), list(K.directions([a, b], 9))

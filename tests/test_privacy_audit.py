@@ -85,8 +85,11 @@ def test_diagnose_privacy_on_a_run_with_canaries(tiny_dir, tmp_path):
                          "diagnostics": {"after_train": [], "options": {"privacy": {"batch_sizes": [1, 2], "num_candidates": 20,
                                                                                     "kseed_steps": 4}}},
                          "output": str(tmp_path / "run")})
+    from devicetrap import DeviceTrap
     from tunelab.cli import main
-    assert main(["diagnose", str(run), "--only", "privacy"]) == 0
+    with DeviceTrap() as trap:  # every tensor the audit makes names its device
+        assert main(["diagnose", str(run), "--only", "privacy"]) == 0
+    assert not trap.found, trap.found
     res = json.loads((run / "diagnostics" / "privacy.json").read_text())
     s = res["summary"]
     assert s["canaries"] == 4 and 0 <= s["canary_exposure_tuned"] <= L.exposure(1, 20)

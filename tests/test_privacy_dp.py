@@ -133,7 +133,10 @@ def _cfg(tiny_dir, tmp_path, **privacy):
 
 
 def test_training_with_dp_sgd_reports_epsilon(tiny_dir, tmp_path):
-    run = tunelab.train(_cfg(tiny_dir, tmp_path, noise_multiplier=1.0, clip_norm=0.5, delta=1e-4))
+    from devicetrap import DeviceTrap
+    with DeviceTrap() as trap:  # every tensor DP-SGD makes names its device
+        run = tunelab.train(_cfg(tiny_dir, tmp_path, noise_multiplier=1.0, clip_norm=0.5, delta=1e-4))
+    assert not trap.found, trap.found
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     eps = [x["dp_epsilon"] for x in lines if x.get("kind") == "train"]
     assert len(eps) == 3 and eps[0] < eps[1] < eps[2]

@@ -73,15 +73,20 @@ def shared(per_example: list[torch.Tensor], mechanism: str, clip: float, sigma: 
     total = torch.stack(per_example).sum(0).double()
     if mechanism == "dp":
         clipped = [g.double() * min(1.0, clip / (float(g.norm()) + 1e-12)) for g in per_example]
-        return torch.stack(clipped).sum(0) + sigma * clip * torch.randn(total.shape, generator=gen, dtype=torch.float64)
+        return torch.stack(clipped).sum(0) + sigma * clip * _normal(total.shape, gen, total.device)
     if mechanism == "fedkseed":
         est = torch.zeros_like(total)
         for _ in range(steps):
-            z = torch.randn(total.shape, generator=gen, dtype=torch.float64)
-            g = float((z * total).sum()) + rest_norm * float(torch.randn((), generator=gen, dtype=torch.float64))
+            z = _normal(total.shape, gen, total.device)
+            g = float((z * total).sum()) + rest_norm * float(_normal((), gen, total.device))
             est += g * z
         return est
     return total
+
+
+def _normal(shape, gen: torch.Generator, device) -> torch.Tensor:
+    """N(0, 1) in fp64, drawn on the CPU from `gen` (the same draws on any device), on `device`."""
+    return torch.randn(shape, generator=gen, dtype=torch.float64, device="cpu").to(device)
 
 
 def top_rows(g: torch.Tensor, k: int) -> set[int]:

@@ -28,6 +28,7 @@ import torch
 from tunelab.diagnostics import Diagnostic, Findings, register
 from tunelab.diagnostics import _leakage as L
 from tunelab.options import Options
+from tunelab.run.device import model_device
 
 
 @dataclass(kw_only=True)
@@ -72,7 +73,8 @@ def _example_grads(model, ex) -> dict:
 
 
 def _grads(model, ex, params, weight, lora_a) -> dict:
-    ids, labels = torch.tensor([ex.input_ids]), torch.tensor([ex.labels])
+    dev = model_device(model)
+    ids, labels = torch.tensor([ex.input_ids], device=dev), torch.tensor([ex.labels], device=dev)
     x = model.get_input_embeddings()(ids).detach().requires_grad_(True)
     loss = model(inputs_embeds=x, labels=labels).loss
     tensors = [x, *params] + ([lora_a] if lora_a is not None else [])
@@ -103,7 +105,7 @@ def gradient_rows(model, examples, cfg: PrivacyAuditConfig, run_cfg) -> list[lis
     model = model.float().eval()
     xs = L.layer0_inputs(model)
     per = [_example_grads(model, examples[i]) for i in order[:max(cfg.batch_sizes)]]
-    rows, gen = [], torch.Generator().manual_seed(cfg.seed)
+    rows, gen = [], torch.Generator(device="cpu").manual_seed(cfg.seed)
     for b in cfg.batch_sizes:
         batch, true = per[:b], set().union(*(p["ids"] for p in per[:b]))
         for mech, sigma in _mechanisms(cfg, run_cfg):
@@ -140,7 +142,7 @@ def _canary(model, tok, rec, m, cfg: PrivacyAuditConfig) -> tuple[int, bool]:
     from tunelab.data import encode_prompt
     from tunelab.data.records import Record
 
-    secret, reply = m.group("secret"), rec.messages[-1]["content"]
+    secret, reply, dev = m.group("secret"), rec.messages[-1]["content"], model_device(model)
     prefix = reply[:m.start("secret")]
     prompt = encode_prompt(Record(messages=rec.messages[:-1] + [{"role": "assistant", "content": "."}]), tok)
     rnd = random.Random(f"{cfg.seed}:{secret}")
@@ -148,11 +150,11 @@ def _canary(model, tok, rec, m, cfg: PrivacyAuditConfig) -> tuple[int, bool]:
 
     def score(s: str) -> float:
         cont = tok(prefix + s, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([prompt + cont])
+        ids = torch.tensor([prompt + cont], device=dev)
         logp = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float().log_softmax(-1)
-        return float(logp.gather(1, torch.tensor(cont)[:, None]).sum())
+        return float(logp.gather(1, torch.tensor(cont, device=dev)[:, None]).sum())
     rank = L.secret_rank([score(c) for c in cands if c != secret], score(secret))
-    start = torch.tensor([prompt + tok(prefix, add_special_tokens=False)["input_ids"]])
+    start = torch.tensor([prompt + tok(prefix, add_special_tokens=False)["input_ids"]], device=dev)
     out = model.generate(start, max_new_tokens=len(secret) + 2, do_sample=False, pad_token_id=tok.pad_token_id)
     return rank, tok.decode(out[0, start.shape[1]:]).strip().startswith(secret)
 

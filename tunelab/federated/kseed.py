@@ -47,7 +47,7 @@ def directions(params: list[torch.Tensor], seed: int) -> Iterator[torch.Tensor]:
     """z(seed) for each tensor of `params`, in order: N(0, I), drawn in fp32 on the CPU."""
     g = torch.Generator(device="cpu").manual_seed(int(seed))
     for p in params:
-        yield torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.device, p.dtype)
+        yield torch.randn(p.shape, generator=g, dtype=torch.float32, device="cpu").to(p.device, p.dtype)
 
 
 @torch.no_grad()

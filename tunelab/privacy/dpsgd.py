@@ -54,7 +54,7 @@ def add_noise(grads: list[torch.Tensor], std: float, generator: torch.Generator 
     if std == 0:
         return
     for g in grads:
-        g.add_(torch.randn(g.shape, generator=generator, dtype=torch.float32).to(g.device, g.dtype), alpha=std)
+        g.add_(torch.randn(g.shape, generator=generator, dtype=torch.float32, device="cpu").to(g.device, g.dtype), alpha=std)
 
 
 def per_example_grads(parallel, batch: dict, params: list[torch.Tensor], precision: str, device,
