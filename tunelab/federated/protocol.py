@@ -42,6 +42,17 @@ def payload_bytes(message: Message) -> int:
     return sum(a.nbytes for a in arrays.values()) + 8 * len(scalars)
 
 
+def without_seeds(message: Message) -> Message:
+    """The message less its candidate seeds (sent once per node: counted apart from the rounds)."""
+    arrays, scalars = message
+    return {k: v for k, v in arrays.items() if k != "seeds"}, scalars
+
+
+def seed_bytes(message: Message) -> int:
+    """Bytes of the candidate seeds the message carries (0 once a node has them)."""
+    return int(message[0]["seeds"].nbytes) if "seeds" in message[0] else 0
+
+
 def array_bytes(message: Message) -> int:
     """Bytes of the message's arrays alone (what grows with K, tau or the adapter)."""
     return sum(a.nbytes for a in message[0].values())

@@ -21,7 +21,7 @@ from tunelab import config as C
 from tunelab.errors import TunelabError
 from tunelab.federated import kseed as K
 from tunelab.federated.party import Built, build, read_state, write_state
-from tunelab.federated.protocol import Message, kseed_download, payload_bytes
+from tunelab.federated.protocol import Message, kseed_download, payload_bytes, seed_bytes, without_seeds
 
 
 class KSeedServer:
@@ -144,6 +144,22 @@ def save_server(server, out: Path, keep: int = 2) -> None:
 class Transport(Protocol):
     def nodes(self, at_least: int, timeout: float) -> list[int]: ...
     def send(self, messages: dict[int, Message], timeout: float) -> dict[int, Message]: ...
+    def encoded_bytes(self, message: Message) -> int:
+        """What the message takes in the transport's own encoding."""
+        ...
+
+
+def traffic(sent: dict[int, Message], replies: dict[int, Message], transport) -> dict:
+    """Bytes per client of a round (the most any replying client moved): payload (arrays + 8 per
+    scalar; the paper's count), and in the transport's encoding; the one-time candidate seeds apart."""
+    pairs = [(without_seeds(sent[n]), r) for n, r in replies.items()]
+    out = {"download_bytes_per_client": max(payload_bytes(d) for d, _ in pairs),
+           "upload_bytes_per_client": max(payload_bytes(u) for _, u in pairs),
+           "bytes_per_client": max(payload_bytes(d) + payload_bytes(u) for d, u in pairs),
+           "seed_bytes": sum(seed_bytes(m) for m in sent.values())}
+    if hasattr(transport, "encoded_bytes"):
+        out["encoded_bytes_per_client"] = max(transport.encoded_bytes(d) + transport.encoded_bytes(u) for d, u in pairs)
+    return out
 
 
 def one_round(server, transport: Transport, round_: int, fc, log) -> dict:
@@ -164,12 +180,9 @@ def one_round(server, transport: Transport, round_: int, fc, log) -> dict:
                            f"after {fc.max_retries} retries; the server state after round {round_ - 1} is saved: "
                            "run the same `tunelab federate` command again to resume")
     server.aggregate(round_, replies)
-    down = [payload_bytes(sent[n]) for n in replies]
-    up = [payload_bytes(r) for r in replies.values()]
     return {"kind": "round", "clients": len(replies), "missing": len(sent) - len(replies), "attempts": attempt + 1,
-            "loss": float(np.mean([r[1]["loss"] for r in replies.values()])),
-            "download_bytes_per_client": max(down), "upload_bytes_per_client": max(up),
-            "bytes_per_client": max(d + u for d, u in zip(down, up)), "round_s": time.perf_counter() - t0}
+            "loss": float(np.mean([r[1]["loss"] for r in replies.values()])), **traffic(sent, replies, transport),
+            "round_s": time.perf_counter() - t0}
 
 
 def run_rounds(server, transport: Transport, cfg: C.RunConfig, log_line, say=print) -> None:

@@ -42,6 +42,12 @@ class GridTransport:
             time.sleep(0.5)
         return found
 
+    def encoded_bytes(self, message) -> int:
+        """The message's content as Flower stores and sends it: the deflated objects of its
+        RecordDict (object headers, .npy headers, config JSON, array chunks; identical chunks once)."""
+        from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+        return sum(len(o.deflate()) for o in get_all_nested_objects(to_records(message)).values())
+
     def send(self, messages: dict, timeout: float) -> dict:
         out = [Message(to_records(m), dst_node_id=n, message_type=MessageType.TRAIN) for n, m in messages.items()]
         replies = self.grid.send_and_receive(out, timeout=timeout)
