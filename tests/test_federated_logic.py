@@ -69,3 +69,72 @@ def test_kseed_server_sends_each_client_what_it_lacks_and_resumes_identically(tm
     save_server(s, tmp_path / "run")
     again = load_server(cfg, log=lambda m: None)
     assert again.round == 2 and all(np.array_equal(a, b) for a, b in zip(again.deltas, s.deltas))
+
+
+def _lora_cfg(tmp_path, tiny_dir, *extra):
+    import json
+    from tiny import chat_rows
+    from tunelab import config as C
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(16)))
+    return C.load(None, [f"model.name={tiny_dir}", f"data.train={data}", "data.eval=null", "method.name=lora",
+                         "method.r=2", "train.micro_batch_size=2", "train.lr=1e-2", "train.precision=fp32",
+                         "federated.algorithm=fedavg", "federated.local_steps=2", f"output={tmp_path / 'run'}", *extra])
+
+
+def test_fedavg_client_trains_only_the_adapter_and_the_server_averages_by_examples(tmp_path, tiny_dir):
+    """The first-order baseline: a client round starts from the global adapter, takes local_steps
+    optimizer steps and sends back the adapter tensors alone (their bytes: the adapter's fp32 size);
+    the server's new global adapter is the example-weighted mean of the replies."""
+    from tunelab.federated.client import client_round
+    from tunelab.federated.protocol import array_bytes
+    from tunelab.federated.server import AvgServer
+
+    cfg = _lora_cfg(tmp_path, tiny_dir)
+    server = AvgServer(cfg)
+    assert server.global_ and all("lora_" in k for k in server.global_)
+    replies = {n: client_round(cfg, n, 2, server.message(n, 1)) for n in (0, 1)}
+    for arrays, scalars in replies.values():
+        assert set(arrays) == set(server.global_) and scalars["num_examples"] > 0
+        assert any(not np.array_equal(arrays[k], server.global_[k]) for k in arrays)  # it trained
+    assert array_bytes(replies[0]) == sum(4 * v.size for v in server.global_.values())
+    w = {n: replies[n][1]["num_examples"] for n in (0, 1)}
+    server.aggregate(1, replies)
+    for k, v in server.global_.items():
+        want = (replies[0][0][k] * w[0] + replies[1][0][k] * w[1]) / (w[0] + w[1])
+        np.testing.assert_allclose(v, want, rtol=1e-6, atol=1e-7)
+
+
+def test_fedavg_clients_train_with_dp_sgd(tmp_path, tiny_dir, monkeypatch):
+    """privacy.dp_sgd applies inside a FedAvg client's local steps: its step function is the run's,
+    which then takes DP-SGD's gradients (seen being called once per local step)."""
+    from tunelab.federated.client import client_round
+    from tunelab.federated.server import AvgServer
+    from tunelab.privacy import PrivateGradients
+
+    calls = []
+    real = PrivateGradients.forward_backward
+    monkeypatch.setattr(PrivateGradients, "forward_backward", lambda self, *a: calls.append(1) or real(self, *a))
+    cfg = _lora_cfg(tmp_path, tiny_dir, "privacy.dp_sgd=true", "privacy.noise_multiplier=0.5")
+    arrays, scalars = client_round(cfg, 0, 2, AvgServer(cfg).message(0, 1))
+    assert arrays and np.isfinite(scalars["loss"]) and len(calls) == cfg.federated.local_steps
+
+
+@pytest.mark.parametrize("extra,field", [
+    (["privacy.dp_sgd=true"], "privacy.dp_sgd: FedKSeed"),
+    (["federated.algorithm=fedavg", "privacy.dp_sgd=true", "method.name=greentrainer"], "cannot train with DP-SGD"),
+    (["federated.num_clients=40"], "federated.num_clients: 40 clients"),
+    (["federated.min_replies=3"], "federated.min_replies"),
+])
+def test_a_federated_run_that_cannot_work_is_refused_before_any_process_starts(tmp_path, tiny_dir, extra, field):
+    import json
+    from tiny import chat_rows
+    from tunelab import config as C
+    from tunelab.federated.flower.launch import federate
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(16)))
+    cfg = C.load(None, [f"model.name={tiny_dir}", f"data.train={data}", f"output={tmp_path / 'run'}", *extra])
+    with pytest.raises(ConfigError, match=field):
+        federate(cfg)
+    assert not (tmp_path / "run" / "flower").exists()

@@ -142,6 +142,9 @@ def test_training_with_dp_sgd_reports_epsilon(tiny_dir, tmp_path):
     assert len(eps) == 3 and eps[0] < eps[1] < eps[2]
     assert eps[-1] == pytest.approx(epsilon(4 / 40, 1.0, 3, 1e-4)[0])
     assert all(x["dp_delta"] == 1e-4 for x in lines if x.get("kind") == "train")
+    from tunelab.report.run_page import write_report
+    page = write_report(run).read_text()
+    assert 'data-key="dp_epsilon"' in page and f'data-value="{json.dumps(eps[-1])}"' in page  # the report says it
 
 
 @pytest.mark.parametrize("method", ["greentrainer", "spiel"])

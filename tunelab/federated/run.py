@@ -10,6 +10,28 @@ from pathlib import Path
 from tunelab import config as C
 
 
+def check(cfg: C.RunConfig) -> None:
+    """A ConfigError, before any process starts, for a federated run that cannot work."""
+    from tunelab.data.split import train_eval_records
+    from tunelab.errors import ConfigError
+    from tunelab.privacy import check_supported
+    from tunelab.registry import METHODS, OBJECTIVES
+
+    fc = cfg.federated
+    if fc.min_replies > fc.num_clients:
+        raise ConfigError(f"federated.min_replies: {fc.min_replies} replies can never come from "
+                          f"federated.num_clients={fc.num_clients} clients")
+    if cfg.privacy.dp_sgd and fc.algorithm == "fedkseed":
+        raise ConfigError("privacy.dp_sgd: FedKSeed's zeroth-order steps have no per-example gradient to clip; "
+                          "use federated.algorithm: fedavg with DP-SGD, or turn privacy.dp_sgd off")
+    method = METHODS.get(cfg.method.name)(cfg.method.options)
+    check_supported(cfg.privacy, method, OBJECTIVES.get(cfg.objective.name)(cfg.objective.options), False)
+    n = len(train_eval_records(cfg.data)[0])
+    if n < fc.num_clients:
+        raise ConfigError(f"federated.num_clients: {fc.num_clients} clients but data.train keeps {n} training "
+                          "records (after the eval holdout): every client needs at least one")
+
+
 def serve_rounds(cfg: C.RunConfig, transport, say=print) -> None:
     from tunelab.federated.server import load_server, run_rounds
     from tunelab.run.rundir import MetricsLog

@@ -42,7 +42,7 @@ def headline_section(run: RunData, h: dict) -> str:
                      ("model", h["model"], "model"), ("steps", steps, "steps"),
                      ("trainable params", h["trainable_params"], "trainable_params"),
                      ("trainable %", h["trainable_pct"], "trainable_pct"),
-                     ("time (s)", h["time_s"], "time_s")])
+                     ("time (s)", h["time_s"], "time_s")] + _privacy_cards(run))
     data = H.table(["data", "source"], [["train", h["train_data"]], ["eval", h["eval_data"]],
                                         ["train examples", _examples_text(run, h)]])
     cfg = escape(yaml.safe_dump(run.config, sort_keys=False))
@@ -50,6 +50,15 @@ def headline_section(run: RunData, h: dict) -> str:
                        "checkpoint writes are not included.", "note muted")
     return H.section("Run", cards + data + time_note +
                      f"<details><summary>full config</summary><pre>{cfg}</pre></details>", "headline")
+
+
+def _privacy_cards(run: RunData) -> list:
+    """DP-SGD's privacy spent, when the run trained with it: epsilon at delta after its last step."""
+    last = next((x for x in reversed(run.train) if "dp_epsilon" in x), None)
+    if last is None:
+        return []
+    return [(f"DP-SGD ε at δ={H.fmt(last['dp_delta'])}", last["dp_epsilon"], "dp_epsilon"),
+            ("DP-SGD σ, C", f"{H.fmt(run.get('privacy.noise_multiplier'))}, {H.fmt(run.get('privacy.clip_norm'))}", None)]
 
 
 def _examples_text(run: RunData, h: dict) -> str:

@@ -147,8 +147,10 @@ def submit(fed: Federation, config_path: Path) -> int:
 def federate(cfg: C.RunConfig) -> Path:
     """Run `cfg` as a Flower deployment on this machine; the run directory. Resumes after the
     server's last checkpointed round when the run directory has one."""
+    from tunelab.federated.run import check
     from tunelab.run.rundir import write_config
 
+    check(cfg)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     write_config(cfg, out)
