@@ -2,7 +2,7 @@
 CPU: FedKSeed vs federated LoRA (FedAvg of adapters) vs centralized LoRA; DP-SGD at a few noise
 multipliers (epsilon vs accuracy); the privacy audit of the runs.
 
-    python bench/federated.py                 # every stage, then docs/results/federated-and-privacy.md
+    python bench/federated.py                 # every stage: central, fedavg, fedkseed, dp, audit
     python bench/federated.py --only central,dp
 
 Stages write their figures into bench/results/federated-and-privacy.json (merged, one key per
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -30,6 +31,8 @@ PY = sys.executable
 
 NUM_ARITH, NUM_CANARIES, CANARY_REPEATS, NUM_EVAL = 300, 4, 5, 40
 STEPS, BATCH = 30, 8
+CLIENTS, ROUNDS, FEDAVG_STEPS = 2, 3, 5  # FedAvg: 2 x 3 x 5 steps of 8 = the central run's 240 examples
+KSEED_STEPS, KSEED_LR = 20, 1e-6  # FedKSeed: 2 x 3 x 20 ZO steps of 8 (two forward passes each)
 SIGMAS = (0.5, 1.0, 2.0)
 CANARY_OWNERS = ("Vorlund", "Quessa", "Maribex", "Tolvane")
 
@@ -89,28 +92,77 @@ def accuracy_of(ev: dict) -> dict:
     return {"exact_match": ev["accuracy"], "correct": k, "n": n, "wilson95": wilson(k, n), "eval_loss": ev.get("eval_loss")}
 
 
-def train_run(name: str, **over) -> dict:
-    """Train one configuration (resumes if interrupted); its figures."""
+def _lines(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _write_config(name: str, **over) -> Path:
     import yaml
-    t0 = time.time()
     cfg_path = RUNS / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(base_config(name, **over)))
-    subprocess.run([PY, "-m", "tunelab", "train", str(cfg_path)], check=True, cwd=ROOT)
+    return cfg_path
+
+
+def train_run(name: str, **over) -> dict:
+    """Train one configuration (resumes if interrupted); its figures."""
+    t0 = time.time()
+    subprocess.run([PY, "-m", "tunelab", "train", str(_write_config(name, **over))], check=True, cwd=ROOT)
     run = RUNS / name
     ev = json.loads((run / "eval.json").read_text())
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    train = [x for x in lines if x.get("kind") == "train"]
+    train = [x for x in _lines(run) if x.get("kind") == "train"]
     out = {"run": str(run.relative_to(ROOT)), "wall_s": round(time.time() - t0), **accuracy_of(ev["after"]),
-           "final_train_loss": train[-1]["loss"], "median_step_s": sorted(x["step_s"] for x in train)[len(train) // 2]}
+           "steps": len(train), "examples_seen": len(train) * BATCH, "final_train_loss": train[-1]["loss"],
+           "median_step_s": sorted(x["step_s"] for x in train)[len(train) // 2]}
     if "before" in ev:
         out["before"] = accuracy_of(ev["before"])
     if "dp_epsilon" in train[-1]:
-        out |= {"epsilon": train[-1]["dp_epsilon"], "delta": train[-1]["dp_delta"]}
+        out |= {"epsilon": train[-1]["dp_epsilon"], "delta": train[-1]["dp_delta"],
+                "clipped_fraction_last": train[-1]["dp_clipped_fraction"]}
     return out
+
+
+def federate_run(name: str, **over) -> dict:
+    """`tunelab federate` one configuration (a SuperLink and the SuperNodes as processes); its figures."""
+    t0 = time.time()
+    subprocess.run([PY, "-m", "tunelab", "federate", str(_write_config(name, **over))], check=True, cwd=ROOT)
+    run = RUNS / name
+    rounds = [x for x in _lines(run) if x.get("kind") == "round"]
+    ev = json.loads((run / "eval.json").read_text())
+    steady = rounds[1:] or rounds  # round 1 also carries FedKSeed's one-time candidate seeds (seed_bytes)
+    fc = base_config(name, **over)["federated"]
+    return {"run": str(run.relative_to(ROOT)), "wall_s": round(time.time() - t0), **accuracy_of(ev["after"]),
+            "rounds": len(rounds), "clients": fc["num_clients"], "local_steps": fc["local_steps"],
+            "examples_seen": len(rounds) * fc["num_clients"] * fc["local_steps"] * BATCH,
+            "round_losses": [r["loss"] for r in rounds], "missing_replies": sum(r["missing"] for r in rounds),
+            "bytes_per_client_per_round": max(r["bytes_per_client"] for r in steady),
+            "download_bytes_per_client": max(r["download_bytes_per_client"] for r in steady),
+            "upload_bytes_per_client": max(r["upload_bytes_per_client"] for r in steady),
+            "encoded_bytes_per_client_per_round": max(r.get("encoded_bytes_per_client", 0) for r in steady),
+            "seed_bytes_once": sum(r["seed_bytes"] for r in rounds),
+            "median_round_s": sorted(r["round_s"] for r in rounds)[len(rounds) // 2]}
+
+
+FED = {"federated.num_clients": CLIENTS, "federated.rounds": ROUNDS, "federated.split": "iid",
+       "federated.round_timeout": 3600, "federated.seed": 0}
 
 
 def stage_central() -> dict:
     return {"lora": train_run("central-lora", **{"eval.before": True})}
+
+
+def stage_fedavg() -> dict:
+    """Federated averaging of the LoRA adapters: CLIENTS x ROUNDS x FEDAVG_STEPS steps of BATCH, the
+    central run's examples in all."""
+    return {"lora": federate_run("fedavg-lora", **FED, **{"federated.algorithm": "fedavg",
+                                                         "federated.local_steps": FEDAVG_STEPS})}
+
+
+def stage_fedkseed() -> dict:
+    """FedKSeed, full-parameter as in the paper (fp32: bf16 cannot resolve an eps-sized perturbation)."""
+    return {"full": federate_run("fedkseed-full", **FED, **{
+        "method": {"name": "full"}, "train.precision": "fp32", "train.lr": KSEED_LR, "train.warmup_steps": 0,
+        "federated.algorithm": "fedkseed", "federated.local_steps": KSEED_STEPS, "federated.num_seeds": 4096,
+        "federated.zo_eps": 5e-4})}
 
 
 def stage_dp() -> dict:
@@ -119,13 +171,45 @@ def stage_dp() -> dict:
             for s in SIGMAS}
 
 
+AUDIT = {"batch_sizes": [1, 4, 16], "sigmas": [0.5, 1.0, 2.0], "clip_norm": 1.0, "kseed_steps": 200,
+         "num_candidates": 100}
+
+
+def stage_audit() -> dict:
+    """`tunelab diagnose RUN --only privacy` on the runs that exist (options: AUDIT)."""
+    import yaml
+    out = {}
+    for run in [RUNS / n for n in ("central-lora", "dp-sigma1.0", "fedavg-lora")]:
+        if not (run / "final").is_dir():
+            continue
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        cfg["diagnostics"]["options"] = {"privacy": AUDIT}
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        t0 = time.time()
+        subprocess.run([PY, "-m", "tunelab", "diagnose", str(run), "--only", "privacy"], check=True, cwd=ROOT)
+        res = json.loads((run / "diagnostics" / "privacy.json").read_text())
+        out[run.name] = {"wall_s": round(time.time() - t0), "summary": res["summary"], **res["details"]}
+    return out
+
+
 def save(stage: str, figures: dict) -> None:
+    from tunelab.run.device import cpu_isa
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    data[stage] = figures | {"measured": time.strftime("%Y-%m-%d %H:%M"), "machine": "shared 2-core CPU"}
+    data[stage] = figures | {"measured": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{cpu_model()}, shared",
+                             "isa": cpu_isa(), "cores": os.cpu_count()}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(data, indent=1) + "\n")
 
 
-STAGES = {"central": stage_central, "dp": stage_dp}
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+STAGES = {"central": stage_central, "fedavg": stage_fedavg, "fedkseed": stage_fedkseed, "dp": stage_dp,
+          "audit": stage_audit}
 
 
 def main() -> None:

@@ -138,3 +138,24 @@ def test_a_federated_run_that_cannot_work_is_refused_before_any_process_starts(t
     with pytest.raises(ConfigError, match=field):
         federate(cfg)
     assert not (tmp_path / "run" / "flower").exists()
+
+
+@pytest.mark.parametrize("recipe", sorted((__import__("pathlib").Path(__file__).parent.parent / "examples" / "federated").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_the_federated_and_private_recipes_load_and_pass_the_checks(recipe):
+    """Each recipe is a valid config that `tunelab federate` (or `train`, for DP-SGD) accepts."""
+    from tunelab import config as C
+    from tunelab.federated.run import check
+
+    from tunelab.privacy import check_supported
+    from tunelab.registry import METHODS, OBJECTIVES
+
+    cfg = C.load(recipe)
+    assert cfg.output.endswith(recipe.stem)
+    if recipe.stem.startswith("dp-"):  # a `tunelab train` recipe
+        assert cfg.privacy.dp_sgd and not cfg.data.packing
+        check_supported(cfg.privacy, METHODS.get(cfg.method.name)(cfg.method.options),
+                        OBJECTIVES.get(cfg.objective.name)(cfg.objective.options), False)
+    else:
+        assert cfg.federated.algorithm in recipe.stem
+        check(cfg)
