@@ -119,6 +119,9 @@ def test_a_run_in_the_papers_setting_measures_under_18_kilobytes_and_every_party
     final = dict(model.named_parameters())
     assert all(torch.equal(final[n], p) for n, p in _replayed(run, 2).items() if n in final)
     assert "after" in json.loads((run / "eval.json").read_text())
+    from tunelab.report.run_page import write_report
+    page = write_report(run).read_text()  # the report reads a federated run too
+    assert 'data-key="federated_rounds">2 / 2<' in page and f'data-value="{steady["bytes_per_client"]}"' in page
 
 
 @pytest.mark.slow
