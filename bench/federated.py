@@ -171,6 +171,33 @@ def stage_dp() -> dict:
             for s in SIGMAS}
 
 
+def stage_messages() -> dict:
+    """FedKSeed's messages in the paper's setting (tau = 200; K = 1024 and 4096; uniform and Pro),
+    built by the server and client code the runs use, after one round of tau random pairs per
+    client, and encoded by Flower: bytes per client in a steady-state round (no model involved:
+    the sizes depend on K and tau only)."""
+    import numpy as np
+    from tunelab import config as C
+    from tunelab.federated.flower.apps import GridTransport
+    from tunelab.federated.protocol import kseed_upload
+    from tunelab.federated.server import KSeedServer, traffic
+
+    out, rng = {}, np.random.default_rng(0)
+    for k, pro in ((1024, False), (4096, False), (1024, True), (4096, True)):
+        cfg = C.build(base_config("messages", **{"method": {"name": "full"}, "federated.num_seeds": k,
+                                                 "federated.local_steps": 200,
+                                                 "federated.seed_sampling": "pro" if pro else "uniform"}))
+        server = KSeedServer(cfg)
+        replies = {}
+        for r in (1, 2):
+            sent = {n: server.message(n, r) for n in (0, 1)}
+            replies = {n: kseed_upload(rng.integers(0, k, 200), rng.normal(size=200), num_examples=160,
+                                       synced_round=r - 1, loss=1.0, partition=n) for n in (0, 1)}
+            server.aggregate(r, replies)
+        out[f"K={k}, tau=200, {'pro' if pro else 'uniform'}"] = traffic(sent, replies, GridTransport(None))
+    return out
+
+
 AUDIT = {"batch_sizes": [1, 4, 16], "sigmas": [0.5, 1.0, 2.0], "clip_norm": 1.0, "kseed_steps": 200,
          "num_candidates": 100}
 
@@ -208,7 +235,7 @@ def cpu_model() -> str:
     return "unknown CPU"
 
 
-STAGES = {"central": stage_central, "fedavg": stage_fedavg, "fedkseed": stage_fedkseed, "dp": stage_dp,
+STAGES = {"messages": stage_messages, "central": stage_central, "fedavg": stage_fedavg, "fedkseed": stage_fedkseed, "dp": stage_dp,
           "audit": stage_audit}
 
 
