@@ -29,6 +29,14 @@ def cmd_train(a) -> int:
     return 0
 
 
+def cmd_federate(a) -> None:
+    from tunelab import config as C
+    from tunelab.federated.flower.launch import federate
+
+    cfg = C.load(a.config, a.overrides)
+    print(f"run directory: {federate(cfg)}")
+
+
 def os_rank() -> int:
     """This process's rank under torchrun (0 otherwise)."""
     import os
@@ -191,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on N processes of this machine: runs `torchrun --standalone --nproc-per-node N "
                         "-m tunelab train ...` (for several machines, run torchrun yourself; see the README)")
     t.set_defaults(fn=cmd_train)
+    fd = sub.add_parser("federate", help="federated fine-tuning (FedKSeed or FedAvg of adapters) on Flower: a "
+                        "SuperLink and federated.num_clients SuperNodes on this machine")
+    fd.add_argument("config", help="a YAML config with a `federated` section")
+    fd.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. federated.rounds=5")
+    fd.set_defaults(fn=cmd_federate)
     e = sub.add_parser("eval", help="task metrics of a trained run on its eval data")
     e.add_argument("run")
     e.add_argument("--num-examples", type=int, default=None, help="score the first N eval examples (N >= 1)")

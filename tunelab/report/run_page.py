@@ -42,7 +42,7 @@ def headline_section(run: RunData, h: dict) -> str:
                      ("model", h["model"], "model"), ("steps", steps, "steps"),
                      ("trainable params", h["trainable_params"], "trainable_params"),
                      ("trainable %", h["trainable_pct"], "trainable_pct"),
-                     ("time (s)", h["time_s"], "time_s")])
+                     ("time (s)", h["time_s"], "time_s")] + _privacy_cards(run) + _federated_cards(run))
     data = H.table(["data", "source"], [["train", h["train_data"]], ["eval", h["eval_data"]],
                                         ["train examples", _examples_text(run, h)]])
     cfg = escape(yaml.safe_dump(run.config, sort_keys=False))
@@ -50,6 +50,25 @@ def headline_section(run: RunData, h: dict) -> str:
                        "checkpoint writes are not included.", "note muted")
     return H.section("Run", cards + data + time_note +
                      f"<details><summary>full config</summary><pre>{cfg}</pre></details>", "headline")
+
+
+def _privacy_cards(run: RunData) -> list:
+    """DP-SGD's privacy spent, when the run trained with it: epsilon at delta after its last step."""
+    last = next((x for x in reversed(run.train) if "dp_epsilon" in x), None)
+    if last is None:
+        return []
+    return [(f"DP-SGD ε at δ={H.fmt(last['dp_delta'])}", last["dp_epsilon"], "dp_epsilon"),
+            ("DP-SGD σ, C", f"{H.fmt(run.get('privacy.noise_multiplier'))}, {H.fmt(run.get('privacy.clip_norm'))}", None)]
+
+
+def _federated_cards(run: RunData) -> list:
+    """A federated run (`tunelab federate`): its rounds, algorithm and the most bytes a client moved
+    in a round (the steps card counts centralized steps only)."""
+    if not run.rounds:
+        return []
+    return [("federated rounds", f"{len(run.rounds)} / {H.fmt(run.get('federated.rounds'))}", "federated_rounds"),
+            ("algorithm", run.get("federated.algorithm"), None),
+            ("bytes / client / round", max(r["bytes_per_client"] for r in run.rounds), "bytes_per_client")]
 
 
 def _examples_text(run: RunData, h: dict) -> str:
