@@ -25,7 +25,9 @@ def run(tiny_dir, tmp_path):
 def test_eval_generate_export(run, tmp_path, capsys):
     assert main(["eval", str(run)]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert 0 <= res["accuracy"] <= 1 and res["eval_loss"] > 0
+    after = json.loads((run / "eval.json").read_text())["after"]  # the run's own final evaluation
+    assert res["num_examples"] == after["num_examples"] == 3 and res["accuracy"] == after["accuracy"]
+    assert abs(res["eval_loss"] - after["eval_loss"]) < 1e-4 * after["eval_loss"]
     assert main(["generate", str(run), "--prompt", "What is 2 plus 1?", "--max-new-tokens", "4"]) == 0
     assert main(["export", str(run), "--merge", "--out", str(tmp_path / "merged")]) == 0
     assert (tmp_path / "merged/config.json").exists() and list((tmp_path / "merged").glob("*.safetensors"))

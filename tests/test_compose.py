@@ -2,6 +2,7 @@
 with only the model and data swapped for tiny ones, under LoRA and full fine-tuning, and each
 objective's own metrics land in metrics.jsonl."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,9 @@ def test_recipe_runs_with_every_method(recipe, method, tiny_setup, tmp_path):
     run = tunelab.train(cfg)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if x["kind"] == "train"]
-    assert len(steps) == 2 and all(abs(x["loss"]) < 1e4 for x in steps)
+    assert len(steps) == 2 and all(math.isfinite(x["loss"]) for x in steps)
+    # something trains (GreenTrainer's first step is its probe, which updates nothing: the last step)
+    assert all(math.isfinite(x["grad_norm"]) for x in steps) and steps[-1]["grad_norm"] > 0
     own = set(steps[0]) - {"step", "kind", "loss", "lr", "grad_norm", "tokens", "trained_tokens",
                            "tokens_per_s", "step_s"}
     assert own, f"{recipe.stem} reports no metrics of its own"

@@ -1,5 +1,8 @@
 """Config: YAML + overrides into typed dataclasses; bad input names the key path (and line)."""
+from pathlib import Path
+
 import pytest
+import yaml
 
 from tunelab import config as C
 from tunelab.errors import ConfigError
@@ -102,3 +105,37 @@ def test_options_of_another_method_say_which_method_they_were_checked_against(tm
         C.load(p, [f"method.name={name}"])
     msg = str(e.value)
     assert f"method.alpha: not an option of method '{name}', {valid}" in msg and "left from another method" in msg
+
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((REPO / "examples").rglob("*.yaml"))
+
+
+def test_the_edit_recipes_load_as_edit_configs():
+    """examples/editing holds `tunelab edit` recipes (their own schema), not training runs."""
+    from tunelab.editing.edit import load_config
+
+    edits = [p for p in EXAMPLES if p.parent.name == "editing"]
+    assert edits
+    for path in edits:
+        raw = yaml.safe_load(path.read_text())
+        cfg = load_config(str(path))
+        assert cfg.method == raw["method"] and cfg.lr == raw["lr"], path
+
+
+@pytest.mark.parametrize("path", [p for p in EXAMPLES if "stages" not in yaml.safe_load(p.read_text())
+                                  and p.parent.name != "editing"],
+                         ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_every_example_config_loads_as_written(path):
+    """Each single-run example under examples/ validates, keeps the method, objective and options
+    it names, and writes under the repository's runs/ folder (paths resolve against the YAML)."""
+    raw = yaml.safe_load(path.read_text())
+    cfg = C.load(path)
+    assert cfg.method.name == raw["method"]["name"]
+    assert cfg.objective.name == raw.get("objective", {}).get("name", "sft")
+    for section in ("method", "objective"):
+        for key, value in {k: v for k, v in raw.get(section, {}).items() if k != "name"}.items():
+            got = getattr(getattr(cfg, section).options, key)
+            got = list(got) if isinstance(got, tuple) else got
+            assert got == ([value] if isinstance(got, list) and isinstance(value, str) else value), f"{section}.{key}"
+    assert Path(cfg.output).is_absolute() and Path(cfg.output).is_relative_to(REPO / "runs")

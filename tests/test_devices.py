@@ -47,6 +47,14 @@ def cfg(setup, out, method="lora", objective="sft", diagnostics=()):
             "diagnostics": {"after_train": list(diagnostics)}, "output": str(out)}
 
 
+def needed_options(objective: str, setup) -> dict:
+    """Options an objective cannot run without (LiST's student needs a teacher; its meta
+    re-weighting, which runs from the first step with warmup_fraction 0, needs labeled rows)."""
+    model_dir, data = setup
+    table = {"list_student": {"teacher": str(model_dir), "labeled": str(data), "warmup_fraction": 0.0}}
+    return table.get(objective, {})
+
+
 def test_the_trap_can_fail(monkeypatch):
     """The check can fail: a tensor that tunelab's eval makes without a device is caught, with its
     line; torch's own tensors and explicitly placed ones are not."""
@@ -75,7 +83,9 @@ def test_every_method_trains_and_evaluates_on_the_models_device(trap, setup, tmp
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("objective", OBJECTIVES.names())
 def test_every_objective_trains_on_the_models_device(trap, setup, tmp_path, objective):
-    run = tunelab.train(cfg(setup, tmp_path / "run", objective=objective))
+    config = cfg(setup, tmp_path / "run", objective=objective)
+    config["objective"].update(needed_options(objective, setup))
+    run = tunelab.train(config)
     assert "after" in json.loads((run / "eval.json").read_text())
 
 
@@ -91,3 +101,18 @@ def test_diagnostics_report_compare_and_generate_on_the_models_device(trap, setu
     comparison, html, _, _ = tunelab.compare([a, b], tmp_path / "cmp")
     assert html.exists() and len(comparison.runs) == 2
     assert main(["generate", str(a), "--prompt", "What is 2 plus 3?", "--max-new-tokens", "4"]) in (0, None)
+
+
+@pytest.mark.parametrize("name, options", [
+    ("got_d", {"pool": "builtin:pool?n=12", "k": 4, "target": "builtin:arith?n=4&split=test", "max_length": 32}),
+    ("s3ft", {"input": "builtin:arith?n=3", "max_new_tokens": 4}),
+    ("pseudo_label", {"input": "builtin:arith?n=3&answers=false", "max_new_tokens": 4}),
+])
+def test_data_stages_run_their_model_on_its_device(trap, setup, tmp_path, name, options):
+    """The data stages that run a model (embeddings and Sinkhorn for GOT-D, generation for S3FT,
+    generation and teacher-forced confidence for pseudo-labels) create every tensor where it is."""
+    from tunelab.curate import Workspace, build_stage, run_stage
+
+    ws = Workspace(model_name=str(setup[0]), device="cpu", say=lambda m: None)
+    summary = run_stage(build_stage(name, options), ws, tmp_path / "out.jsonl")
+    assert summary["rows"] == options.get("k", 3)

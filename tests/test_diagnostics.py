@@ -112,7 +112,11 @@ def test_every_method_can_be_diagnosed(model, row):
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
     kl = token_kl(model, tuned, [[5, 6, 7]], [[8, 9]], pad_id=0)
     assert kl[0].shape == (2,) and (kl[0] >= -1e-6).all() and kl[0].sum() > 0
-    assert ((0 <= decompose(model, tuned, **batch()).tuco) & (decompose(model, tuned, **batch()).tuco <= 1)).all()
+    tuco = decompose(model, tuned, **batch()).tuco
+    if options.get("only") == "embeddings_head":  # TuCo counts blocks only: a change outside them is 0
+        assert (tuco == 0).all()
+    else:
+        assert ((0 < tuco) & (tuco < 1)).all(), "the method changes what its blocks add"
     if method.supports_merge:
         b = batch()
         keep = b["attention_mask"].bool()
@@ -120,7 +124,8 @@ def test_every_method_can_be_diagnosed(model, row):
                                    atol=1e-5, rtol=1e-5)
         merged = method.merge(tuned)
         rows = matrix_rows(model, merged, select_linears(model, ["all-linear"]), 10, 0.5)
-        assert len(rows) == 14 and all(r[4] >= 0 for r in rows)
+        assert len(rows) == 14 and any(r[3] for r in rows) != (options.get("only") == "embeddings_head")
+        assert all((r[4] > 0) == (r[5] < 0.5) for r in rows), "a count disagrees with its best cosine"
 
 
 # ----------------------------------------------------------------------------- KL drift
@@ -292,3 +297,74 @@ def test_round_robin_balances_categories():
     got = round_robin(rows, 5)
     assert [r["category"] for r in got] == ["a", "b", "c", "a", "b"] and round_robin(rows, 100) != rows
     assert sorted(r["i"] for r in round_robin(rows, 100)) == list(range(8))
+
+
+def with_top_vector(u1: torch.Tensor) -> torch.Tensor:
+    """An 8 x 8 matrix whose top left singular vector is u1 (singular values 10, 1, 0.9, ...)."""
+    q, _ = torch.linalg.qr(torch.cat([u1[:, None], torch.randn(8, 7, generator=torch.Generator().manual_seed(0))], 1))
+    return q @ torch.diag(torch.tensor([10.0, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4])) @ q.T
+
+
+@pytest.mark.parametrize("best", [0.4, 0.7])
+def test_intruder_criterion_and_its_default_epsilon_by_hand(best):
+    """Base diag(8..1) has the unit vectors as left singular vectors; a tuned matrix whose top
+    vector is u1 = (-best, r, ..., r) (r = sqrt((1 - best²)/7) < best) has best |cos| = `best` with
+    the base. The paper's ε = 0.5 (the default, in IntruderConfig and count_intruders): 0.4 is an
+    intruder, 0.7 is not. ε = 0.3 or 0.9 would turn either verdict."""
+    from tunelab.diagnostics.intruder import IntruderConfig, best_cosines
+
+    base = torch.diag(torch.arange(8.0, 0.0, -1.0))
+    r = ((1 - best ** 2) / 7) ** 0.5
+    tuned = with_top_vector(torch.tensor([-best] + [r] * 7))
+    torch.testing.assert_close(best_cosines(base, tuned, 1), torch.tensor([best]))
+    assert IntruderConfig().epsilon == 0.5
+    expected = int(best < 0.5)
+    assert count_intruders(base, tuned, top_k=1) == expected
+    assert count_intruders(base, tuned, top_k=1, epsilon=IntruderConfig().epsilon) == expected
+
+
+class _Shift(torch.nn.Module):
+    """A residual block x -> x + scale * x + shift (a decoder layer returning a tuple)."""
+
+    def __init__(self, scale: float, shift: list[float]):
+        super().__init__()
+        self.scale, self.shift = scale, torch.tensor(shift)
+
+    def forward(self, hidden_states, **kwargs):
+        return (hidden_states + self.scale * hidden_states + self.shift,)
+
+
+class _Toy(torch.nn.Module):
+    """Embedding (1 token -> (1, 0)), two _Shift blocks, identity norm and a head: a model whose
+    PTC and FTC are known by hand."""
+
+    def __init__(self, blocks):
+        super().__init__()
+        self.config = SimpleNamespace(num_hidden_layers=2)
+        self.embed = torch.nn.Embedding(1, 2)
+        with torch.no_grad():
+            self.embed.weight.copy_(torch.tensor([[1.0, 0.0]]))
+        self.layers = torch.nn.ModuleList(blocks)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        x = self.embed(input_ids)
+        for block in self.layers:
+            x = block(x)[0]
+        return SimpleNamespace(logits=x)
+
+
+def test_tuco_by_hand_on_a_known_pair():
+    """Base blocks: +(0, 1), then +0.5 x. Tuned blocks: +(1, 1), then +0.5 x + (0, 2). On the tuned
+    stream: x1 = (2, 1); PTC = (0, 1) + 0.5 x1 = (1, 1.5); FTC = (1, 0) + (0, 2) = (1, 2);
+    TuCo = √5 / (√3.25 + √5) = 0.55364. Swapping base and tuned, or the PTC and FTC roles, or
+    scoring the base stream instead of the tuned one, gives another number."""
+    base = _Toy([_Shift(0.0, [0.0, 1.0]), _Shift(0.5, [0.0, 0.0])])
+    tuned = _Toy([_Shift(0.0, [1.0, 1.0]), _Shift(0.5, [0.0, 2.0])])
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    dec = decompose(base, tuned, ids)
+    torch.testing.assert_close(dec.ptc, torch.tensor([[1.0, 1.5]]))
+    torch.testing.assert_close(dec.ftc, torch.tensor([[1.0, 2.0]]))
+    torch.testing.assert_close(dec.ftc_norms, torch.tensor([[1.0], [2.0]]))
+    torch.testing.assert_close(dec.ptc_norms, torch.tensor([[1.0], [1.25 ** 0.5]]))
+    torch.testing.assert_close(dec.tuco, torch.tensor([5 ** 0.5 / (3.25 ** 0.5 + 5 ** 0.5)]))
+    assert abs(float(dec.tuco) - 0.55364) < 1e-5

@@ -41,7 +41,7 @@ CASES = [
     ("tl_weighting", {"name": "lora", "r": 4, "alpha": 8}, {"name": "tl_weighting", "key_patterns": [r"\d+"]}),
 ]
 PARALLEL = {"full-ddp": "ddp"}
-WITH_EVAL = {"full-fsdp"}  # evaluation on rank 0 needs the sharded model gathered
+WITH_EVAL = {"full-fsdp"}  # evaluation and a diagnostic on rank 0 need the sharded model gathered
 STEPS = 4
 
 
@@ -64,7 +64,19 @@ def config(lab: Path, case: str, method: dict, objective: dict, out: Path, micro
                       "save_every": 1, "keep_checkpoints": 10, "precision": "fp32", "device": "cpu",
                       "progress": False, "parallel": PARALLEL.get(case, "auto"), **train},
             "eval": {"before": True, "num_examples": 2, "max_new_tokens": 4, "batch_size": 2} if case in WITH_EVAL
-            else {"before": False}, "diagnostics": {"after_train": []}, "output": str(out)}
+            else {"before": False}, "diagnostics": {"after_train": ["intruder"] if case in WITH_EVAL else []},
+            "output": str(out)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The in-process runs use one thread, as each torchrun rank does (OMP_NUM_THREADS=1): a tiny
+    model gains nothing from a second one, and on a busy machine a team of two waits at every op
+    for whichever of them is not scheduled."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +89,7 @@ def lab(tmp_path_factory) -> Path:
     (lab / "cases.json").write_text(json.dumps(many))
     done = torchrun(str(ROOT / "tests" / "dist_driver.py"), str(lab / "cases.json"))
     assert done.returncode == 0, done.stderr[-3000:]
+    (lab / "torchrun.out").write_text(done.stdout)
     for c, m, o in CASES:
         tunelab.train(config(lab, c, m, o, lab / "one" / c, MICRO * NPROC))
     return lab
@@ -120,13 +133,20 @@ def test_the_comparison_can_fail(lab):
         assert_same_run(lab / "many" / "lora", lab / "one" / "dsee")
 
 
-def test_evaluation_runs_once_on_the_gathered_model(lab):
-    """A sharded run evaluates once (rank 0, on the gathered weights): eval.json matches one process's."""
+def test_evaluation_and_diagnostics_run_once_on_the_gathered_model(lab):
+    """A sharded run evaluates and diagnoses once (rank 0, on the gathered weights): both ranks'
+    output holds each line once, and eval.json and the diagnostic match one process's."""
+    printed = (lab / "torchrun.out").read_text()
+    assert [printed.count(x) for x in ("eval before:", "eval after:", "diagnostics: intruder")] == [1, 1, 1]
+    assert printed.count("report: ") == len(CASES)
     many, one = (json.loads((lab / d / "full-fsdp" / "eval.json").read_text()) for d in ("many", "one"))
     assert many.keys() == one.keys() == {"before", "after"}
     for when in many:
         assert abs(many[when]["eval_loss"] - one[when]["eval_loss"]) < TOL
         assert many[when]["accuracy"] == one[when]["accuracy"]
+    many, one = (json.loads((lab / d / "full-fsdp" / "diagnostics" / "intruder.json").read_text())["summary"]
+                 for d in ("many", "one"))
+    assert many == one and many["matrices_changed"] > 0
 
 
 def test_what_cannot_run_on_several_processes_says_so_before_training(tiny_dir):

@@ -96,8 +96,10 @@ def test_fuzzed_config_is_rejected_by_key_path_or_accepted_as_given(tmp_path, da
     schema.pop("model.name")  # set to a path that does not exist, so that nothing could load
     key = data.draw(st.sampled_from(sorted(schema) + ["train.stepz", "data.trian", "evaluation.every", "bogus"]))
     value = data.draw(bad_value)
-    section, name = key.split(".")[0], key.split(".")[-1]
-    doc = {section: {name: value}} if "." in key else {key: value}
+    section = key.split(".")[0]
+    doc = value
+    for part in reversed(key.split(".")):  # nested sections too (model.attention.block_size)
+        doc = {part: doc}
     named = section if section == "evaluation" else key  # an unknown section is named itself
     tally = TALLY
     tally["fuzzed_configs"] += 1
@@ -106,10 +108,12 @@ def test_fuzzed_config_is_rejected_by_key_path_or_accepted_as_given(tmp_path, da
     except ConfigError as e:
         assert f"{named}:" in str(e) or f"{named}[" in str(e), (key, value, str(e))
         # the YAML line too, except for a list item (`train.betas[0]`, which config.py cannot place)
-        assert re.search(r"fuzz\.yaml:[12]: ", str(e)) or f"{named}[" in str(e), (key, value, str(e))
+        assert re.search(rf"fuzz\.yaml:[1-{key.count('.') + 1}]: ", str(e)) or f"{named}[" in str(e), (key, value, str(e))
         tally["clear_errors"] += 1
         return
-    got = getattr(getattr(cfg, section), name)
+    got = cfg
+    for part in key.split("."):
+        got = getattr(got, part)
     if key in PATH_KEYS and isinstance(value, str) and value and value != "holdout" and not value.startswith("builtin:"):
         value = os.path.abspath(os.path.join(tmp_path, os.path.expanduser(value)))  # relative to the YAML's folder
     assert same_value(got, value), (key, value, got)

@@ -3,11 +3,14 @@
     python -m pytest -q -m gpu tests/test_gpu.py
 
 They guard the GPU-only code paths: the varlen flash attention for packed rows, bf16 training on
-the GPU, and the fused head + cross-entropy under CUDA autocast.
+the GPU, the fused head + cross-entropy under CUDA autocast, and the nccl process group (torchrun
+with one process on one GPU still takes the distributed path).
 """
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -88,3 +91,27 @@ def test_fused_head_cross_entropy_under_cuda_autocast():
     torch.testing.assert_close(fused, plain, rtol=1e-3, atol=1e-2)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("case", ["full-fsdp", "lora"])
+def test_one_gpu_under_torchrun_takes_the_nccl_path_and_trains_as_one_process(case, tmp_path):
+    """torchrun with one process on one GPU joins an nccl process group and trains through FSDP2
+    (full) or DDP (lora) at world size 1: the loss curve and final/ equal the plain one-process run
+    on the same GPU (fp32, the distributed tests' tolerance)."""
+    from test_distributed import CASES, ROOT, assert_same_run, config, env
+    from tiny import save_tiny_model_dir
+
+    save_tiny_model_dir(tmp_path / "model")
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat_rows(24)))
+    method, objective = next((m, o) for c, m, o in CASES if c == case)
+    run = {d: config(tmp_path, case, method, objective, tmp_path / d, 4, device="cuda") for d in ("many", "one")}
+    (tmp_path / "cases.json").write_text(json.dumps([run["many"]]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+           str(ROOT / "tests" / "dist_driver.py"), str(tmp_path / "cases.json")]
+    done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "process group backend: nccl, world size 1" in done.stdout
+    tunelab.train(run["one"])
+    setup = json.loads((tmp_path / "many" / "metrics.jsonl").read_text().splitlines()[0])
+    assert (setup["processes"], setup["parallel"]) == (1, "fsdp" if case == "full-fsdp" else "ddp")
+    assert_same_run(tmp_path / "many", tmp_path / "one")

@@ -23,11 +23,15 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("methods", ["tunelab.methods", "tunelab.methods.*"]),
     ("objectives", ["tunelab.objectives", "tunelab.objectives.*"]),
     ("evaluation", ["tunelab.eval", "tunelab.eval.*"]),
+    ("data stages", ["tunelab.curate", "tunelab.curate.*"]),
     ("mechanisms", ["tunelab.mechanisms", "tunelab.mechanisms.*"]),
+    ("privacy", ["tunelab.privacy", "tunelab.privacy.*"]),  # DP-SGD: what the step calls when it is on
     ("training loop", ["tunelab.training", "tunelab.training.*"]),
+    ("federated", ["tunelab.federated", "tunelab.federated.*"]),  # runs the step and the loop's parts
     ("editing and retrieval", ["tunelab.editing", "tunelab.editing.*", "tunelab.rag", "tunelab.rag.*"]),
     ("users of trained runs", ["tunelab.diagnostics", "tunelab.diagnostics.*", "tunelab.report",
                                "tunelab.report.*", "tunelab.export"]),
+    ("pipelines", ["tunelab.pipeline", "tunelab.pipeline.*"]),
     ("entry points", ["tunelab", "tunelab.api", "tunelab.compare", "tunelab.cli", "tunelab.__main__"]),
 ]
 __doc__ += "".join(f"\n    {i}. {name}: {', '.join(pats)}" for i, (name, pats) in enumerate(LAYERS))

@@ -240,7 +240,9 @@ def test_train_run_with_eval_and_reload(tiny_dir, tmp_path, method):
     log = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["kind"] == "eval"] == [2]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log if r["kind"] == "train")
-    assert 0 <= json.loads((run / "eval.json").read_text())["after"]["accuracy"] <= 1
+    after = json.loads((run / "eval.json").read_text())["after"]
+    assert after["num_examples"] == len(after["samples"]) == 3
+    assert after["accuracy"] == sum(s["correct"] for s in after["samples"]) / 3
     _, model, tok, _ = load_trained(run)
     b = padded()
     peft_dir = run / "final" / ("peft" if method["name"] == "prompt_tuning" else "")

@@ -127,6 +127,27 @@ def test_spiel_schedule_and_fixed_count(model):
     assert moved > 0                                                       # step 2 replaced the random start
 
 
+def test_spiel_decay_horizon_is_the_run_length_from_the_step_context(model, monkeypatch):
+    """Without num_decay_steps the rate decays to 0 over the run, whose length comes from the step
+    context: the same options in a 6-step and a 12-step run reselect with p = r0 * (1 - t / T) at
+    t = 3, 5, ... (p = 1 at the first selection), and neither select nor accumulate after T."""
+    from tunelab.methods.spiel import SpIELLinear
+
+    rates = []
+    monkeypatch.setattr(SpIELLinear, "reselect", lambda self, p, opt: rates.append(p))
+    for total in (6, 12):
+        method = make("spiel", {"num_tunable_weights": 200, "reselection_steps": 2,
+                                "selection_accumulation_steps": 1, "initial_reselection_rate": 0.5})
+        tuned = method.apply(copy.deepcopy(model))
+        layers = S.sparse_layers(tuned).values()
+        rates.clear()
+        for t in range(1, total + 3):  # two steps past the run's end
+            method.on_step(tuned, StepContext(step=t, total_steps=total), None)
+        expected = [1.0] + [0.5 * (1 - t / total) for t in range(3, total + 1, 2)]
+        assert rates[::len(layers)] == pytest.approx(expected) and len(rates) == len(expected) * len(layers)
+        assert not any(m.accumulating for m in layers)
+
+
 def test_spiel_memory_does_not_grow_with_model_size():
     """Trainable numbers, optimizer state and the method's buffers are the same for a model twice
     as wide, at the same delta count."""

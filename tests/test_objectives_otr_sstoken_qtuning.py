@@ -15,7 +15,7 @@ from tunelab.objectives.sstoken import keep_counts, select_tokens
 from tunelab.run.context import StepContext
 
 NAMES = ["otr", "sstoken", "qtuning"]
-pytestmark = pytest.mark.filterwarnings("ignore:(qtuning. a micro-batch|sstoken reads attention)")
+pytestmark = pytest.mark.filterwarnings("ignore:(qtuning. a micro-batch|sstoken reads attention|otr. [0-9])")
 
 
 from tiny import random_examples as examples  # noqa: E402
@@ -153,6 +153,45 @@ def test_otr_beta_zero_weights_cross_entropy_by_hit_rate():
     ref = base.clone().requires_grad_()
     (hits * F.cross_entropy(ref, targets, reduction="none")).sum().backward()
     torch.testing.assert_close(logits.grad, ref.grad)
+
+
+def test_otr_mc_is_equation_8_on_fixed_samples(monkeypatch):
+    """Eq. 8 by hand on one position: V = 4, target 2, the K = 4 samples fixed to [2, 0, 2, 1], β = -0.3:
+    L = -(1/4)(log π2 + β log π0 + log π2 + β log π1), and ∂L/∂z = -(1/4) Σ_k R_k (e_{a_k} - π).
+    Catches a flipped β and a dropped rollout (β) term; the β = 0 and all-hit tests cannot."""
+    import tunelab.objectives.otr as otr
+    samples = torch.tensor([[2, 0, 2, 1]])
+    monkeypatch.setattr(otr.torch, "multinomial", lambda q, k, replacement: samples)
+    z = torch.tensor([[0.5, -1.0, 2.0, 0.25]], requires_grad=True)
+    loss, hits = otr_token_losses(z, torch.tensor([2]), OTRConfig(num_samples=4, beta=-0.3))
+    p = torch.exp(torch.tensor([0.5, -1.0, 2.0, 0.25])) / torch.exp(torch.tensor([0.5, -1.0, 2.0, 0.25])).sum()
+    logp = p.log()
+    expected = -(logp[2] - 0.3 * logp[0] + logp[2] - 0.3 * logp[1]) / 4
+    torch.testing.assert_close(loss, expected.reshape(1))
+    assert hits.tolist() == [0.5]
+    loss.sum().backward()
+    eye = torch.eye(4)
+    by_hand = -sum(r * (eye[a] - p) for r, a in zip([1.0, -0.3, 1.0, -0.3], [2, 0, 2, 1])) / 4
+    torch.testing.assert_close(z.grad[0], by_hand)
+
+
+@pytest.mark.parametrize("beta", [-0.1, -0.5, 0.4])
+def test_otr_exact_closed_form_and_its_gradient_is_dft_times_one_minus_beta(beta):
+    """Reviewer 2's closed form with β ≠ 0 (τ = 2): E[L] = -π'(x) log π(x) - β Σ_{a≠x} π'(a) log π(a);
+    and at τ = 1 its gradient is exactly (1 - β) times DFT's (reviewer 1: β only rescales the LR).
+    A flipped β gives (1 + β), a dropped β term gives 1: both fail."""
+    torch.manual_seed(3)
+    base, targets = torch.randn(5, 7) * 2, torch.randint(0, 7, (5,))
+    losses, _ = otr_token_losses(base, targets, OTRConfig(mode="exact", beta=beta, temperature=2.0))
+    logp, q = base.log_softmax(-1), (base / 2.0).softmax(-1)
+    hit = F.one_hot(targets, 7).bool()
+    expected = -(q * logp).masked_fill(~hit, 0).sum(-1) - beta * (q * logp).masked_fill(hit, 0).sum(-1)
+    torch.testing.assert_close(losses, expected)
+    otr_z, dft_z = base.clone().requires_grad_(), base.clone().requires_grad_()
+    otr_token_losses(otr_z, targets, OTRConfig(mode="exact", beta=beta))[0].sum().backward()
+    lp = dft_z.log_softmax(-1).gather(1, targets[:, None])
+    (-(lp.detach().exp() * lp)).sum().backward()
+    torch.testing.assert_close(otr_z.grad, (1 - beta) * dft_z.grad)
 
 
 # ------------------------------------------------------------------------------ ssToken
@@ -392,3 +431,16 @@ def test_example_configs_load():
     for name in NAMES:
         cfg = C.load(root / f"{name}.yaml")
         assert cfg.objective.name == name and isinstance(cfg.objective.options, OBJECTIVES.get(name).Config)
+
+
+def test_otr_warns_once_when_the_model_finds_most_targets_unlikely(model):
+    """A random tiny model gives each target ~1/V: OTR cannot learn it (DFT-like weighting), and says so
+    on the first batch only; targets the model already predicts raise no warning."""
+    obj = make("otr", num_samples=16)
+    with pytest.warns(UserWarning, match="otr: .* hit rate below 0.1"):
+        obj.loss(model, batch_of(3))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        obj.loss(model, batch_of(3))  # once per run
+        make("otr", num_samples=8, temperature=1e-4).loss(model, _with_argmax_targets(model, batch_of(3)))

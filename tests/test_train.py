@@ -70,7 +70,10 @@ def test_run_directory_layout(tiny_dir, data_file, tmp_path):
         assert (run / f).exists(), f
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-4", "step-6"]
     res = json.loads((run / "eval.json").read_text())
-    assert set(res) == {"before", "after"} and 0 <= res["after"]["accuracy"] <= 1
+    assert set(res) == {"before", "after"}
+    for when in res:  # every example scored: the accuracy is the mean of its per-sample verdicts
+        assert res[when]["num_examples"] == 4 and len(res[when]["samples"]) == 4
+        assert res[when]["accuracy"] == sum(s["correct"] for s in res[when]["samples"]) / 4
     assert len(losses(run)) == 6 and all(map(torch.isfinite, torch.tensor(losses(run))))
 
 

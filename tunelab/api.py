@@ -9,7 +9,11 @@ def train(config, *overrides: str) -> Path:
     """Train from a YAML path, a dict, a RunConfig, or an existing run directory (resumes), run the
     configured diagnostics and write RUN/report.html. `overrides` are `key.path=value` strings.
     Returns the run directory. Under torchrun every process calls this: they train together, and
-    rank 0 alone runs the diagnostics and writes the report."""
+    rank 0 alone runs the diagnostics and writes the report. A config with `stages:` (or a run
+    directory holding pipeline.yaml) runs its stages in order (tunelab.pipeline)."""
+    from tunelab import pipeline
+    if pipeline.is_pipeline(config):
+        return pipeline.run(config, *overrides)
     from tunelab.diagnostics._runner import run_after_train
     from tunelab.report import write_report
     from tunelab.run.dist import join

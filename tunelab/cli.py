@@ -29,6 +29,14 @@ def cmd_train(a) -> int:
     return 0
 
 
+def cmd_federate(a) -> None:
+    from tunelab import config as C
+    from tunelab.federated.flower.launch import federate
+
+    cfg = C.load(a.config, a.overrides)
+    print(f"run directory: {federate(cfg)}")
+
+
 def os_rank() -> int:
     """This process's rank under torchrun (0 otherwise)."""
     import os
@@ -131,6 +139,45 @@ def cmd_data_check(a) -> None:
         raise TunelabError(f"{e}\n(the first bad row; `tunelab data check {a.path} --all` lists every one)") from None
 
 
+DATA_STAGE_INPUT = {"select": "pool", "relabel": "input", "edits": "input", "mix": "input"}
+"""The option of each `tunelab data VERB` stage that its positional INPUT sets."""
+DATA_STAGE_DEFAULT = {"select": "got_d", "edits": "edit_spans", "mix": "task_mix"}
+
+
+def cmd_data_stage(a) -> None:
+    """`tunelab data select|relabel|edits|mix INPUT --out FILE`: one data stage, as in a pipeline."""
+    import shutil
+    from pathlib import Path
+
+    from tunelab.config import parse_override, set_path
+    from tunelab.curate import Workspace, build_stage, run_stage
+    from tunelab.errors import TunelabError
+
+    name = a.method or DATA_STAGE_DEFAULT.get(a.data_cmd)
+    if name is None:
+        raise TunelabError(f"tunelab data {a.data_cmd}: name the stage with --method (s3ft or pseudo_label)")
+    options: dict = {}
+    for keys, value in map(parse_override, a.set):  # nested keys: --set tasks.solve=FILE
+        set_path(options, keys, value)
+    options.update({k: v for k, v in (("k", getattr(a, "k", None)), ("target", getattr(a, "target", None)),
+                                      ("judge", getattr(a, "judge", None)), ("seed", getattr(a, "seed", None)))
+                    if v is not None})
+    if a.input is not None:
+        options[DATA_STAGE_INPUT[a.data_cmd]] = a.input
+    stage = build_stage(name, options, verb=a.data_cmd)
+    out = Path(a.out)
+    work = out.parent / f".{out.name}.work"  # resumable progress of long generation, gone when done
+    ws = Workspace(model_name=a.model, work_dir=work, precision=a.precision)
+    if stage.uses_model and a.model and (Path(a.model) / "config.yaml").is_file():  # a trained run
+        from tunelab.training.final import load_trained
+        _, model, tok, method = load_trained(a.model)
+        ws.loaded = (method.merge(model).eval(), tok)
+    summary = run_stage(stage, ws, out)
+    shutil.rmtree(work, ignore_errors=True)
+    kinds = ", ".join(f"{k} {n}" for k, n in summary["kinds"].items())
+    print(f"wrote {summary['rows']} rows to {out} ({name}: {kinds}); check them with `tunelab data check {out}`")
+
+
 def cmd_models_pull(a) -> None:
     from tunelab.models import pull
     print(f"{a.name}: {pull(a.name)}")
@@ -152,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on N processes of this machine: runs `torchrun --standalone --nproc-per-node N "
                         "-m tunelab train ...` (for several machines, run torchrun yourself; see the README)")
     t.set_defaults(fn=cmd_train)
+    fd = sub.add_parser("federate", help="federated fine-tuning (FedKSeed or FedAvg of adapters) on Flower: a "
+                        "SuperLink and federated.num_clients SuperNodes on this machine")
+    fd.add_argument("config", help="a YAML config with a `federated` section")
+    fd.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. federated.rounds=5")
+    fd.set_defaults(fn=cmd_federate)
     e = sub.add_parser("eval", help="task metrics of a trained run on its eval data")
     e.add_argument("run")
     e.add_argument("--num-examples", type=int, default=None, help="score the first N eval examples (N >= 1)")
@@ -211,12 +263,39 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--all", action="store_true", help="skip bad rows and list every one with its reason "
                    "(default: stop at the first)")
     c.set_defaults(fn=cmd_data_check)
+    add_data_stage_commands(d)
     m = sub.add_parser("models", help="built-in models").add_subparsers(dest="models_cmd", required=True)
     mp = m.add_parser("pull", help="fetch and cache a built-in model")
     mp.add_argument("name")
     mp.set_defaults(fn=cmd_models_pull)
     m.add_parser("list", help="list built-in models").set_defaults(fn=cmd_models_list)
     return p
+
+
+def add_data_stage_commands(d) -> None:
+    """`tunelab data select|relabel|edits|mix`: the data stages of tunelab.curate, one at a time."""
+    helps = {"select": "choose k rows of a pool (got_d: toward a target set by optimal transport; random)",
+             "relabel": "new targets from a model (s3ft: its own accepted answers; pseudo_label: unlabeled rows)",
+             "edits": "rewrite (source, target) rows as edit spans over the source (edit_spans)",
+             "mix": "mix sub-task datasets by weight into one task set (task_mix; rows get a `task` field)"}
+    for verb, text in helps.items():
+        c = d.add_parser(verb, help=text)
+        c.add_argument("input", nargs="?" if verb == "mix" else None,
+                       help=f"the rows to read (a file or builtin:NAME?opts): the stage's `{DATA_STAGE_INPUT[verb]}`")
+        c.add_argument("--out", required=True, help="the JSONL to write (each row with its provenance)")
+        c.add_argument("--method", default=None, help=f"which {verb} stage (default: {DATA_STAGE_DEFAULT.get(verb, 'none')})")
+        c.add_argument("--model", default="smollm2-135m", help="the model a stage runs: a built-in name, a model "
+                       "directory, or a trained run directory")
+        c.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+        c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a stage option, e.g. "
+                       "--set max_new_tokens=64 (repeatable; `tunelab data VERB --help` names the common ones)")
+        if verb == "select":
+            c.add_argument("--k", type=int, help="how many rows to keep")
+            c.add_argument("--target", help="got_d: rows of the target distribution")
+            c.add_argument("--seed", type=int)
+        if verb == "relabel":
+            c.add_argument("--judge", help="s3ft: final_answer, contains, or module:function")
+        c.set_defaults(fn=cmd_data_stage)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

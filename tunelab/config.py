@@ -19,8 +19,10 @@ from tunelab.data.config import DataConfig
 from tunelab.diagnostics.config import DiagnosticsConfig
 from tunelab.errors import ConfigError
 from tunelab.eval.config import EvalConfig
-from tunelab.models.config import ModelConfig, looks_like_path
+from tunelab.models.config import ModelConfig, check_context, looks_like_path
 from tunelab.options import ComponentSpec, from_dict, to_dict
+from tunelab.privacy.config import PrivacyConfig
+from tunelab.federated.config import FederatedConfig
 from tunelab.registry import METHODS, OBJECTIVES
 from tunelab.training.config import TrainConfig
 
@@ -43,8 +45,15 @@ class RunConfig:
     """Task evaluation (loss + exact match by generation)."""
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     """Side-effect diagnostics after training (forgetting, knowledge, tuco, intruder) and their options."""
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    """Differential privacy: DP-SGD with per-example clipping, noise and an epsilon accountant."""
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
+    """What `tunelab federate` runs: FedKSeed or FedAvg of adapters over clients (unused by `train`)."""
     output: str = "runs/latest"
     """The run directory."""
+
+    def __post_init__(self) -> None:
+        check_context(self.model, self.data.max_length)  # rules between sections, named by key path
 
 
 # ----------------------------------------------------------------------------- components

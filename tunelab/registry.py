@@ -1,5 +1,5 @@
 """Registered components: a tiny name -> class registry, the base every registered component shares,
-and the registries of methods, objectives and diagnostics.
+and the registries of methods, objectives, diagnostics and data stages.
 
 A registry knows the package its components live in and imports all of its modules on first
 lookup, so adding a method is adding a file: there is no central list to edit. The registries are
@@ -73,3 +73,6 @@ OBJECTIVES: Registry[Any] = Registry("objective", "tunelab.objectives")
 """Token-level training objectives (tunelab.objectives.Objective)."""
 DIAGNOSTICS: Registry[Any] = Registry("diagnostic", "tunelab.diagnostics")
 """Side-effect diagnostics (tunelab.diagnostics.Diagnostic)."""
+DATA_STAGES: Registry[Any] = Registry("data stage", "tunelab.curate")
+"""Dataset -> dataset stages: selection, relabelling, edit-span targets, task mixing
+(tunelab.curate.DataStage)."""

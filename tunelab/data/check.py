@@ -35,6 +35,7 @@ def check_data(spec: str, tokenizer: Any, cfg: DataConfig, color: bool | None = 
         f"format: {getattr(records, 'format', '?')}",
         f"examples: {len(examples)} ({examples.num_dropped} dropped: no trained token after truncation)",
     ]
+    lines += _meta_lines(records)
     if list_all and records.all_skipped:
         lines += [f"bad rows ({len(records.all_skipped)}):", *(f"  {e}" for e in records.all_skipped)]
     if not examples:
@@ -46,6 +47,20 @@ def check_data(spec: str, tokenizer: Any, cfg: DataConfig, color: bool | None = 
               f"{'in green' if use_color else 'with ' + ' '.join(MARKS)}:",
               render_marked(examples[0], tokenizer, COLORS if use_color else MARKS)]
     return "\n".join(lines)
+
+
+def _meta_lines(records) -> list[str]:
+    """Counts by `task` (task sets) and by provenance `stage: kind` (what data stages wrote)."""
+    from collections import Counter
+
+    tasks = Counter(r.meta["task"] for r in records if "task" in r.meta)
+    made = Counter(f"{p.get('stage', '?')}: {p.get('kind', '?')}" for r in records
+                   if isinstance(p := r.meta.get("provenance"), dict))
+    lines = [f"tasks: {', '.join(f'{t} {n}' for t, n in sorted(tasks.items()))}"] if tasks else []
+    if made:
+        lines.append(f"provenance ({sum(made.values())} of {len(records)} rows): "
+                     + ", ".join(f"{k} {n}" for k, n in sorted(made.items())))
+    return lines
 
 
 def _length_lines(lengths: list[int], examples: Examples, max_length: int) -> list[str]:

@@ -14,7 +14,10 @@ Formats:
   in their order (`rag_prompt`), the answer is the assistant turn (the only one that trains); a
   row that does not fit data.max_length is an error, never a silent cut of its answer
 - `text`: {"text": str}
-Any row may carry an `answer` (str or number), the reference answer for exact-match eval.
+Any row may carry an `answer` (str or number), the reference answer for exact-match eval, a `task`
+(the sub-task it belongs to, a non-empty string: AnyTaskTune task sets, scored per task) and a
+`provenance` (an object a data stage writes: where the row came from and what was done to it);
+both go to `Record.meta`.
 """
 from __future__ import annotations
 
@@ -352,7 +355,20 @@ def parse_row(row: Any, fmt: str) -> Record:
         raise RowError(None, f"expected an object with fields, got {type(row).__name__}")
     record = FORMATS[fmt].parse(row)
     record.answer = _answer(row)
+    record.meta.update(_carried(row))
     return record
+
+
+def _carried(row: dict) -> dict:
+    """The optional `task` (a non-empty string) and `provenance` (an object) of a row."""
+    out = {}
+    if row.get("task") is not None:
+        out["task"] = _text(row["task"], "task").strip()
+    if row.get("provenance") is not None:
+        if not isinstance(row["provenance"], dict):
+            raise RowError("provenance", f"expected an object, got {type(row['provenance']).__name__}")
+        out["provenance"] = row["provenance"]
+    return out
 
 
 def to_records(rows: list[Row], file: str, fmt: str = "auto", skip_bad: bool = False) -> Records:

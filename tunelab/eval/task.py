@@ -104,7 +104,30 @@ def answer_accuracy(model, tokenizer, records: list[Record], cfg: EvalConfig, pr
     score = {"exact_match": lambda p, r: exact_match(p, r, cfg.answer_pattern),
              "contains": contains_match}[cfg.metric]
     hits = [bool(score(p, r)) for p, r in zip(preds, refs)]
-    return {"accuracy": sum(hits) / len(hits), "num_examples": len(hits),
-            "examples_per_s": len(hits) / seconds,
-            "samples": [{"source": r.source, "reference": ref, "prediction": p, "correct": h}
-                        for r, ref, p, h in list(zip(chat, refs, preds, hits))[:5]]}
+    out = {"accuracy": sum(hits) / len(hits), "num_examples": len(hits),
+           "examples_per_s": len(hits) / seconds, **by_length(chat, hits),
+           "samples": [{"source": r.source, "reference": ref, "prediction": p, "correct": h}
+                       for r, ref, p, h in list(zip(chat, refs, preds, hits))[:5]]}
+    if any("task" in r.meta for r in chat):  # a task set (AnyTaskTune): each sub-task scored apart
+        out["by_task"] = by_task([r.meta.get("task", "(no task)") for r in chat], hits)
+    return out
+
+
+def by_task(tasks: list[str], hits: list[bool]) -> dict[str, dict]:
+    """{task: {accuracy, num_examples}} over the scored examples, tasks sorted by name."""
+    out = {}
+    for t in sorted(set(tasks)):
+        mine = [h for task, h in zip(tasks, hits) if task == t]
+        out[t] = {"accuracy": sum(mine) / len(mine), "num_examples": len(mine)}
+    return out
+
+
+def by_length(records: list[Record], hits: list[bool]) -> dict:
+    """{"by_length": {bucket: {"accuracy", "num_examples"}}} when the records name a length
+    bucket in `meta["length"]` (builtin:longctx), else {}."""
+    groups: dict[int, list[bool]] = {}
+    for r, h in zip(records, hits):
+        if "length" in r.meta:
+            groups.setdefault(r.meta["length"], []).append(h)
+    return {"by_length": {b: {"accuracy": sum(g) / len(g), "num_examples": len(g)}
+                          for b, g in sorted(groups.items())}} if groups else {}

@@ -29,6 +29,9 @@ class Method(Component):
     """The train.parallel modes it can train under on several processes, the first being `auto`'s
     choice; empty when it cannot (then `single_process_why` says why)."""
     single_process_why: ClassVar[str] = ""
+    private_why: ClassVar[str] = ""
+    """Why this method cannot train with DP-SGD (privacy.dp_sgd), said before training; empty when
+    it can (its choices then depend on the data only through the clipped, noised updates)."""
     frozen_base: ClassVar[bool] = False
     """Whether the base model's weights stay frozen for the whole run and are read only by their own
     layers' forward (LoRA, adapters, the prompt family): then, under bf16 compute, its frozen linear

@@ -108,13 +108,21 @@ def prefix_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
                      dropout: float = 0.0, scaling: float | None = None, **kwargs):
     """query (B, H, Tq, D), key/value (B, H_kv, Tk, D) -> ((B, Tq, H, D), weights or None); every
     query also attends to this layer's prefix from `kwargs['tunelab_prefix']` (none: packed SDPA)."""
-    from tunelab.models.attention import packed_sdpa
+    from tunelab.models.attention import packed_sdpa, training_pattern
 
     capture, prefixes = kwargs.pop(CAPTURE_KW, None), kwargs.pop(PREFIX_KW, None)
     if capture is not None:
         capture[module.layer_idx] = (key, value)
+        if training_pattern(module) is not None:  # a soft prompt's own run: full attention, as at inference
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                                 enable_gqa=query.shape[1] != key.shape[1])
+            return out.transpose(1, 2).contiguous(), None
     if prefixes is None:
         return packed_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    pattern = training_pattern(module)  # S2/SF-Attn while training: the prefix is global to every group
+    if pattern is not None and not prefixes.eager:
+        return pattern(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                       prefix=prefixes.kv[module.layer_idx], **kwargs), None
     pk, pv = (t.to(query.dtype) for t in prefixes.kv[module.layer_idx])  # (1, H_kv, n, D)
     n, cu = pk.shape[2], kwargs.get("cu_seq_lens_q")
     if cu is not None and not prefixes.eager and query.shape[0] == 1 and query.shape[2] == key.shape[2]:

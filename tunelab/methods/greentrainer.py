@@ -161,6 +161,8 @@ class GreenTrainer(S.TensorSelection):
     """FLOPs-budgeted tensor selection; see the module docstring."""
 
     Config = GreenTrainerConfig
+    private_why = ("it picks the tensors to train from raw, unclipped gradients (a hook on gradient "
+                   "accumulation), which DP-SGD's accounting does not cover")
 
     def apply(self, model):
         self.entries = chain_costs(model, self.cfg.seq_len)

@@ -117,6 +117,8 @@ class SpIEL(Method):
     """Sparse fine-tuning with prune-and-regrow (SpIEL-AG); see the module docstring."""
 
     Config = SpIELConfig
+    private_why = ("its regrowth accumulates raw, unclipped gradients of candidate weights during "
+                   "backward, which DP-SGD's accounting does not cover")
     parallel = ()
     single_process_why = "its regrowth candidates come from each process's own dense gradients"
 

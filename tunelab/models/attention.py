@@ -13,6 +13,11 @@ a GPU (tests/test_gpu.py); elsewhere the loop runs.
 
 Registered as attention implementation "tunelab_sdpa" (with SDPA's mask builder), so any model
 that supports SDPA can use it: `model.set_attn_implementation("tunelab_sdpa")`.
+
+A training-time attention pattern (S²-Attn, SF-Attn: tunelab.models.shifted) sits on each
+attention module as attribute `PATTERN`; while the module trains, `packed_sdpa` hands it the call
+(in eval mode, full attention runs). `example_spans` says where each example of a batch lies, for
+the patterns and for token elimination (tunelab.models.lemo).
 """
 from __future__ import annotations
 
@@ -23,6 +28,33 @@ import torch
 import torch.nn.functional as F
 
 NAME = "tunelab_sdpa"
+PATTERN = "tunelab_pattern"
+"""Attribute of an attention module holding its training-time pattern (a callable with this
+module's attention signature that returns (B, N, H, D))."""
+
+
+def training_pattern(module):
+    """The pattern `module` runs now: its PATTERN while it trains, else None (full attention)."""
+    return module.__dict__.get(PATTERN) if module.training else None
+
+
+def example_spans(batch: int, length: int, attention_mask, cu: torch.Tensor | None) -> list[tuple[int, int, int]]:
+    """(row, start, end) of every example in a (batch, length) input: the examples of a packed row
+    (bounds `cu`, i.e. `cu_seq_lens_q`), else each row's non-padded run, read off the last query's
+    row of the 4-D mask (True or 0.0 = attended), else whole rows."""
+    if cu is not None and batch == 1 and int(cu[-1]) == length:
+        bounds = cu.tolist()
+        return [(0, s, e) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    if attention_mask is None or attention_mask.dim() != 4:
+        return [(b, 0, length) for b in range(batch)]
+    last = attention_mask[:, 0, -1, -length:]  # (B, length): the keys the last query may see
+    valid = last if last.dtype == torch.bool else last == 0
+    spans = []
+    for b in range(batch):
+        idx = valid[b].nonzero()
+        if len(idx):
+            spans.append((b, int(idx[0]), int(idx[-1]) + 1))
+    return spans
 
 
 def packed_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
@@ -30,6 +62,9 @@ def packed_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     """query (1, H, N, D), key/value (1, Hkv, N, D) -> ((1, N, H, D), None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    pattern = training_pattern(module)
+    if pattern is not None:
+        return pattern(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs), None
     cu = kwargs.get("cu_seq_lens_q")
     bounds = cu.tolist() if cu is not None else None
     if bounds is None or query.shape[0] != 1 or query.shape[2] != key.shape[2] or bounds[0] != 0 \

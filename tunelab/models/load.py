@@ -158,6 +158,8 @@ def _model_kwargs(src: _Source, cfg: ModelConfig) -> dict:
 
     kw = _common_kwargs(src, cfg)
     kw.update(dtype=getattr(torch, cfg.dtype), attn_implementation=cfg.attn_implementation.removesuffix("_masked"))
+    if cfg.rope_scaling is not None:
+        kw["config"] = _scaled_config(src, cfg)
     if src.gguf_file:
         pass  # the GGUF itself is the weights file; use_safetensors would look for another
     elif cfg.allow_pickle:
@@ -165,6 +167,17 @@ def _model_kwargs(src: _Source, cfg: ModelConfig) -> dict:
     else:
         kw["use_safetensors"] = True
     return kw
+
+
+def _scaled_config(src: _Source, cfg: ModelConfig):
+    """The model's config with `cfg.rope_scaling` in its rope_parameters."""
+    from transformers import AutoConfig
+
+    from tunelab.models.context import scale_rope
+
+    config = _call(AutoConfig.from_pretrained, src, _common_kwargs(src, cfg))
+    scale_rope(config, cfg.rope_scaling)
+    return config
 
 
 def _call(loader: Callable, src: _Source, kwargs: dict):
@@ -220,6 +233,19 @@ def _load_tokenizer(src: _Source, cfg: ModelConfig, padding_side: str):
     return tok
 
 
+def _long_context(model, cfg: ModelConfig) -> None:
+    """The training-time attention pattern of `cfg.attention` (it needs tunelab's SDPA path)."""
+    if cfg.attention.pattern == "full":
+        return
+    from tunelab.models.attention import NAME
+    from tunelab.models.context import install_attention
+
+    if model.config._attn_implementation != NAME:
+        raise TunelabError(f"model.attention: pattern {cfg.attention.pattern} needs SDPA attention, which "
+                           f"{cfg.name} does not support in transformers")
+    install_attention(model, cfg.attention)
+
+
 def load_model(cfg: ModelConfig, padding_side: str = "right"):
     """`(model, tokenizer)` for `cfg`; the model is in eval mode, its generation config knows pad/eos."""
     from transformers import AutoModelForCausalLM
@@ -231,6 +257,7 @@ def load_model(cfg: ModelConfig, padding_side: str = "right"):
         # same function, but packed rows attend per example
         from tunelab.models.attention import register
         model.set_attn_implementation(register())
+    _long_context(model, cfg)
     from tunelab.models.norms import fuse_rms_norms
     fuse_rms_norms(model)  # same values and gradients (checked per norm class), fewer passes
     gen = model.generation_config

@@ -1,6 +1,7 @@
 """One-Token Rollout (OTR): every target position is a one-step RL episode (arXiv 2509.26313)."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -51,6 +52,23 @@ def otr_token_losses(logits: torch.Tensor, targets: torch.Tensor,
     return losses, (tokens == targets[:, None]).float().mean(-1)
 
 
+STARVED_HIT, STARVED_SHARE = 0.1, 0.25
+"""A trained token is starved when its hit rate is below STARVED_HIT; the first batch warns when more
+than STARVED_SHARE of its tokens are (thresholds of our choosing, not the paper's)."""
+
+
+def starved_warning(share: float, temperature: float) -> None:
+    """Warn when OTR can barely learn this data: in expectation at τ = 1 its gradient is (1 - β) times
+    DFT's, each token's cross-entropy gradient weighted by the model's own probability of it, so
+    tokens the model finds unlikely (a new answer format, the answer itself) get almost no signal."""
+    if share > STARVED_SHARE:
+        warnings.warn(f"otr: {share:.0%} of the first batch's target tokens have a hit rate below {STARVED_HIT} "
+                      f"(τ = {temperature}): OTR weights each token's gradient by the model's probability of "
+                      "it, so it learns little from tokens the model finds unlikely and may end below the base "
+                      "model on held-out loss; start from a model that already does the task (e.g. after an "
+                      "sft stage), raise `temperature`, or use sft", stacklevel=3)
+
+
 @register("otr")
 class OneTokenRollout(Objective):
     """One-Token Rollout (Ming, Wu, Hu, He, Yu 2025, arXiv 2509.26313; no public code).
@@ -81,6 +99,9 @@ class OneTokenRollout(Objective):
     def loss(self, model, batch, ctx: StepContext = OUTSIDE_TRAINING):
         logits, targets = trained_logits(model, batch)  # (N, V), (N,)
         losses, hits = otr_token_losses(logits, targets, self.cfg)  # (N,), (N,)
+        if not getattr(self, "_checked", False) and hits.numel():
+            self._checked = True
+            starved_warning(float((hits < STARVED_HIT).float().mean()), self.cfg.temperature)
         zero = (hits == 0).float().mean() if self.cfg.mode == "mc" else hits.new_zeros(())
         metrics = {"hit_rate": float(hits.mean()), "zero_hit_fraction": float(zero)} if hits.numel() else {}
         return LossOutput(losses.sum(), targets.numel(), metrics)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.run.signals import pause_point
 from tunelab.report.rundata import RunData, figures, headline, load_run_data
 
 FORCED = ("data.train", "data.eval", "data.eval_fraction", "data.eval_max_examples", "data.max_length",
@@ -177,7 +178,8 @@ def prepare(targets: list[str], out: Path, overrides: list[str] = (), allow_mism
         raise ConfigError("compare: the runs were trained with different data, budget or seed:\n  " +
                           "\n  ".join(problems) + "\nretrain them alike (pass their recipes instead), or pass "
                           "--allow-mismatch to compare anyway")
-    for i, name in recipe_out.items():
+    for i, name in recipe_out.items():  # each row resumes its own run directory: a rerun of a killed
+        pause_point(f"compare:{name}")  # comparison continues where it stopped, completed rows untrained
         cfg = recipe_config(items[i][1], list(overrides), reference, out / "runs" / name)
         runs[i] = load_run_data(train(cfg))
     ordered = [runs[i] for i in range(len(items))]

@@ -42,7 +42,7 @@ def headline_section(run: RunData, h: dict) -> str:
                      ("model", h["model"], "model"), ("steps", steps, "steps"),
                      ("trainable params", h["trainable_params"], "trainable_params"),
                      ("trainable %", h["trainable_pct"], "trainable_pct"),
-                     ("time (s)", h["time_s"], "time_s")])
+                     ("time (s)", h["time_s"], "time_s")] + _privacy_cards(run) + _federated_cards(run))
     data = H.table(["data", "source"], [["train", h["train_data"]], ["eval", h["eval_data"]],
                                         ["train examples", _examples_text(run, h)]])
     cfg = escape(yaml.safe_dump(run.config, sort_keys=False))
@@ -50,6 +50,25 @@ def headline_section(run: RunData, h: dict) -> str:
                        "checkpoint writes are not included.", "note muted")
     return H.section("Run", cards + data + time_note +
                      f"<details><summary>full config</summary><pre>{cfg}</pre></details>", "headline")
+
+
+def _privacy_cards(run: RunData) -> list:
+    """DP-SGD's privacy spent, when the run trained with it: epsilon at delta after its last step."""
+    last = next((x for x in reversed(run.train) if "dp_epsilon" in x), None)
+    if last is None:
+        return []
+    return [(f"DP-SGD ε at δ={H.fmt(last['dp_delta'])}", last["dp_epsilon"], "dp_epsilon"),
+            ("DP-SGD σ, C", f"{H.fmt(run.get('privacy.noise_multiplier'))}, {H.fmt(run.get('privacy.clip_norm'))}", None)]
+
+
+def _federated_cards(run: RunData) -> list:
+    """A federated run (`tunelab federate`): its rounds, algorithm and the most bytes a client moved
+    in a round (the steps card counts centralized steps only)."""
+    if not run.rounds:
+        return []
+    return [("federated rounds", f"{len(run.rounds)} / {H.fmt(run.get('federated.rounds'))}", "federated_rounds"),
+            ("algorithm", run.get("federated.algorithm"), None),
+            ("bytes / client / round", max(r["bytes_per_client"] for r in run.rounds), "bytes_per_client")]
 
 
 def _examples_text(run: RunData, h: dict) -> str:
@@ -84,8 +103,19 @@ def target_section(run: RunData) -> str:
         note = (f"The eval data has no gold final answer (an <code>answer</code> field or a line matching "
                 f"<code>eval.answer_pattern</code>), so accuracy is not scored: eval loss and perplexity over "
                 f"the trained tokens of {H.fmt(after.get('loss_examples'))} held-out examples show the gain.")
-    body += H.note(note + f" Evaluated: {escape(str(headline(run)['eval_data']))}.") + accuracy_chart(run) + samples_table(run)
+    body += H.note(note + f" Evaluated: {escape(str(headline(run)['eval_data']))}.") + task_table(run) + \
+        accuracy_chart(run) + samples_table(run)
     return H.section("Target task", body, "target")
+
+
+def task_table(run: RunData) -> str:
+    """Accuracy per sub-task (rows with a `task` field: AnyTaskTune task sets), before and after."""
+    before, after = ((run.results.get(k) or {}).get("by_task") or {} for k in ("before", "after"))
+    if not after:
+        return ""
+    rows = [[t, H.fmt(a["num_examples"]), H.cell((before.get(t) or {}).get("accuracy"), f"task_{t}_before"),
+             H.cell(a["accuracy"], f"task_{t}_after")] for t, a in after.items()]
+    return H.table(["task", "examples", "accuracy before", "accuracy after"], rows, css_id="task-table")
 
 
 def _change_cell(v, key: str, higher_better: bool) -> H.Cell:

@@ -36,6 +36,8 @@ class RunData:
     """Lines of kind `eval` (evaluations during training)."""
     skipped: list[dict] = field(default_factory=list)
     """Lines of kind `skipped` (non-finite loss or gradient)."""
+    rounds: list[dict] = field(default_factory=list)
+    """Lines of kind `round` (a federated run: clients, loss, bytes per client)."""
     results: dict = field(default_factory=dict)
     """eval.json: {"before": {...}, "after": {...}}, either may be absent."""
     diagnostics: dict[str, dict] = field(default_factory=dict)
@@ -65,8 +67,8 @@ def load_run_data(run_dir: str | Path) -> RunData:
         kind = rec.get("kind", "train")
         if kind == "setup":
             run.setup = rec
-        elif kind in ("train", "eval", "skipped"):
-            getattr(run, {"train": "train", "eval": "evals", "skipped": "skipped"}[kind]).append(rec)
+        elif kind in ("train", "eval", "skipped", "round"):
+            getattr(run, {"train": "train", "eval": "evals", "skipped": "skipped", "round": "rounds"}[kind]).append(rec)
     if (run_dir / "eval.json").is_file():
         run.results = json.loads((run_dir / "eval.json").read_text())
     for path in sorted((run_dir / "diagnostics").glob("*.json")):

@@ -23,10 +23,13 @@ def evaluate(model, tok, eval_records, eval_examples, cfg: C.RunConfig, step: in
 
 
 def report(when: str, res: dict) -> None:
-    """Print one line of task metrics (`when`: before / after)."""
+    """Print one line of task metrics (`when`: before / after), and accuracy per length bucket if any."""
     if "accuracy" in res:
         print(f"eval {when}: accuracy {res['accuracy']:.3f} on {res['num_examples']} held-out examples, "
               f"loss {res['eval_loss']:.4f}")
+        if "by_length" in res:
+            print("  by length: " + ", ".join(f"{b}: {v['accuracy']:.3f} ({v['num_examples']})"
+                                             for b, v in res["by_length"].items()))
     elif "eval_loss" in res:
         print(f"eval {when}: loss {res['eval_loss']:.4f}, perplexity {res['perplexity']:.2f} on "
               f"{res['loss_examples']} held-out examples (no gold final answers: an `answer` field or a line "

@@ -17,6 +17,7 @@ import torch
 
 from tunelab import config as C
 from tunelab.errors import Interrupted, TunelabError
+from tunelab.models.context import check_positions
 from tunelab.run.context import StepContext
 from tunelab.run.dist import SINGLE, Dist
 from tunelab.run.device import pick_device, resolve_precision
@@ -124,6 +125,7 @@ def build(cfg: C.RunConfig, run_dir: Path, dist: Dist = SINGLE) -> Run:
     parallel = choose(dist, device, tc.parallel, method, objective)
     parallel.wrap(model, objective)
     train_ex, eval_records, eval_ex = load_examples(cfg, tok, quiet=not dist.is_main)
+    check_positions(model, {"data.train": train_ex, "eval data": eval_ex}, cfg.model.name)
     groups = method.param_groups(model, tc.weight_decay) + objective.param_groups(tc.weight_decay)
     opt, sched = build_optimizer(groups, tc)
     if dist.rank > 0:  # ranks drew the same initialisation; from here each draws its own (dropout, sampling)
@@ -131,9 +133,20 @@ def build(cfg: C.RunConfig, run_dir: Path, dist: Dist = SINGLE) -> Run:
     stream = BatchStream(train_ex, tc.micro_batch_size, seed=tc.seed, packing=cfg.data.packing,
                          pad_id=tok.pad_token_id, rank=dist.rank, world_size=dist.world_size)
     state = TrainState(model, method, objective, opt, sched, stream, grad_accum=tc.grad_accum, dist=dist,
-                       seed=tc.seed, sharded_files=parallel.distributed)
+                       seed=tc.seed, sharded_files=parallel.distributed,
+                       private=private_gradients(cfg, method, objective, dist, len(train_ex)))
     log = MetricsLog(run_dir / "metrics.jsonl", tensorboard=tc.tensorboard, enabled=dist.is_main)
     return Run(cfg, run_dir, device, tok, train_ex, eval_records, eval_ex, state, log, t_start, parallel)
+
+
+def private_gradients(cfg: C.RunConfig, method, objective, dist: Dist, num_examples: int):
+    """DP-SGD's gradients when privacy.dp_sgd is on (None otherwise); an error, before training,
+    when the method, objective or launch cannot run it."""
+    from tunelab.privacy import PrivateGradients, check_supported
+
+    check_supported(cfg.privacy, method, objective, dist.active)
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
+    return PrivateGradients(cfg.privacy, num_examples, per_step) if cfg.privacy.dp_sgd else None
 
 
 def _announce(dist: Dist, device, tc) -> None:

@@ -51,6 +51,10 @@ class TrainState:
     """train.seed (a rank new to a resumed run seeds its RNG streams from it)."""
     sharded_files: bool = False
     """Write checkpoints through torch.distributed.checkpoint (a run on several processes)."""
+    private: object = None
+    """privacy.dp_sgd: a tunelab.privacy.PrivateGradients that computes the step's gradients
+    (clipped per example, noised) instead of training.step.forward_backward; None otherwise. It
+    holds no state of its own: its noise comes from torch's generator, saved with `rng`."""
 
     def trainable(self) -> dict:
         """What the method and the objective trained, by name."""

@@ -70,7 +70,8 @@ def train_step(state: TrainState, parallel: OneProcess, tc: TrainConfig, device,
     t0 = time.perf_counter()
     opt = state.optimizer
     micro = [{k: v.to(device) for k, v in next(state.stream).items()} for _ in range(state.grad_accum)]
-    loss, grad_norm, trained, metrics = forward_backward(parallel, state.objective, micro, opt, tc, device, ctx)
+    grads = state.private.forward_backward if state.private is not None else forward_backward  # DP-SGD's, when on
+    loss, grad_norm, trained, metrics = grads(parallel, state.objective, micro, opt, tc, device, ctx)
     pause_point(f"step:{ctx.step}")
     lr = opt.param_groups[0]["lr"]
     skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))

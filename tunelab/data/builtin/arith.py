@@ -1,6 +1,7 @@
 """`builtin:arith` — short multi-step arithmetic word problems for chat SFT.
 
     builtin:arith?n=1000&split=train&seed=0
+    builtin:arith?n=500&split=train&seed=1&answers=false     (an unlabeled pool: questions only)
 
 A problem is an opening (someone has some items, possibly as groups: one `*` step) followed by
 events (buy/find more: `+`, give away/sell: `-`, double/triple: `*`, buy/give away whole groups:
@@ -194,8 +195,11 @@ def split_of(steps: list[Step]) -> Literal["train", "test"]:
 
 
 @task("arith")
-def arith(n: Annotated[int, Range(1, 1_000_000)] = 1000, split: Split = "train", seed: int = 0) -> list[Record]:
-    """Multi-step arithmetic word problems (train/test: 2-3 steps, ood: 4-5 steps, larger numbers)."""
+def arith(n: Annotated[int, Range(1, 1_000_000)] = 1000, split: Split = "train", seed: int = 0,
+          answers: bool = True) -> list[Record]:
+    """Multi-step arithmetic word problems (train/test: 2-3 steps, ood: 4-5 steps, larger numbers).
+    `answers=false`: the same problems unlabeled (the user turn only, no answer), an unlabeled pool
+    for self-training and relabelling stages (tunelab.curate)."""
     rng = random.Random(f"arith:{split}:{seed}")
     records: list[Record] = []
     seen: set[str] = set()
@@ -207,6 +211,9 @@ def arith(n: Annotated[int, Range(1, 1_000_000)] = 1000, split: Split = "train",
             continue
         seen.add(problem)
         records.append(_record(problem, steps, split, len(records)))
+    if not answers:
+        for r in records:
+            r.messages, r.answer = r.messages[:1], None
     if len(records) < n:
         raise ConfigError(f"builtin:arith: option 'n' too large: only {len(records)} distinct problems found")
     return records

@@ -1,0 +1,1 @@
+"""Federated fine-tuning: FedKSeed and FedAvg of adapters, run as Flower apps."""
