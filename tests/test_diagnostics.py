@@ -245,6 +245,18 @@ def test_retained_knowledge_keeps_exactly_the_probes_the_base_answers():
     assert s["num_probes_lost"] == 3 and s["conjugate_tuned_accuracy"] == 0.0
 
 
+def test_no_probe_kept_is_not_measured_rather_than_zero_accuracy():
+    # a base that answers none of the probes leaves nothing to retain: None ("n/a"), never 0.0
+    s = retention(table_model(set()), table_model({0, 1}), PROBES, TRANSFORMS["uppercase"]).summary
+    assert s["base_probe_accuracy"] == 0.0 and s["num_probes_kept"] == 0
+    for key in ("retained_accuracy", "conjugate_base_accuracy", "conjugate_tuned_accuracy", "recovered_by_conjugate"):
+        assert s[key] is None, key
+    from tunelab.diagnostics._runner import _brief
+
+    line = _brief({"name": "forgetting", "summary": s | {"kl_drift": 0.125}, "details": {}})
+    assert "retained_accuracy n/a" in line and "kl_drift 0.125" in line
+
+
 def conjugated_model(plain_knows: set[int], upper_knows: set[int]):
     """A fake model that knows some probes when asked plainly and others when asked in upper case."""
     plain, upper = table_model(plain_knows), table_model(upper_knows, str.upper)

@@ -147,9 +147,16 @@ def test_facts_requests_are_the_worlds_updates():
 
     reqs = load_requests("builtin:facts?n_entities=6&seed=2")
     updates = load_builtin("builtin:facts?n_entities=6&seed=2&split=update_train")
-    local = load_builtin("builtin:facts?n_entities=6&seed=2&split=probe_locality")
     assert [(r.prompt, r.target) for r in reqs] == [(u.messages[0]["content"], u.answer) for u in updates]
-    assert [r.locality for r in reqs] == [[row.messages[0]["content"]] for row in local]
+    # locality asks an unrelated general-knowledge question, the forgetting diagnostic's probes in order
+    from tunelab.diagnostics._probes import load_probes
+
+    assert [r.locality for r in reqs] == [[p.question] for p in load_probes(limit=6)]
+    from tunelab.data.builtin.facts import make_world
+
+    names = [e.name for e in make_world(6, 2)]
+    assert all(name in r.prompt for name, r in zip(names, reqs))
+    assert not any(part in q for r in reqs for q in r.locality for name in names for part in name.split())
     assert all(len(r.rephrase) == 1 and r.rephrase[0] != r.prompt for r in reqs)
 
 

@@ -106,7 +106,7 @@ def retention(base: Answerer, tuned: Answerer, probes: list[Probe], transform: T
     summary = {"base_probe_accuracy": _rate(base_ok), "num_probes_kept": len(kept),
                "retained_accuracy": _rate(tuned_ok), "conjugate_base_accuracy": _rate(conj_base),
                "conjugate_tuned_accuracy": _rate(conj_tuned), "num_probes_lost": len(lost),
-               "recovered_by_conjugate": _rate([conj_tuned[i] for i in lost]) if lost else None}
+               "recovered_by_conjugate": _rate([conj_tuned[i] for i in lost])}
     rows = [[p.question, p.category, *marks, r]
             for p, *marks, r in zip(kept, tuned_ok, conj_base, conj_tuned, tuned_replies)]
     return Findings(summary, {
@@ -116,8 +116,10 @@ def retention(base: Answerer, tuned: Answerer, probes: list[Probe], transform: T
         "per_category": _per_category(kept, tuned_ok)})
 
 
-def _rate(hits: list[bool]) -> float:
-    return mean(map(float, hits)) if hits else 0.0
+def _rate(hits: list[bool]) -> float | None:
+    """The share of hits, or None when there is nothing to score: no probe kept is "not measured",
+    never an accuracy of 0."""
+    return mean(map(float, hits)) if hits else None
 
 
 def _per_category(probes: list[Probe], hits: list[bool]) -> dict:

@@ -11,7 +11,12 @@ and `loc`/`locality_prompt`. Every problem is a DataError naming the file, line 
 
 `builtin:facts?n_entities=N&seed=S` as the request source gives N synthetic edits, one per
 invented person of builtin:facts: its planned update (the verbatim question, the new value), the
-rephrased question of that fact, and the locality probe of the person's next attribute.
+rephrased question of that fact, and one unrelated general-knowledge question as its locality
+prompt (edit i gets probe i mod 64 of the built-in probe set, e.g. "What is the capital of
+France?"), as zsRE pairs each edit with an unrelated Natural Questions prompt. Our choice: an
+earlier version asked the same person's next attribute, a neighbourhood test on which every method
+scored 0 (before an edit SmolLM2 rambles about an invented person, after any edit it answers in one
+word), so it could not separate methods; unrelated prompts measure what locality means.
 """
 from __future__ import annotations
 
@@ -81,19 +86,31 @@ def load_requests(spec: str) -> list[EditRequest]:
     return [parse_request(row, str(Path(spec)), line) for line, row in rows]
 
 
+def unrelated_questions() -> list[str]:
+    """The built-in general-knowledge questions (the forgetting diagnostic's probe set, read here
+    as data: editing sits below the diagnostics layer)."""
+    import json
+
+    from tunelab.data import builtin
+
+    rows = json.loads((Path(builtin.__file__).parent / "general_probes.json").read_text())["probes"]
+    return [r["question"] for r in rows]
+
+
 def facts_requests(spec: str) -> list[EditRequest]:
     """One synthetic edit per person of the builtin:facts world `spec` names (see the module docstring)."""
     from tunelab.data.builtin import parse_spec
-    from tunelab.data.builtin.facts import BY_KEY, locality_key, make_world
+    from tunelab.data.builtin.facts import BY_KEY, make_world
 
     name, options = parse_spec(spec)
     unknown = set(options) - {"n_entities", "seed", "split"}
     if name != "facts" or unknown:
         raise DataError("edit requests from a builtin source: only builtin:facts?n_entities=N&seed=S", file=spec)
     world = make_world(int(options.get("n_entities", 50)), int(options.get("seed", 0)))
+    unrelated = unrelated_questions()
     out = []
     for i, e in enumerate(world):
-        attr, nxt = BY_KEY[e.updated], BY_KEY[locality_key(e)]
+        attr = BY_KEY[e.updated]
         out.append(EditRequest(attr.question.format(name=e.name), e.new_value, [attr.rephrased.format(name=e.name)],
-                               [nxt.question.format(name=e.name)], source=f"builtin:facts:{i}"))
+                               [unrelated[i % len(unrelated)]], source=f"builtin:facts:{i}"))
     return out
