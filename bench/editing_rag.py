@@ -26,6 +26,9 @@ WHERE = {"model": "smollm2-135m", "results": ROOT / "bench" / "results", "runs":
 BUDGET = {
     # LocFT on SmolLM2 layer 22's mlp.down_proj; the lrs chosen on other edits (bench/results/editing-rag-lr-probe.json)
     "edits": 20, "edit_epochs": 25, "edit_batch": 10, "edit_layer": 22, "edit_lr": 1e-2, "full_lr": 1e-4,
+    # the chat template: SmolLM2-Instruct answers a raw question with nothing, so under `raw` every
+    # locality prompt's reply before the edit was empty and locality only measured "stays silent"
+    "edit_template": "chat",
     # the scale check: every size takes `scale_steps_per_epoch` batches per epoch (batch = edits / that)
     "scale": [10, 100, 1000], "scale_epochs": 6, "scale_steps_per_epoch": 10, "scale_scored": 100,
     "forgetting": {"num_prompts": 16, "drift_tokens": 16, "num_probes": 64, "answer_tokens": 12},
@@ -106,7 +109,7 @@ def edit_run(name: str, n: int, **options) -> dict:
 
     out = WHERE["runs"] / name
     cfg = load_config(None, [], model=WHERE["model"], output=str(out), precision="auto", max_new_tokens=8,
-                      eval_batch_size=32,
+                      eval_batch_size=32, template=BUDGET["edit_template"],
                       layer=BUDGET["edit_layer"], **options)
     t0 = time.perf_counter()
     edit(f"builtin:facts?n_entities={n}&seed=0", cfg)
