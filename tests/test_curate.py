@@ -250,6 +250,10 @@ def broken(record, candidate, gold):
     raise KeyError("score")
 
 
+def undecided(record, candidate, gold):
+    return 0.7  # a score, not a verdict
+
+
 def s3ft(tmp_path, ws, judge="final_answer"):
     stage = build_stage("s3ft", {"input": arith_rows(tmp_path), "judge": judge, "chunk": 2}, verb="relabel")
     run_stage(stage, ws, tmp_path / "s3ft.jsonl")
@@ -295,8 +299,13 @@ def test_s3ft_is_deterministic_and_resumes_from_its_chunks(tmp_path):
 def test_a_judge_that_raises_is_a_clear_error(tmp_path):
     with pytest.raises(TunelabError, match=r"judge 'test_curate:broken' raised KeyError: 'score' \(on row .*gold.jsonl:1"):
         s3ft(tmp_path, Scripted({}), "test_curate:broken")
+    with pytest.raises(TunelabError, match=r"judge 'test_curate:undecided' returned 0.7 on row .*gold.jsonl:1; "
+                       "a judge returns True or False"):
+        s3ft(tmp_path, Scripted({}), "test_curate:undecided")
     with pytest.raises(ConfigError, match="judge: unknown judge 'exactish'"):
         build_stage("s3ft", {"judge": "exactish"})
+    with pytest.raises(ConfigError, match="judge: cannot import 'test_curate:nowhere'"):
+        build_stage("s3ft", {"judge": "test_curate:nowhere"})
 
 
 def test_pseudo_labels_take_the_model_answer_and_drop_unanswered(tmp_path, monkeypatch):
