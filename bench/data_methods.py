@@ -296,7 +296,7 @@ def measured(meta: dict) -> str:
                  "precision `auto`, its resolution not recorded")
     return (f"Measured {meta['date']} with `{meta['command']}` (train.steps {steps}, {precision}, "
             f"{meta['wall_s'] / 60:.0f} min wall on a shared {meta.get('cpu', '?')} with "
-            f"{', '.join(meta.get('isa', []))}, {meta['threads']} threads, torch {meta.get('torch', '?')}).")
+            f"{', '.join(meta.get('isa', []))}, {meta['threads']} thread{'s' if meta['threads'] != 1 else ''}, torch {meta.get('torch', '?')}).")
 
 
 def tables(res: dict) -> list[str]:
