@@ -292,9 +292,11 @@ def pct(x: dict) -> str:
 def measured(meta: dict) -> str:
     """One line: when, by which command, how long, on what CPU."""
     steps = meta.get("budget", {}).get("steps", "the recipe's")
-    return (f"Measured {meta['date']} with `{meta['command']}` (train.steps {steps}, "
+    precision = (f"precision {meta['precision']}" if "precision" in meta else
+                 "precision `auto`, its resolution not recorded")
+    return (f"Measured {meta['date']} with `{meta['command']}` (train.steps {steps}, {precision}, "
             f"{meta['wall_s'] / 60:.0f} min wall on a shared {meta.get('cpu', '?')} with "
-            f"{', '.join(meta.get('isa', []))}, {meta['threads']} threads).")
+            f"{', '.join(meta.get('isa', []))}, {meta['threads']} thread{'s' if meta['threads'] != 1 else ''}, torch {meta.get('torch', '?')}).")
 
 
 def tables(res: dict) -> list[str]:
@@ -381,7 +383,7 @@ def main() -> None:
         SMOKE["model"], RUNS = a.smoke, ROOT / "runs" / "data-methods-smoke"
     import torch
 
-    from tunelab.run.device import cpu_isa
+    from tunelab.run.device import cpu_isa, resolve_precision
 
     BUDGET.update(BUDGETS[a.budget])
     for name in a.only.split(","):
@@ -392,6 +394,7 @@ def main() -> None:
                        "threads": torch.get_num_threads(), "machine": platform.machine(),
                        "command": f"python bench/data_methods.py --only {name} --num-eval {a.num_eval} --budget {a.budget}",
                        "budget": {"name": a.budget, **BUDGETS[a.budget]}, "cpu": cpu_model(), "isa": cpu_isa(),
+                       "precision": resolve_precision("fp32" if a.smoke else "auto", torch.device("cpu")),
                        "note": "timings on a shared 2-core machine (other sessions were running)"}
         path = HERE / "results" / f"data-methods-{name}.json" if not a.smoke else RUNS / f"{name}.json"
         path.write_text(json.dumps(res, indent=1))

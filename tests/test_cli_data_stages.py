@@ -48,3 +48,24 @@ def test_data_stage_errors_are_one_line(tmp_path, argv, needle, capsys):
     assert main(argv + ["--out", str(tmp_path / "o.jsonl")]) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def broken_judge(record, candidate, gold):
+    raise KeyError("score")
+
+
+def test_a_judge_that_raises_or_an_empty_pool_is_one_line(tiny_dir, tmp_path, capsys):
+    """The judge is user code: its exception is one line naming the judge and the row, as is an
+    empty input file."""
+    argv = ["data", "relabel", "builtin:arith?n=2", "--method", "s3ft", "--judge", f"{__name__}:broken_judge",
+            "--model", str(tiny_dir), "--precision", "fp32", "--set", "max_new_tokens=2", "--out", str(tmp_path / "o.jsonl")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err  # transformers' "Loading weights" progress bars come first
+    assert "judge 'test_cli_data_stages:broken_judge' raised KeyError: 'score' (on row builtin:arith" in \
+        err.strip().splitlines()[-1]
+    assert "Traceback" not in err and "KeyError" not in "".join(err.strip().splitlines()[:-1])
+    (tmp_path / "empty.jsonl").write_text("")
+    assert main(["data", "select", str(tmp_path / "empty.jsonl"), "--method", "random", "--k", "2",
+                 "--out", str(tmp_path / "o.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert f"pool: {tmp_path}/empty.jsonl: no rows (the file is empty)" in err and len(err.strip().splitlines()) == 1

@@ -178,13 +178,34 @@ def test_k_larger_than_the_pool_is_a_clear_error(tmp_path, name):
         run_stage(stage, Embedder(), tmp_path / "s.jsonl")
 
 
-@pytest.mark.parametrize("name", ["random", "pseudo_label", "edit_spans"])
-def test_an_empty_pool_is_a_clear_error(tmp_path, name):
+EMPTY = "EMPTY"
+EMPTY_INPUTS = {  # stage -> (its options with one input EMPTY, the option the error must name)
+    "random": ({"pool": EMPTY, "k": 1}, "pool"),
+    "got_d": ({"pool": EMPTY, "k": 1}, "pool"),
+    "got_d target": ({"target": EMPTY, "k": 1, "pool": "builtin:arith?n=3"}, "target"),
+    "s3ft": ({"input": EMPTY}, "input"),
+    "pseudo_label": ({"input": EMPTY}, "input"),
+    "edit_spans": ({"input": EMPTY}, "input"),
+    "task_mix": ({"tasks": {"a": "builtin:arith?n=3", "b": EMPTY}}, "tasks.b"),
+    "task_mix input": ({"input": EMPTY}, "input"),
+}
+
+
+def test_every_data_stage_has_an_empty_input_case():
+    from tunelab.registry import DATA_STAGES
+
+    assert {case.split()[0] for case in EMPTY_INPUTS} == set(DATA_STAGES.names())
+
+
+@pytest.mark.parametrize("case", sorted(EMPTY_INPUTS))
+def test_an_empty_pool_is_a_clear_error(tmp_path, case):
+    """Every stage, before any model runs: the error names the option and the source."""
     (tmp_path / "empty.jsonl").write_text("")
-    key = "pool" if name == "random" else "input"
-    stage = build_stage(name, {key: str(tmp_path / "empty.jsonl")})
-    with pytest.raises(TunelabError, match="empty"):
-        run_stage(stage, Scripted({}), tmp_path / "out.jsonl")
+    options, what = EMPTY_INPUTS[case]
+    options = json.loads(json.dumps(options).replace(EMPTY, str(tmp_path / "empty.jsonl")))
+    stage = build_stage(case.split()[0], options)
+    with pytest.raises(TunelabError, match=f"^{what}: {tmp_path}/empty.jsonl: no rows \\(the file is empty\\)"):
+        run_stage(stage, Embedder(loaded=(None, tiny_tokenizer())), tmp_path / "out.jsonl")
 
 
 def test_random_selection_is_seeded_and_distinct(tmp_path):
@@ -227,6 +248,10 @@ def never(record, candidate, gold):
 
 def broken(record, candidate, gold):
     raise KeyError("score")
+
+
+def undecided(record, candidate, gold):
+    return 0.7  # a score, not a verdict
 
 
 def s3ft(tmp_path, ws, judge="final_answer"):
@@ -274,8 +299,13 @@ def test_s3ft_is_deterministic_and_resumes_from_its_chunks(tmp_path):
 def test_a_judge_that_raises_is_a_clear_error(tmp_path):
     with pytest.raises(TunelabError, match=r"judge 'test_curate:broken' raised KeyError: 'score' \(on row .*gold.jsonl:1"):
         s3ft(tmp_path, Scripted({}), "test_curate:broken")
+    with pytest.raises(TunelabError, match=r"judge 'test_curate:undecided' returned 0.7 on row .*gold.jsonl:1; "
+                       "a judge returns True or False"):
+        s3ft(tmp_path, Scripted({}), "test_curate:undecided")
     with pytest.raises(ConfigError, match="judge: unknown judge 'exactish'"):
         build_stage("s3ft", {"judge": "exactish"})
+    with pytest.raises(ConfigError, match="judge: cannot import 'test_curate:nowhere'"):
+        build_stage("s3ft", {"judge": "test_curate:nowhere"})
 
 
 def test_pseudo_labels_take_the_model_answer_and_drop_unanswered(tmp_path, monkeypatch):

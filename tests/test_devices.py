@@ -3,7 +3,9 @@ host memory until the loop moves them). Checked on CPU-only machines, where a mi
 would go unnoticed, by a trap (tests/devicetrap.py) that records every tensor tunelab's code
 creates without an explicit device, with its file and line. Training with every method and every
 objective, eval loss, generation, diagnostics, the report, compare and the CLI's generate run
-under it. (A first try made torch's default device `meta`: some operations then fail loudly, but
+under it, and so do the data stages that run a model (every one the registry marks `uses_model`),
+a pipeline chaining training and data stages (weights folded for the next stage), `tunelab data
+relabel` on a trained run and ReasoningV's budget router. (A first try made torch's default device `meta`: some operations then fail loudly, but
 a matmul of a CPU and a meta tensor silently returns a CPU result of garbage, so it was dropped.)"""
 from __future__ import annotations
 
@@ -103,16 +105,67 @@ def test_diagnostics_report_compare_and_generate_on_the_models_device(trap, setu
     assert main(["generate", str(a), "--prompt", "What is 2 plus 3?", "--max-new-tokens", "4"]) in (0, None)
 
 
-@pytest.mark.parametrize("name, options", [
-    ("got_d", {"pool": "builtin:pool?n=12", "k": 4, "target": "builtin:arith?n=4&split=test", "max_length": 32}),
-    ("s3ft", {"input": "builtin:arith?n=3", "max_new_tokens": 4}),
-    ("pseudo_label", {"input": "builtin:arith?n=3&answers=false", "max_new_tokens": 4}),
-])
-def test_data_stages_run_their_model_on_its_device(trap, setup, tmp_path, name, options):
+STAGE_OPTIONS = {
+    "got_d": {"pool": "builtin:pool?n=12", "k": 4, "target": "builtin:arith?n=4&split=test", "max_length": 32},
+    "s3ft": {"input": "builtin:arith?n=3", "max_new_tokens": 4},
+    "pseudo_label": {"input": "builtin:arith?n=3&answers=false", "max_new_tokens": 4, "min_confidence": -1e9},
+}
+"""Options of a short run of every data stage that runs a model."""
+
+
+def test_every_data_stage_that_runs_a_model_is_under_the_trap():
+    from tunelab.registry import DATA_STAGES
+
+    assert set(STAGE_OPTIONS) == {n for n in DATA_STAGES.names() if DATA_STAGES.get(n).uses_model}
+
+
+@pytest.mark.parametrize("name", sorted(STAGE_OPTIONS))
+def test_data_stages_run_their_model_on_its_device(trap, setup, tmp_path, name):
     """The data stages that run a model (embeddings and Sinkhorn for GOT-D, generation for S3FT,
     generation and teacher-forced confidence for pseudo-labels) create every tensor where it is."""
     from tunelab.curate import Workspace, build_stage, run_stage
 
-    ws = Workspace(model_name=str(setup[0]), device="cpu", say=lambda m: None)
+    options = STAGE_OPTIONS[name]
+    ws = Workspace(model_name=str(setup[0]), device="cpu", precision="fp32", work_dir=tmp_path / "work",
+                   say=lambda m: None)
     summary = run_stage(build_stage(name, options), ws, tmp_path / "out.jsonl")
     assert summary["rows"] == options.get("k", 3)
+
+
+def accept_all(record, candidate, gold) -> bool:
+    """A judge that accepts every answer: S3FT keeps the model's own (its `self` path)."""
+    return True
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_pipeline_of_training_and_data_stages_on_the_models_device(trap, setup, tmp_path):
+    """A pipeline as the recipes chain them (examples/recipes/self_training.yaml, list.yaml, s3ft.yaml,
+    got_d.yaml): a LoRA stage folded into weights/, data stages running those weights (pseudo-labels,
+    S3FT's self path, GOT-D), a training stage on their rows; then `tunelab data relabel --model RUN`
+    on the trained run (its method merged) and ReasoningV's budget router generating with it."""
+    from tunelab import pipeline
+    from tunelab.cli import main
+    from tunelab.eval.reasoning_budget import Budget, ReasoningBudgetRouter
+    from tunelab.training.final import load_trained
+
+    model_dir, data = setup
+    train = {"steps": 2, "micro_batch_size": 2, "save_every": 0, "precision": "fp32", "device": "cpu", "progress": False}
+    run = pipeline.run({
+        "model": {"name": str(model_dir)}, "data": {"train": str(data), "eval": None, "max_length": 64},
+        "train": train, "diagnostics": {"after_train": []}, "output": str(tmp_path / "run"),
+        "stages": [
+            {"name": "sup", "method": {"name": "lora", "r": 4, "alpha": 8}},
+            {"name": "label", "dataset": "pseudo_label", "from": "sup", "with": STAGE_OPTIONS["pseudo_label"]},
+            {"name": "self", "dataset": "s3ft", "from": "sup",
+             "with": {**STAGE_OPTIONS["s3ft"], "judge": f"{__name__}:accept_all"}},
+            {"name": "pick", "dataset": "got_d", "from": "sup", "with": STAGE_OPTIONS["got_d"]},
+            {"name": "again", "from": "sup", "method": "full", "data": {"train": "@label", "max_length": 256}}]})
+    kinds = json.loads((run / "stages/self/stage.json").read_text())["summary"]["kinds"]
+    assert kinds == {"self": 3} and (run / "final").exists()
+    out = tmp_path / "lab.jsonl"
+    assert main(["data", "relabel", "builtin:arith?n=2&answers=false", "--method", "pseudo_label", "--model",
+                 str(run / "stages/sup"), "--precision", "fp32", "--set", "max_new_tokens=3", "--out", str(out)]) == 0
+    _, model, tok, method = load_trained(run / "stages/again")
+    router = ReasoningBudgetRouter(lambda p: "easy" if "2" in p else "hard", {"easy": Budget(2, "Be brief."),
+                                                                             "hard": Budget(3)})
+    assert [o["label"] for o in router.generate(model, tok, ["What is 2?", "What is 5?"])] == ["easy", "hard"]

@@ -20,14 +20,18 @@ BUILTIN = "builtin:"
 
 
 def load_input(spec: str, what: str = "input") -> list[Record]:
-    """The rows of `spec`, unlabeled ones included; an empty source is an error naming `what`."""
+    """The rows of `spec`, unlabeled ones included; a missing, unreadable or empty source is an
+    error naming `what`."""
     if not spec:
         raise TunelabError(f"{what}: no data source given")
     if spec.startswith(BUILTIN):
         from tunelab.data.builtin import load_builtin
         records = load_builtin(spec)
     else:
-        rows, _ = read_rows(spec)
+        try:
+            rows, _ = read_rows(spec)
+        except DataError as e:  # say which of the stage's inputs it is (its pool, its target, ...)
+            raise TunelabError(f"{what}: {e}") from None
         records = [_record(row, spec, line) for line, row in rows]
     if not records:
         raise TunelabError(f"{what}: {spec} holds no rows (an empty pool)")
