@@ -89,7 +89,10 @@ def main() -> None:
     if a.figure:
         a.figure.write_text(recovery_svg(json.loads((a.results / "editing-rag-mechanisms.json").read_text())))
     show = {"editing": lambda d: edit_rows(d["compare"]), "scale": lambda d: edit_rows(d["scale"]),
-            "rag": rag_tables, "mechanisms": mechanism_tables}
+            "rag": rag_tables, "mechanisms": mechanism_tables,
+            # the first measurement, under the raw template (kept: the file compares both protocols)
+            "editing-raw-2026-12-05": lambda d: edit_rows(d["compare"]),
+            "scale-raw-2026-12-05": lambda d: edit_rows(d["scale"])}
     for part, fn in show.items():
         path = a.results / f"editing-rag-{part}.json"
         if path.exists():

@@ -433,11 +433,30 @@ def test_example_configs_load():
         assert cfg.objective.name == name and isinstance(cfg.objective.options, OBJECTIVES.get(name).Config)
 
 
+def test_otr_starved_share_weighs_tokens_by_their_cross_entropy():
+    """Few starved tokens can hold most of the loss: 1 of 4 tokens below the hit threshold, holding
+    3.0 of the batch's 3.0 + 3 x 0.1 cross-entropy, is a share of 3/3.3, over the threshold; by count
+    it would be 25%. With the loss spread evenly the same token holds 25% and no warning is due."""
+    import warnings
+
+    from tunelab.objectives.otr import STARVED_SHARE, starved_share, starved_warning
+
+    hits = torch.tensor([0.05, 0.9, 0.8, 0.95])
+    assert starved_share(hits, torch.tensor([3.0, 0.1, 0.1, 0.1])) == pytest.approx(3.0 / 3.3)
+    assert starved_share(hits, torch.tensor([1.0, 1.0, 1.0, 1.0])) == pytest.approx(0.25) and 0.25 < STARVED_SHARE
+    assert starved_share(hits, torch.zeros(4)) == 0.0
+    with pytest.warns(UserWarning, match="hold 91%"):
+        starved_warning(3.0 / 3.3, 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        starved_warning(0.25, 1.0)
+
+
 def test_otr_warns_once_when_the_model_finds_most_targets_unlikely(model):
     """A random tiny model gives each target ~1/V: OTR cannot learn it (DFT-like weighting), and says so
     on the first batch only; targets the model already predicts raise no warning."""
     obj = make("otr", num_samples=16)
-    with pytest.warns(UserWarning, match="otr: .* hit rate below 0.1"):
+    with pytest.warns(UserWarning, match="otr: tokens with a hit rate below 0.1 hold .* cross-entropy"):
         obj.loss(model, batch_of(3))
     import warnings
     with warnings.catch_warnings():
