@@ -145,11 +145,20 @@ def budget_line(res: dict) -> str:
             f"lr {res['settings']['train_lr']:g}.")
 
 
+def host_line(res: dict) -> str:
+    """The machine as the results file records it (files from before it recorded one: nothing)."""
+    h = res.get("host")
+    if not h:
+        return ""
+    return (f"Host: {h['cpu_model']} ({', '.join(h['isa']) or 'no AVX2'}), GPU {h['gpu'] or 'none'}, torch {h['torch']}, "
+            f"OMP_NUM_THREADS={h.get('omp_num_threads') or 'unset'}. ")
+
+
 def write(res: dict, sources: list[Path]) -> None:
     raw = ", ".join(f"`{p.resolve().relative_to(ROOT)}`" for p in sources)
     md = (f"Measured {res['date']} on {res['machine']} (2 cores shared with other sessions, which were running: "
           f"timings are noisy), {res.get('minutes', 0):.0f} min; raw results {raw}; command(s):\n\n"
-          + "".join(f"    {c['command']}\n" for c in res["calls"]) + "\n" + budget_line(res) + "\n\n")
+          + "".join(f"    {c['command']}\n" for c in res["calls"]) + "\n" + host_line(res) + budget_line(res) + "\n\n")
     if res["curve"]:
         md += (f"### Step time and memory against sequence length\n\n{curve_table(res)}\n"
                f"**Full attention's cost divided by each pattern's** (above 1: the pattern is cheaper)\n\n"
