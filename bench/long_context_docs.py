@@ -154,8 +154,14 @@ def host_line(res: dict) -> str:
             f"OMP_NUM_THREADS={h.get('omp_num_threads') or 'unset'}. ")
 
 
+def _shown(path: Path) -> str:
+    """`path` relative to the repository, or as given when it lies outside (a --out elsewhere)."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def write(res: dict, sources: list[Path]) -> None:
-    raw = ", ".join(f"`{p.resolve().relative_to(ROOT)}`" for p in sources)
+    raw = ", ".join(f"`{_shown(p)}`" for p in sources)
     md = (f"Measured {res['date']} on {res['machine']} (2 cores shared with other sessions, which were running: "
           f"timings are noisy), {res.get('minutes', 0):.0f} min; raw results {raw}; command(s):\n\n"
           + "".join(f"    {c['command']}\n" for c in res["calls"]) + "\n" + host_line(res) + budget_line(res) + "\n\n")
