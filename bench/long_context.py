@@ -160,12 +160,18 @@ def machine() -> str:
     return os.environ.get("BENCH_MACHINE", f"cpu{os.cpu_count()}")
 
 
+def host() -> dict:
+    """What the results file must name: CPU model and ISA, GPU, torch, and the threads asked for."""
+    from run import machine as bench_machine
+    return bench_machine() | {"omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+
+
 def run_all(only: str, path: Path, budget: dict, command: str) -> dict:
     """Measure what `only` names under `budget` into `path`, skipping what it already holds (a
     later call may add lengths; each call's command and budget are recorded)."""
     res = json.loads(path.read_text()) if path.exists() else {
         "machine": machine(), "date": datetime.date.today().isoformat(), "curve": [], "accuracy": [],
-        "settings": {"rows": ROWS, "method": METHOD, "train_lr": TRAIN_LR}, "calls": []}
+        "settings": {"rows": ROWS, "method": METHOD, "train_lr": TRAIN_LR}, "calls": [], "host": host()}
     res["calls"].append({"command": command, "budget": budget, "eval": eval_spec(budget)})
     t0 = time.time()
     todo = ([("curve", r, n) for n in budget["lengths"] for r in ROWS] if only in ("", "curve") else []) + \

@@ -130,6 +130,11 @@ def charts(res: dict) -> dict[str, str]:
             [Series(name=NAMES.get(x["row"], x["row"]), dashed=x["row"] == "before",
                     points=[(int(b), 100 * v["accuracy"]) for b, v in sorted(x["buckets"].items(), key=lambda kv: int(kv[0]))])
              for x in rows], title="Answer accuracy by context length", x_label="context tokens", y_label="% exact")
+        out["answer_ce"] = line_chart(  # the finer signal where few rows per bucket tie the hit rates
+            [Series(name=NAMES.get(x["row"], x["row"]), dashed=x["row"] == "before",
+                    points=[(int(b), v["answer_nll"]) for b, v in sorted(x["buckets"].items(), key=lambda kv: int(kv[0]))])
+             for x in rows], title="Answer cross-entropy by context length", x_label="context tokens",
+            y_label="nats")
     return out
 
 
@@ -145,11 +150,33 @@ def budget_line(res: dict) -> str:
             f"lr {res['settings']['train_lr']:g}.")
 
 
+def host_line(res: dict) -> str:
+    """The machine as the results file records it (files from before it recorded one: nothing)."""
+    h = res.get("host")
+    if not h:
+        return ""
+    return (f"Host: {h['cpu_model']} ({', '.join(h['isa']) or 'no AVX2'}), GPU {h['gpu'] or 'none'}, torch {h['torch']}, "
+            f"OMP_NUM_THREADS={h.get('omp_num_threads') or 'unset'}. ")
+
+
+def _styled(svg: str) -> str:
+    """A chart as a file of its own: the axis and grid strokes the HTML report's stylesheet gives it."""
+    style = "<style>.axis{stroke:#444}.grid{stroke:#e5e5e5}text{font:11px sans-serif}</style>"
+    head, sep, rest = svg.partition(">")
+    return head + sep + style + rest
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the repository, or as given when it lies outside (a --out elsewhere)."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def write(res: dict, sources: list[Path]) -> None:
-    raw = ", ".join(f"`{p.resolve().relative_to(ROOT)}`" for p in sources)
+    raw = ", ".join(f"`{_shown(p)}`" for p in sources)
     md = (f"Measured {res['date']} on {res['machine']} (2 cores shared with other sessions, which were running: "
           f"timings are noisy), {res.get('minutes', 0):.0f} min; raw results {raw}; command(s):\n\n"
-          + "".join(f"    {c['command']}\n" for c in res["calls"]) + "\n" + budget_line(res) + "\n\n")
+          + "".join(f"    {c['command']}\n" for c in res["calls"]) + "\n" + host_line(res) + budget_line(res) + "\n\n")
     if res["curve"]:
         md += (f"### Step time and memory against sequence length\n\n{curve_table(res)}\n"
                f"**Full attention's cost divided by each pattern's** (above 1: the pattern is cheaper)\n\n"
@@ -162,7 +189,7 @@ def write(res: dict, sources: list[Path]) -> None:
             md += ("**Answer cross-entropy, paired over the same eval rows** (negative: lower CE than the reference; "
                    f"95% bootstrap interval over rows, 10,000 draws)\n\n{nll}\n")
     for name, svg in charts(res).items():
-        (DOC.parent / f"long-context-{name}.svg").write_text(svg + "\n")
+        (DOC.parent / f"long-context-{name}.svg").write_text(_styled(svg) + "\n")
         md += f"![{name}](long-context-{name}.svg)\n\n"
     text = DOC.read_text() if DOC.exists() else "# Long-context fine-tuning\n"
     start, end = "<!-- bench:start -->", "<!-- bench:end -->"
