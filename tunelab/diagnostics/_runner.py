@@ -109,4 +109,4 @@ def _brief(result: dict) -> str:
     summary = result["summary"]
     cls = DIAGNOSTICS.get(result["name"]) if result.get("name") in DIAGNOSTICS.names() else None
     items = [(k, summary[k]) for k in cls.brief if k in summary] if cls and cls.brief else list(summary.items())[:4]
-    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in items)
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {'n/a' if v is None else v}" for k, v in items)
