@@ -80,6 +80,13 @@ def test_audit_sizes_and_sigmas_given_twice_are_audited_once():
     assert cfg.batch_sizes == [1, 4] and cfg.sigmas == [1.0, 2.0]
 
 
+def test_a_batch_size_above_the_examples_is_audited_once_under_its_true_size():
+    cfg = PrivacyAuditConfig(batch_sizes=[1, 4, 16], kseed_steps=2)
+    rows = gradient_rows(tiny_model(), _examples(3), cfg, SimpleNamespace(privacy=PrivacyConfig()))
+    sizes = [r[3] for r in rows if r[0] == "none" and r[2] == "embedding rows"]
+    assert sizes == [1, 3]  # not 4 and 16: the same three examples, labelled twice
+
+
 def test_exposure_and_rank():
     assert L.secret_rank([1.0, 2.0, 3.0], 2.5) == 2 and L.exposure(1, 255) == pytest.approx(8.0)
 

@@ -111,7 +111,8 @@ def gradient_rows(model, examples, cfg: PrivacyAuditConfig, run_cfg) -> list[lis
     xs = L.layer0_inputs(model)
     per = [_example_grads(model, examples[i]) for i in order[:max(cfg.batch_sizes)]]
     rows, gen = [], torch.Generator(device="cpu").manual_seed(cfg.seed)
-    for b in cfg.batch_sizes:
+    # with fewer examples than a batch size the batch is all of them: audited once, under its true size
+    for b in dict.fromkeys(min(b, len(per)) for b in cfg.batch_sizes if per):
         batch, true = per[:b], set().union(*(p["ids"] for p in per[:b]))
         for mech, sigma in _mechanisms(cfg, run_cfg):
             for leak in ("emb", "q", "lora"):
@@ -204,7 +205,7 @@ class PrivacyAudit(Diagnostic):
         examples = encode(records, ctx.tokenizer, ctx.cfg.data)
         grads = gradient_rows(ctx.tuned, examples, self.cfg, ctx.cfg)
         canaries = canary_rows(ctx, records, self.cfg)
-        return Findings(_summary(grads, canaries, max(self.cfg.batch_sizes)), {
+        return Findings(_summary(grads, canaries, max((r[3] for r in grads), default=0)), {
             "gradient_leakage": {"columns": ["mechanism", "sigma", "leak", "batch_size", "tokens", "recall",
                                              "precision", "topk_recall"], "rows": grads},
             "canaries": {"columns": CANARY_COLUMNS, "rows": canaries}})
