@@ -22,9 +22,11 @@ import math
 import torch
 
 
-def precision_recall(found: set, true: set) -> tuple[float, float]:
+def precision_recall(found: set, true: set) -> tuple[float | None, float | None]:
+    """(precision, recall) of the recovered set `found` against `true`. Over an empty set a ratio is
+    not measured (None, shown as n/a): nothing recovered is not a precision of 1 (nor of 0)."""
     hit = len(found & true)
-    return (hit / len(found) if found else 1.0), (hit / len(true) if true else 1.0)
+    return (hit / len(found) if found else None), (hit / len(true) if true else None)
 
 
 def nonzero_rows(g: torch.Tensor, rel: float = 1e-6) -> set[int]:
