@@ -158,8 +158,11 @@ def test_tuco_summary_median_is_the_shown_median():
     from tunelab.diagnostics.tuco import summary_figures
     from tunelab.report.diagviews import quantiles
 
-    values = torch.tensor([0.1, 0.4, 0.2, 0.3])  # an even count: torch.median would say 0.2
+    # an even count, skewed so that mean, median and torch.median's lower middle all differ:
+    # median (0.2 + 0.3) / 2 = 0.25, torch.median 0.2, mean 0.4
+    values = torch.tensor([0.1, 0.9, 0.2, 0.3, 0.9, 0.0])
     figures = summary_figures("eval", values)
     shown = quantiles(values.tolist())["median"]
-    assert figures["tuco_eval_median"] == pytest.approx(statistics.median(values.tolist())) == pytest.approx(shown)
-    assert figures["tuco_eval_mean"] == pytest.approx(0.25)
+    assert figures["tuco_eval_median"] == pytest.approx(0.25) == pytest.approx(statistics.median(values.tolist()))
+    assert figures["tuco_eval_median"] == pytest.approx(shown)
+    assert figures["tuco_eval_mean"] == pytest.approx(0.4)
