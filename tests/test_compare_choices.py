@@ -59,3 +59,25 @@ def test_compare_charts_give_each_run_one_colour(runs, tmp_path):
     assert dots and all(fill == colour[name] for fill, name in dots)
     kl_chart = page[page.index("forgetting: kl_drift"):]
     assert ">best</text>" in kl_chart[:kl_chart.index("</svg>")]
+
+
+def test_compare_shows_loss_and_perplexity_when_the_eval_data_has_no_gold_answers(runs, tmp_path):
+    """Free-text eval data has no final answer to match: its runs' eval.json hold eval loss and
+    perplexity only, and compare ranks those (lower is better) instead of showing an empty accuracy."""
+    import math
+
+    dirs = [copy_run(runs[k], tmp_path / n) for k, n in (("a", "a"), ("b", "b"))]
+    for run, loss in zip(dirs, (0.5, 0.25)):
+        found = json.loads((run / "eval.json").read_text())
+        for when, value in (("before", 1.0), ("after", loss)):
+            if isinstance(found.get(when), dict):
+                found[when].pop("accuracy", None)
+                found[when] |= {"eval_loss": value, "perplexity": math.exp(value)}
+        (run / "eval.json").write_text(json.dumps(found))
+    c, _, md, _ = compare(dirs, tmp_path / "cmp")
+    rows = {r["figure"]: r for r in c.rows()}
+    assert rows["perplexity_after"]["values"] == pytest.approx([math.exp(0.5), math.exp(0.25)])
+    assert rows["perplexity_after"]["higher_is_better"] is False and rows["perplexity_after"]["best"] == [1]
+    assert rows["eval_loss_after"]["values"] == pytest.approx([0.5, 0.25])
+    assert all(v is None for v in rows.get("accuracy_after", {"values": [None]})["values"])
+    assert "perplexity_after" in md.read_text()
