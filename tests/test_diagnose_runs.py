@@ -73,7 +73,10 @@ def test_diagnose_writes_one_json_per_diagnostic(tiny_dir, tmp_path):
     for name in names:
         check_shape(read(run, name), name)
     s = {n: read(run, n)["summary"] for n in names}
-    assert 0 <= s["forgetting"]["retained_accuracy"] <= 1 and s["forgetting"]["kl_drift"] > 0
+    f = s["forgetting"]
+    # a random tiny model answers no probe: nothing kept, so retention is "not measured", never 0
+    assert (f["retained_accuracy"] is None) == (f["num_probes_kept"] == 0) and f["kl_drift"] > 0
+    assert f["retained_accuracy"] is None or 0 <= f["retained_accuracy"] <= 1
     assert 0 < s["tuco"]["tuco_eval_mean"] < 1 and len(read(run, "tuco")["details"]["eval"]["values"]) == 3
     assert s["intruder"]["matrices_changed"] == s["intruder"]["matrices_checked"] == 14  # 2 layers x 7 linears
     assert {"verbatim_accuracy", "rephrased_accuracy", "updated_new_accuracy"} <= set(s["knowledge"])
