@@ -61,5 +61,16 @@ class EditConfig(Options):
     output: str = "runs/edit"
     """The run directory (config.yaml, final/, edit.json)."""
 
+    def method_options(self, layer: int | None) -> dict:
+        """The method's options: where to edit (`layer`, `module`) for a method that edits one
+        place (its Config has those fields), nothing for one that trains everything."""
+        from dataclasses import fields
+
+        from tunelab.methods import METHODS
+
+        names = {f.name for f in fields(METHODS.get(self.method).Config)}
+        return {"layer": layer, "module": self.module} if {"layer", "module"} <= names else {}
+
     def validate(self) -> None:
-        require(not self.sweep or self.method == "locft", "sweep", "a layer sweep needs method: locft")
+        require(not self.sweep or self.method_options(0), "sweep",
+                f"a layer sweep needs a method that edits one layer (locft); {self.method} trains every weight")

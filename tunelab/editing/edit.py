@@ -47,8 +47,7 @@ def _method(cfg: EditConfig, layer: int | None):
     from tunelab.methods import METHODS
 
     cls = METHODS.get(cfg.method)
-    opts = {"layer": layer, "module": cfg.module} if cfg.method == "locft" else {}
-    return cls(from_dict(cls.Config, opts, "method"))
+    return cls(from_dict(cls.Config, cfg.method_options(layer), "method"))
 
 
 def scored(requests: list[EditRequest], cfg: EditConfig) -> list[EditRequest]:
@@ -121,7 +120,7 @@ def _write(out: Path, spec: str, cfg: EditConfig, model, tok, method, found: dic
     from tunelab.run.rundir import write_config
     from tunelab.training.final import save_final
 
-    method_raw = {"name": cfg.method} | ({"layer": found["layer"], "module": cfg.module} if cfg.method == "locft" else {})
+    method_raw = {"name": cfg.method} | cfg.method_options(found["layer"])
     data = spec if spec.startswith("builtin:") else str(Path(spec).resolve())
     run_cfg = C.build({"model": {"name": cfg.model}, "method": method_raw, "data": {"train": data, "eval": None},
                        "train": {"steps": max(found["train"]["steps"], 1), "precision": cfg.precision},
