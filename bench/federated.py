@@ -220,19 +220,12 @@ def stage_audit() -> dict:
 
 
 def save(stage: str, figures: dict) -> None:
-    from tunelab.run.device import cpu_isa
+    from tunelab.run.device import cpu_isa, cpu_model
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     data[stage] = figures | {"measured": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{cpu_model()}, shared",
                              "isa": cpu_isa(), "cores": os.cpu_count()}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(data, indent=1) + "\n")
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 STAGES = {"messages": stage_messages, "central": stage_central, "fedavg": stage_fedavg, "fedkseed": stage_fedkseed, "dp": stage_dp,

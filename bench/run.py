@@ -88,20 +88,11 @@ def pool(runs: list[dict]) -> dict:
                       "rounds": [{k: r[k] for k in keys} for r in runs]}
 
 
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), e.g. 'AMD EPYC' or 'Intel(R) Xeon(R) Platinum 8480+'."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((ln.partition(":")[2].strip() for ln in f if ln.startswith("model name")), "unknown")
-    except OSError:
-        return platform.processor() or "unknown"
-
-
 def machine() -> dict:
     import torch
 
     from common import native_bf16
-    from tunelab.run.device import cpu_isa
+    from tunelab.run.device import cpu_isa, cpu_model
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     isa = cpu_isa()
     kind = "gpu" if gpu else ("amx" if "AMX-BF16" in isa else "bf16" if "AVX512-BF16" in isa else "fp32")

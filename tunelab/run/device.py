@@ -40,6 +40,16 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(line.partition(":")[2].split())
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), e.g. 'AMD EPYC'; the platform's processor string elsewhere."""
+    import platform
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.partition(":")[2].strip() for ln in f if ln.startswith("model name")), "unknown")
+    except OSError:
+        return platform.processor() or "unknown"
+
+
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX-BF16 in /proc/cpuinfo (Linux); elsewhere assume not."""
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
