@@ -207,6 +207,7 @@ def test_the_example_recipe_loads_and_a_bad_field_is_named(tmp_path):
     from pathlib import Path
 
     from tunelab.editing import load_config
+    from tunelab.editing.edit import method_options
     from tunelab.errors import ConfigError
 
     recipe = Path(__file__).resolve().parent.parent / "examples" / "editing" / "locft_bf.yaml"
@@ -228,10 +229,11 @@ def test_a_layer_sweep_needs_a_method_that_edits_one_layer():
     """`--sweep` tries layers, so it needs a method with a layer to choose (locft), not full fine-tuning;
     the options given to the method follow from its Config, not from its name."""
     from tunelab.editing import load_config
+    from tunelab.editing.edit import method_options
     from tunelab.errors import ConfigError
 
     with pytest.raises(ConfigError, match="a layer sweep needs a method that edits one layer"):
         load_config(None, [], method="full", sweep=[1])
     cfg = load_config(None, [], method="locft", sweep=[1], module="mlp.up_proj")
-    assert cfg.method_options(3) == {"layer": 3, "module": "mlp.up_proj"}
-    assert load_config(None, [], method="full").method_options(3) == {}
+    assert method_options(cfg, 3) == {"layer": 3, "module": "mlp.up_proj"}
+    assert method_options(load_config(None, [], method="full"), 3) == {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from tunelab.options import Options, require
+from tunelab.options import Options
 
 
 @dataclass(kw_only=True)
@@ -54,23 +54,10 @@ class EditConfig(Options):
     seed: int = 0
     """Seeds the breadth-first shuffles."""
     sweep: list[int] = field(default_factory=list)
-    """Layers to try before editing (`--sweep`): each edits the first `sweep_requests` requests from the
+    """Layers to try before editing (`--sweep`; needs a method that edits one layer, checked by
+    `edit.load_config`): each edits the first `sweep_requests` requests from the
     original weights; the layer with the best mean of reliability, generalization and locality is used."""
     sweep_requests: int = 50
     """Requests each sweep point edits."""
     output: str = "runs/edit"
     """The run directory (config.yaml, final/, edit.json)."""
-
-    def method_options(self, layer: int | None) -> dict:
-        """The method's options: where to edit (`layer`, `module`) for a method that edits one
-        place (its Config has those fields), nothing for one that trains everything."""
-        from dataclasses import fields
-
-        from tunelab.methods import METHODS
-
-        names = {f.name for f in fields(METHODS.get(self.method).Config)}
-        return {"layer": layer, "module": self.module} if {"layer", "module"} <= names else {}
-
-    def validate(self) -> None:
-        require(not self.sweep or self.method_options(0), "sweep",
-                f"a layer sweep needs a method that edits one layer (locft); {self.method} trains every weight")

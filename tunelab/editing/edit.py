@@ -40,14 +40,30 @@ def load_config(path: str | None, overrides: list[str] = (), **given) -> EditCon
         keys, value = parse_override(item)
         raw[".".join(keys)] = value
     raw |= {k: v for k, v in given.items() if v is not None}
-    return from_dict(EditConfig, raw, path or "edit")
+    cfg = from_dict(EditConfig, raw, path or "edit")
+    if cfg.sweep and not method_options(cfg, 0):
+        from tunelab.errors import ConfigError
+        raise ConfigError(f"{path or 'edit'}: sweep: a layer sweep needs a method that edits one layer (locft); "
+                          f"{cfg.method} trains every weight")
+    return cfg
+
+
+def method_options(cfg: EditConfig, layer: int | None) -> dict:
+    """The method's options: where to edit (`layer`, `module`) for a method that edits one place
+    (its Config has those fields), nothing for one that trains everything."""
+    from dataclasses import fields
+
+    from tunelab.methods import METHODS
+
+    names = {f.name for f in fields(METHODS.get(cfg.method).Config)}
+    return {"layer": layer, "module": cfg.module} if {"layer", "module"} <= names else {}
 
 
 def _method(cfg: EditConfig, layer: int | None):
     from tunelab.methods import METHODS
 
     cls = METHODS.get(cfg.method)
-    return cls(from_dict(cls.Config, cfg.method_options(layer), "method"))
+    return cls(from_dict(cls.Config, method_options(cfg, layer), "method"))
 
 
 def scored(requests: list[EditRequest], cfg: EditConfig) -> list[EditRequest]:
@@ -120,7 +136,7 @@ def _write(out: Path, spec: str, cfg: EditConfig, model, tok, method, found: dic
     from tunelab.run.rundir import write_config
     from tunelab.training.final import save_final
 
-    method_raw = {"name": cfg.method} | cfg.method_options(found["layer"])
+    method_raw = {"name": cfg.method} | method_options(cfg, found["layer"])
     data = spec if spec.startswith("builtin:") else str(Path(spec).resolve())
     run_cfg = C.build({"model": {"name": cfg.model}, "method": method_raw, "data": {"train": data, "eval": None},
                        "train": {"steps": max(found["train"]["steps"], 1), "precision": cfg.precision},
