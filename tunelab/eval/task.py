@@ -53,7 +53,10 @@ def stop_token_ids(tokenizer) -> list[int]:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
              precision: str = "fp32") -> list[str]:
-    """Greedy completions of token-id prompts, `batch_size` at a time, left-padded, KV-cached."""
+    """Greedy completions of token-id prompts, `batch_size` at a time, left-padded, KV-cached (an
+    H2O-compressed cache when the model carries a KV budget: tunelab.models.h2o)."""
+    from tunelab.models.h2o import compressed_cache, policy_of
+
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     outs: list[str] = []
     device = model_device(model)
@@ -62,10 +65,10 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
         width = max(map(len, chunk))
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)  # (B, width), left-padded
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-        with autocast(precision, device):
+        with autocast(precision, device), compressed_cache(model, policy_of(model)) as cache:
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=pad, eos_token_id=stop_token_ids(tokenizer),
-                                 use_cache=True)
+                                 use_cache=True, **({"cache": cache} if cache is not None else {}))
         outs += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
     return outs
 

@@ -17,7 +17,8 @@ that supports SDPA can use it: `model.set_attn_implementation("tunelab_sdpa")`.
 A training-time attention pattern (S²-Attn, SF-Attn: tunelab.models.shifted) sits on each
 attention module as attribute `PATTERN`; while the module trains, `packed_sdpa` hands it the call
 (in eval mode, full attention runs). `example_spans` says where each example of a batch lies, for
-the patterns and for token elimination (tunelab.models.lemo).
+the patterns and for token elimination (tunelab.models.lemo). During generation with a KV budget,
+attribute `KV` hands the call to the compressed cache (tunelab.models.h2o).
 """
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ NAME = "tunelab_sdpa"
 PATTERN = "tunelab_pattern"
 """Attribute of an attention module holding its training-time pattern (a callable with this
 module's attention signature that returns (B, N, H, D))."""
+KV = "tunelab_kv"
+"""Attribute of an attention module holding the compressed (H2O) cache layer of the generation
+running now (tunelab.models.h2o); while it is set, that layer attends."""
 
 
 def training_pattern(module):
@@ -62,6 +66,9 @@ def packed_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     """query (1, H, N, D), key/value (1, Hkv, N, D) -> ((1, N, H, D), None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    kv = module.__dict__.get(KV)
+    if kv is not None and not module.training:
+        return kv.attend(query, key, value, attention_mask, scaling), None
     pattern = training_pattern(module)
     if pattern is not None:
         return pattern(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs), None

@@ -68,9 +68,11 @@ class RopeScaling(Options):
 
 @dataclass(kw_only=True)
 class AttentionConfig(Options):
-    """A training-time attention pattern; evaluation and generation always use full attention.
-    See tunelab/models/shifted.py (s2, sf) and tunelab/models/lemo.py (lemo)."""
+    """A training-time attention pattern; evaluation and generation use full attention, with a
+    compressed KV cache in generation if `kv_budget` is set. See tunelab/models/shifted.py (s2, sf),
+    tunelab/models/lemo.py (lemo) and tunelab/models/h2o.py (kv_budget)."""
     ranges: ClassVar = {"group_size": ">= 2", "num_sink_tokens": ">= 0", "keep_ratio": "(0, 1]",
+                        "kv_budget": ">= 2", "kv_recent": ">= 1",
                         "block_size": ">= 1", "num_dense_first": ">= 0", "num_dense_last": ">= 0",
                         "num_recent_blocks": ">= 0"}
     pattern: Literal["full", "s2", "sf", "lemo"] = "full"
@@ -99,12 +101,27 @@ class AttentionConfig(Options):
     num_recent_blocks: int = 1
     """lemo: the last blocks of each example are always kept (the answer of an SFT example sits
     there); 0: the scorer alone decides, as in Jenga."""
+    kv_budget: int | None = None
+    """Generation only (any pattern): keep at most this many cached keys/values per layer and K/V
+    head, H2O's heavy hitters (most attention accumulated) plus the `kv_recent` latest tokens plus
+    the `num_sink_tokens` first ones: SinkLoRA's inference-time compression. Unset: the full cache."""
+    kv_recent: int | None = None
+    """With kv_budget: the latest tokens always kept (H2O's recent window). Unset: half the budget."""
+
+    def recent_window(self) -> int:
+        """kv_recent, its default filled in."""
+        return self.kv_recent if self.kv_recent is not None else self.kv_budget // 2
 
     def validate(self) -> None:
         require(self.group_size is None or self.group_size % 2 == 0, "group_size",
                 f"must be even (the shifted heads move by half a group), got {self.group_size}")
         require(not (self.pattern == "sf" and self.wrap), "wrap",
                 "SF-Attn never wraps around (that is the difference from S2-Attn); use pattern s2")
+        require(self.kv_recent is None or self.kv_budget is not None, "kv_recent", "set kv_budget too")
+        if self.kv_budget is not None:
+            require(self.recent_window() + self.num_sink_tokens < self.kv_budget, "kv_budget",
+                    f"{self.kv_budget} leaves no slot for heavy hitters after kv_recent {self.recent_window()} and "
+                    f"num_sink_tokens {self.num_sink_tokens}; raise it above {self.recent_window() + self.num_sink_tokens}")
 
 
 @dataclass(kw_only=True)

@@ -234,16 +234,23 @@ def _load_tokenizer(src: _Source, cfg: ModelConfig, padding_side: str):
 
 
 def _long_context(model, cfg: ModelConfig) -> None:
-    """The training-time attention pattern of `cfg.attention` (it needs tunelab's SDPA path)."""
-    if cfg.attention.pattern == "full":
+    """The training-time attention pattern of `cfg.attention` and its generation-time KV budget
+    (both need tunelab's SDPA path)."""
+    att = cfg.attention
+    if att.pattern == "full" and att.kv_budget is None:
         return
     from tunelab.models.attention import NAME
     from tunelab.models.context import install_attention
 
     if model.config._attn_implementation != NAME:
-        raise TunelabError(f"model.attention: pattern {cfg.attention.pattern} needs SDPA attention, which "
+        what = f"pattern {att.pattern}" if att.pattern != "full" else "kv_budget"
+        raise TunelabError(f"model.attention: {what} needs SDPA attention, which "
                            f"{cfg.name} does not support in transformers")
-    install_attention(model, cfg.attention)
+    if att.kv_budget is not None:
+        from tunelab.models.h2o import POLICY, KVPolicy
+        model.__dict__[POLICY] = KVPolicy(att.kv_budget, att.recent_window(), att.num_sink_tokens)
+    if att.pattern != "full":
+        install_attention(model, att)
 
 
 def load_model(cfg: ModelConfig, padding_side: str = "right"):
