@@ -5,7 +5,7 @@ model, on one eval set (default: `builtin:arith`'s `ood` split, 4-5-step problem
 
 Each run is scored exactly as `tunelab eval RUN --data DATA --num-examples N` scores it (same
 loader, same generation settings from the run's config); the base model with the first run's
-config and no training. The JSON keeps each run's per-problem verdicts, so intervals and paired
+config and no training. A rerun with the same --out scores only the runs it lacks. The JSON keeps each run's per-problem verdicts, so intervals and paired
 comparisons can be computed from it.
 """
 from __future__ import annotations
@@ -46,9 +46,14 @@ def main() -> None:
     runs = sorted(p for p in (Path(a.compare_dir) / "runs").iterdir() if (p / "config.yaml").is_file())
     out = {"date": datetime.date.today().isoformat(), "command": "python bench/compare_ood.py " + " ".join(sys.argv[1:]),
            "data": a.data, "host": machine(), "runs": {}}
+    done = json.loads(Path(a.out).read_text())["runs"] if Path(a.out).is_file() else {}
+    out["runs"] = {k: v for k, v in done.items() if v.get("num_examples") == a.num_examples}  # a rerun continues
     cfg = C.load(runs[0] / "config.yaml")
-    out["runs"]["base"] = score(cfg, *load_model(cfg.model), a.data, a.num_examples)
+    if "base" not in out["runs"]:
+        out["runs"]["base"] = score(cfg, *load_model(cfg.model), a.data, a.num_examples)
     for run in runs:
+        if run.name in out["runs"]:
+            continue
         cfg, model, tok, _ = load_trained(run)
         out["runs"][run.name] = score(cfg, model, tok, a.data, a.num_examples)
         print(f"{run.name}: {out['runs'][run.name]['accuracy']:.3f}", file=sys.stderr)
