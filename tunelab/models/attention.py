@@ -37,6 +37,11 @@ KV = "tunelab_kv"
 running now (tunelab.models.h2o); while it is set, that layer attends."""
 
 
+def attention_modules(model) -> list:
+    """The model's self-attention modules (they carry an int `layer_idx` and an `o_proj`)."""
+    return [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "o_proj")]
+
+
 def training_pattern(module):
     """The pattern `module` runs now: its PATTERN while it trains, else None (full attention)."""
     return module.__dict__.get(PATTERN) if module.training else None

@@ -64,15 +64,14 @@ def install_attention(model, att: AttentionConfig) -> str:
     if att.group_size is None:
         raise ConfigError("model.attention.group_size: unset (it is filled in from data.max_length when a run config "
                           "is read; set it when loading a model on its own)")
-    from tunelab.models.attention import PATTERN
+    from tunelab.models.attention import PATTERN, attention_modules
     from tunelab.models.shifted import GroupedShiftAttention
 
     pattern = GroupedShiftAttention(att.group_size, wrap=att.wrap, num_sinks=att.num_sink_tokens if att.pattern == "sf" else 0)
-    count = 0
-    for module in model.modules():
-        if isinstance(getattr(module, "layer_idx", None), int) and hasattr(module, "o_proj"):
-            module.__dict__[PATTERN] = pattern
-            count += 1
+    mods = attention_modules(model)
+    for module in mods:
+        module.__dict__[PATTERN] = pattern
+    count = len(mods)
     if not count:
         raise ConfigError(f"model.attention: found no attention layer to give pattern {att.pattern}")
     name = {"s2": "S2-Attn", "sf": "SF-Attn"}[att.pattern]

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from tunelab.models.attention import KV, NAME
+from tunelab.models.attention import KV, NAME, attention_modules
 POLICY = "tunelab_kv_policy"
 """Attribute of a model holding its `KVPolicy` (set at load from model.attention.kv_budget)."""
 QUERY_CHUNK = 256
@@ -71,12 +71,12 @@ class H2OLayer(DynamicLayer):
         self.cumulative_length += n
         self.keys = torch.cat([self.keys, key_states], -2)
         self.values = torch.cat([self.values, value_states], -2)
-        first = self.scores is None
-        self.scores = torch.cat([key_states.new_zeros(B, Hkv, 0, dtype=torch.float32) if first else self.scores,
-                                 key_states.new_zeros(B, Hkv, n, dtype=torch.float32)], -1)
-        self.valid = torch.cat([torch.ones(B, Hkv, 0, dtype=torch.bool, device=dev) if first else self.valid,
-                                torch.ones(B, Hkv, n, dtype=torch.bool, device=dev)], -1)
-        self.positions = torch.cat([new_pos[..., :0] if first else self.positions, new_pos], -1)
+        new = (torch.zeros(B, Hkv, n, device=dev), torch.ones(B, Hkv, n, dtype=torch.bool, device=dev), new_pos)
+        if self.scores is None:
+            self.scores, self.valid, self.positions = new
+        else:
+            self.scores, self.valid, self.positions = (torch.cat([old, t], -1) for old, t in
+                                                       zip((self.scores, self.valid, self.positions), new))
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -133,10 +133,6 @@ class H2OLayer(DynamicLayer):
 class H2OCache(Cache):
     def __init__(self, num_layers: int, policy: KVPolicy):
         super().__init__(layers=[H2OLayer(policy) for _ in range(num_layers)])
-
-
-def attention_modules(model) -> list:
-    return [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "o_proj")]
 
 
 @contextmanager
