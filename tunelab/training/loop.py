@@ -20,7 +20,7 @@ from tunelab.errors import Interrupted, TunelabError
 from tunelab.models.context import check_positions
 from tunelab.run.context import StepContext
 from tunelab.run.dist import SINGLE, Dist
-from tunelab.run.device import pick_device, resolve_precision
+from tunelab.run.device import pick_device, precision_warning, resolve_precision
 from tunelab.run.files import atomic_write_text, recover
 from tunelab.run.rundir import MetricsLog, RunLock, fits, redact, write_config
 from tunelab.run.signals import GracefulStop
@@ -157,8 +157,9 @@ def _announce(dist: Dist, device, tc) -> None:
         warn(f"warning: train.parallel: {tc.parallel} does nothing on one process; launch with "
              "torchrun or `tunelab train ... --nproc N`")
     print(f"device {device}, precision {resolve_precision(tc.precision, device)}{procs}")
-    for warning in tc.warnings():
-        warn(f"warning: {warning}")
+    for warning in [*tc.warnings(), precision_warning(tc.precision, device)]:
+        if warning:
+            warn(f"warning: {warning}")
 
 
 def prepare_model(model, tc) -> None:
