@@ -1,6 +1,6 @@
-"""Faults injected into real tiny training runs: SIGKILL anywhere, corrupt checkpoints, non-finite
-steps, a full or read-only disk, Ctrl-C / SIGTERM, two processes on one run, secrets in the
-environment. Runs are real processes (tests/forkserver.py: forked from one interpreter that has
+"""Faults injected into real tiny training runs: SIGKILL anywhere, non-finite steps, Ctrl-C /
+SIGTERM, two processes on one run, secrets in the environment (checkpoint damage and storage faults
+are in tests/test_faults_storage.py; both use the `lab` of tests/conftest.py). Runs are real processes (tests/forkserver.py: forked from one interpreter that has
 imported torch, so each costs ~1 s, not ~10 s); nothing that is tested is mocked. Each test
 prints its figures as `[reliability] ...` lines (pytest -s), quoted in docs/reliability.md; set
 TUNELAB_RELIABILITY_LOG=FILE to also collect them in a file."""
@@ -9,43 +9,20 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from faultlab import (CFG, FILES, PAUSE, STEPS, argv_for, corrupt, corruptions, differences, mount_tmpfs,
-                      outcome, pages, report, timeline, umount, write_jsonl)
-from forkserver import ForkServer
+from faultlab import PAUSE, STEPS, argv_for, differences, report, timeline, write_jsonl
 from tiny import chat_rows
 from tunelab.run.files import verify
-from tunelab.training.checkpoint import list_checkpoints, load_latest
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    """A fork server, the tiny model and data on disk, the run config, and one uninterrupted
-    reference run that every faulted run must reproduce exactly."""
-    from tiny import save_tiny_model_dir
-
-    root = tmp_path_factory.mktemp("faults")
-    model = save_tiny_model_dir(root / "tiny")
-    data = write_jsonl(root / "train.jsonl", chat_rows())
-    cfg = root / "run.yaml"
-    cfg.write_text(CFG.replace("MODEL", str(model)).replace("DATA", str(data)))
-    fs = ForkServer(root)
-    ref = root / "reference"
-    done = fs.run(["train", str(cfg), f"output={ref}"])
-    assert done.rc == 0, done.stderr()
-    yield SimpleNamespace(root=root, model=model, data=data, cfg=cfg, fs=fs, ref=ref, outcome=outcome(ref))
-    fs.close()
+from tunelab.training.checkpoint import list_checkpoints
 
 
 # ----------------------------------------------------------------------------- 1. kill -9
@@ -158,64 +135,7 @@ def test_kill9_of_the_console_script(lab):
     assert not differences(run, lab.outcome)
 
 
-# ----------------------------------------------------------------------------- 2. corrupt checkpoints
-
-def test_every_corruption_of_every_checkpoint_file_is_detected(lab, tmp_path):
-    rnd = random.Random(7)
-    cases = corruptions(rnd)
-    detected = 0
-    for i, (name, kind, how) in enumerate(cases):
-        root = tmp_path / f"c{i}"
-        shutil.copytree(lab.ref / "checkpoints", root)
-        newest = list_checkpoints(root)[-1]
-        corrupt(newest / name, how)
-        warnings: list[str] = []
-        found = load_latest(root, warn=warnings.append)
-        assert found is not None and found[0] == list_checkpoints(root)[-2], (name, kind)
-        assert len(warnings) == 1 and f"skipping checkpoint {newest}" in warnings[0], warnings
-        if name != "manifest.json":  # a damaged manifest may be reported through the file it misdescribes
-            assert str(newest / name) in warnings[0], (kind, warnings)
-        detected += 1
-    report("corrupt checkpoints", corruptions_tried=len(cases), detected=detected,
-           file_kinds=len(FILES))
-
-
-def _interrupted_copy(lab, name: str) -> Path:
-    """The reference run as a crash before its final output would have left it."""
-    run = lab.root / name
-    shutil.copytree(lab.ref, run)
-    shutil.rmtree(run / "final")
-    return run
-
-
-@pytest.mark.parametrize("name, kind", [("trainable.safetensors", "flip"), ("optimizer.safetensors", "truncate"),
-                                        ("rng.safetensors", "delete"), ("state.json", "flip"),
-                                        ("manifest.json", "garbage")])
-def test_resume_skips_a_corrupt_checkpoint_with_a_warning(lab, name, kind):
-    """A real resume: the damaged newest checkpoint is named in a warning, the previous one is
-    used, and the run still ends identical to the reference."""
-    run = _interrupted_copy(lab, f"corrupt-{name}")
-    how = {k: h for f, k, h in corruptions(random.Random(name)) if f == name}[kind]
-    newest = list_checkpoints(run / "checkpoints")[-1]
-    corrupt(newest / name, how)
-    done = lab.fs.run(["train", str(run)])
-    assert done.rc == 0, done.stderr()
-    warning = next(ln for ln in done.stderr().splitlines() if ln.startswith("warning: skipping checkpoint"))
-    assert str(newest) in warning and (name == "manifest.json" or str(newest / name) in warning)
-    assert f"from step-{STEPS - 1}" in done.stdout()
-    assert not differences(run, lab.outcome)
-
-
-def test_all_checkpoints_corrupt_starts_over_and_says_so(lab):
-    run = _interrupted_copy(lab, "corrupt-all")
-    for c in list_checkpoints(run / "checkpoints"):
-        corrupt(c / "trainable.safetensors", lambda b: b[:100])
-    done = lab.fs.run(["train", str(run)])
-    assert done.rc == 0 and "holds no valid checkpoint; starting from step 0" in done.stderr()
-    assert not differences(run, lab.outcome)
-
-
-# ----------------------------------------------------------------------------- 3. non-finite steps
+# ----------------------------------------------------------------------------- 2. non-finite steps
 
 @pytest.fixture(scope="module")
 def poisoned(lab):
@@ -274,56 +194,7 @@ def test_non_finite_steps_are_skipped_then_stop_and_resume(lab, poisoned):
            resumed_identical=True)
 
 
-# ----------------------------------------------------------------------------- 4. disk full / read-only
-
-def test_disk_full_fails_clearly_and_damages_nothing(lab, tmp_path):
-    """On a tmpfs with room for the run's small files and two and a half checkpoints, the third
-    checkpoint write fails: the message names it and the OS reason, earlier checkpoints verify,
-    nothing partial is left, and after space is freed the run resumes to the reference result."""
-    ckpt_pages = pages(lab.ref / "checkpoints" / f"step-{STEPS}")
-    size_kib = 4 * (8 + 2 * ckpt_pages + ckpt_pages // 2)
-    mnt = tmp_path / "small"
-    mount_tmpfs(mnt, f"size={size_kib}k")
-    try:
-        run = mnt / "run"
-        full = lab.fs.run(["train", str(lab.cfg), f"output={run}", "train.keep_checkpoints=10"])
-        err = full.stderr()
-        assert full.rc == 2 and "Traceback" not in err, err
-        assert "tunelab: error: could not write" in err and "No space left on device" in err
-        good = list_checkpoints(run / "checkpoints")
-        failed = f"step-{len(good) + 1}"
-        assert len(good) >= 2 and f"{run / 'checkpoints' / failed}" in err
-        assert all(verify(c) is None for c in good)
-        assert not [p for p in (run / "checkpoints").iterdir() if not p.name.startswith("step-")]
-        subprocess.run(["mount", "-o", f"remount,size={size_kib * 8}k", str(mnt)], check=True)
-        done = lab.fs.run(["train", str(run)])
-        assert done.rc == 0, done.stderr()
-        assert f"from step-{len(good)}" in done.stdout()
-        assert not differences(run, lab.outcome)
-        report("disk full", failed_write=failed, earlier_checkpoints_intact=len(good), resumed_identical=True)
-    finally:
-        umount(mnt)
-
-
-def test_read_only_output_fails_clearly(lab, tmp_path):
-    ro = tmp_path / "ro"
-    mount_tmpfs(ro, "ro,size=64k")
-    try:
-        res = lab.fs.run(["train", str(lab.cfg), f"output={ro / 'run'}"])
-        assert res.rc == 2 and "Traceback" not in res.stderr()
-        assert f"cannot create the run directory {ro / 'run'}: Read-only file system" in res.stderr()
-    finally:
-        umount(ro)
-
-
-def test_output_under_a_file_fails_clearly(lab, tmp_path):
-    (tmp_path / "notes.txt").write_text("x")
-    res = lab.fs.run(["train", str(lab.cfg), f"output={tmp_path / 'notes.txt' / 'run'}"])
-    assert res.rc == 2 and "Traceback" not in res.stderr()
-    assert f"cannot create the run directory {tmp_path / 'notes.txt' / 'run'}: Not a directory" in res.stderr()
-
-
-# ----------------------------------------------------------------------------- 5. Ctrl-C / SIGTERM
+# ----------------------------------------------------------------------------- 3. Ctrl-C / SIGTERM
 
 @pytest.mark.parametrize("sig, point, code", [(signal.SIGINT, "step:3", 130), (signal.SIGTERM, "eval:2", 143)])
 def test_signal_checkpoints_at_the_step_boundary_and_resumes(lab, sig, point, code):
@@ -376,7 +247,7 @@ def test_ctrl_c_during_the_final_evaluation_stops_at_once(lab):
     assert not differences(run, lab.outcome)
 
 
-# ----------------------------------------------------------------------------- 6. concurrent runs
+# ----------------------------------------------------------------------------- 4. concurrent runs
 
 def test_second_process_on_a_run_directory_is_refused(lab):
     run = lab.root / "locked"
