@@ -5,7 +5,7 @@ model, on one eval set (default: `builtin:arith`'s `ood` split, 4-5-step problem
 
 Each run is scored exactly as `tunelab eval RUN --data DATA --num-examples N` scores it (same
 loader, same generation settings from the run's config); the base model with the first run's
-config and no training. A rerun with the same --out scores only the runs it lacks. The JSON keeps each run's per-problem verdicts, so intervals and paired
+config and no training (with --base-only, nothing else). A rerun with the same --out scores only the runs it lacks. The JSON keeps each run's per-problem verdicts, so intervals and paired
 comparisons can be computed from it.
 """
 from __future__ import annotations
@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--data", default="builtin:arith?n=200&split=ood")
     ap.add_argument("--num-examples", type=int, default=200)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--base-only", action="store_true",
+                    help="score only the base model (e.g. in-distribution, for a compare run with eval.before off)")
     a = ap.parse_args()
     from run import machine
 
@@ -51,7 +53,8 @@ def main() -> None:
     cfg = C.load(runs[0] / "config.yaml")
     if "base" not in out["runs"]:
         out["runs"]["base"] = score(cfg, *load_model(cfg.model), a.data, a.num_examples)
-    for run in runs:
+        Path(a.out).write_text(json.dumps(out, indent=1))
+    for run in [] if a.base_only else runs:
         if run.name in out["runs"]:
             continue
         cfg, model, tok, _ = load_trained(run)
