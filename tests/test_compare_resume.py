@@ -73,3 +73,20 @@ def test_a_killed_comparison_continues_row_by_row_to_the_same_table(recipes, tmp
     assert compare(recipes, out) == 0
     assert (out / "runs/a/metrics.jsonl").read_bytes() == finished_a, "a finished row was trained again"
     assert table(out) == table(tmp_path / "whole")
+
+
+def test_a_table_over_kept_runs_without_weights_is_the_same_table(recipes, tmp_path):
+    """bench/keep_runs.py keeps what compare reads of each finished run (no weights), so a table made
+    over several sessions is a compare of kept run directories: the same table as the original."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from keep_runs import keep
+
+    whole = tmp_path / "whole"
+    assert compare(recipes, whole) == 0
+    assert keep(whole, tmp_path / "kept") == ["a", "b"] and keep(whole, tmp_path / "kept") == []
+    assert not list((tmp_path / "kept").rglob("*.safetensors"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    subprocess.run([sys.executable, "-m", "tunelab", "compare", str(tmp_path / "kept/a"), str(tmp_path / "kept/b"),
+                    "--out", str(tmp_path / "again")], env=env, check=True, capture_output=True)
+    assert table(tmp_path / "again") == table(whole)
+    assert any(r["section"] == "intruder" for r in table(whole)["rows"])  # the diagnostics were kept too
