@@ -89,4 +89,9 @@ def test_a_table_over_kept_runs_without_weights_is_the_same_table(recipes, tmp_p
     subprocess.run([sys.executable, "-m", "tunelab", "compare", str(tmp_path / "kept/a"), str(tmp_path / "kept/b"),
                     "--out", str(tmp_path / "again")], env=env, check=True, capture_output=True)
     assert table(tmp_path / "again") == table(whole)
+    # the next session's way (bench/methods_table.sh): a kept run as the reference, the next recipe trained
+    subprocess.run([sys.executable, "-m", "tunelab", "compare", str(tmp_path / "kept/a"), str(recipes[1]),
+                    "--set", "train.steps=3", "--set", "eval.num_examples=2", "--out", str(tmp_path / "next")],
+                   env=env, check=True, capture_output=True)
+    assert table(tmp_path / "next") == table(whole)
     assert any(r["section"] == "intruder" for r in table(whole)["rows"])  # the diagnostics were kept too
