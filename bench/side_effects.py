@@ -1,79 +1,52 @@
-"""What fine-tuning cost: LoRA r=8 vs LoRA r=64 vs full fine-tuning on `builtin:arith` (SmolLM2-135M,
-equal steps and seed; the runs of bench/methods.py), with every side-effect diagnostic.
+"""The table of docs/results/side-effects.md, from committed JSON only: a `tunelab compare` over the kept
+LoRA r=8, LoRA r=64 and full fine-tuning runs of bench/methods_table.sh (each with the forgetting, TuCo
+and intruder diagnostics), and their OOD accuracy (bench/compare_ood.py).
 
-    python bench/methods.py --only lora-r8,lora-r64,full   (if runs/methods/ lacks them)
-    python bench/side_effects.py
+    tunelab compare bench/results/methods-runs/{lora_r8,lora_r64,full} --out runs/side-effects
+    cp runs/side-effects/compare.json bench/results/side-effects-compare-<date>.json
+    python bench/side_effects.py bench/results/side-effects-compare-<date>.json bench/results/methods-ood.json
 
-Runs `tunelab diagnose` (forgetting, tuco, intruder) on each run, `tunelab compare` into
-runs/side-effects/ (compare.html), and writes the table into docs/results/side-effects.md.
+Prints one row per figure and one column per run; accuracies with 95% Wilson intervals.
 """
 from __future__ import annotations
 
-import datetime
 import json
 import sys
-import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-ROWS = ("lora-r8", "lora-r64", "full")
-DIAGNOSTICS = ("forgetting", "tuco", "intruder")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from objectives_docs import acc  # noqa: E402
+
+SECTIONS = ("target", "forgetting", "tuco", "intruder")
+SKIP = {"accuracy_before", "accuracy_change", "eval_loss_before", "eval_loss_change", "perplexity_before",
+        "perplexity_after", "perplexity_change"}
 
 
-def summaries(run: Path) -> dict[str, float]:
-    """Target-task figures and every diagnostic's summary, flat."""
-    out = {}
-    ev = json.loads((run / "eval.json").read_text())
-    out["target: exact match after (in-dist.)"] = ev["after"]["accuracy"]
-    out["target: eval loss after"] = ev["after"]["eval_loss"]
-    for name in DIAGNOSTICS:
-        res = json.loads((run / "diagnostics" / f"{name}.json").read_text())
-        for k, v in res["summary"].items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                out[f"{name}: {k}"] = v
-    return out
+def cell(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
 
 
-def markdown(table: dict[str, dict[str, float]], seconds: dict[str, float], cfg: dict) -> str:
-    keys = list(dict.fromkeys(k for row in table.values() for k in row))
-    t = cfg["train"]
-    lines = [f"Runs: `runs/methods/<row>` from `python bench/methods.py` ({t['steps']} steps x "
-             f"{t['micro_batch_size']} examples, seed {t['seed']}); "
-             f"diagnostics by `python bench/side_effects.py`, {datetime.date.today().isoformat()}.", "",
-             "| figure | " + " | ".join(table) + " |", "|---|" + "---|" * len(table)]
-    for k in keys:
-        cells = [table[r].get(k) for r in table]
-        lines.append(f"| {k} | " + " | ".join("-" if c is None else f"{c:.4g}" for c in cells) + " |")
-    lines += ["", "Diagnostics wall time (s): " + ", ".join(f"{r} {s:.0f}" for r, s in seconds.items())]
-    return "\n".join(lines) + "\n"
-
-
-def main() -> None:
-    from report import write_docs
-    from tunelab.diagnostics import run_diagnostics
-    from tunelab import compare
-
-    runs = {r: ROOT / "runs" / "methods" / r for r in ROWS}
-    missing = [r for r, p in runs.items() if not (p / "eval.json").exists()]
-    if missing:
-        sys.exit(f"missing runs {missing}: run `python bench/methods.py --only {','.join(ROWS)}` first")
-    seconds = {}
-    for row, run in runs.items():
-        t0 = time.perf_counter()
-        run_diagnostics(run, only=list(DIAGNOSTICS))
-        seconds[row] = time.perf_counter() - t0
-        print(f"side effects: {row} diagnosed in {seconds[row]:.0f} s", flush=True)
-    compare([str(p) for p in runs.values()], str(ROOT / "runs" / "side-effects"), [], allow_mismatch=False)
-    table = {row: summaries(run) for row, run in runs.items()}
-    (HERE / "results" / f"side-effects-{datetime.date.today().isoformat()}.json").write_text(
-        json.dumps({"table": table, "seconds": seconds}, indent=1))
-    import yaml
-    md = markdown(table, seconds, yaml.safe_load((runs["full"] / "config.yaml").read_text()))
-    write_docs(md, ROOT / "docs" / "results" / "side-effects.md")
-    print(md)
+def main(compare: str, ood: str) -> None:
+    c = json.loads(Path(compare).read_text())
+    names = [r["name"] for r in c["runs"]]
+    n = c["reference"]["eval.num_examples"]
+    o = json.loads(Path(ood).read_text())["runs"]
+    print("| figure | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for row in c["rows"]:
+        if row["section"] not in SECTIONS or row["figure"] in SKIP:
+            continue
+        if row["figure"] == "accuracy_after":
+            print("| target: exact match, in-dist. | " + " | ".join(acc(v, n) for v in row["values"]) + " |")
+            print("| target: exact match, OOD | " + " | ".join(
+                acc(o[k]["accuracy"], o[k]["num_examples"]) if k in o else "-" for k in names) + " |")
+            continue
+        print(f"| {row['section']}: {row['figure']} | " + " | ".join(cell(v) for v in row["values"]) + " |")
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(HERE))
-    main()
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    main(*sys.argv[1:])
