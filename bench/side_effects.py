@@ -44,6 +44,19 @@ def main(compare: str, ood: str) -> None:
                 acc(o[k]["accuracy"], o[k]["num_examples"]) if k in o else "-" for k in names) + " |")
             continue
         print(f"| {row['section']}: {row['figure']} | " + " | ".join(cell(v) for v in row["values"]) + " |")
+    print("| intruder: lowest best-cosine of a top singular vector (matrix) | " +
+          " | ".join(lowest_cosine(Path(r["dir"])) for r in c["runs"]) + " |")
+
+
+def lowest_cosine(run: Path) -> str:
+    """The matrix whose top singular vectors moved furthest from the base's (from its intruder.json)."""
+    path = run / "diagnostics" / "intruder.json"
+    if not path.is_file():
+        return "-"
+    table = json.loads(path.read_text())["details"]["per_matrix"]
+    i, name = table["columns"].index("min_best_cos"), table["columns"].index("name")
+    row = min(table["rows"], key=lambda r: r[i])
+    return f"{row[i]:.3f} ({row[name].removeprefix('model.')})"
 
 
 if __name__ == "__main__":
