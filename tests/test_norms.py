@@ -50,3 +50,30 @@ def test_a_norm_of_another_formula_is_left_alone():
     with torch.no_grad():
         holder[0].weight.normal_()
     assert fuse_rms_norms(holder) == 0 and type(holder[0]) is GemmaRMSNorm
+
+
+def test_under_bf16_autocast_the_closed_form_runs_with_the_same_forward(model, monkeypatch):
+    """Under bf16 autocast the residual stream is fp32 and the norm's ops are not autocast's
+    low-precision ops: the closed form runs there too (every norm), with the same logits bit for bit
+    and gradients within bf16 roundoff of the original's."""
+    import tunelab.models.norms as N
+    from tiny import random_examples
+
+    from tunelab.data import collate
+
+    ref = copy.deepcopy(model).train()
+    fuse_rms_norms(model)
+    model.train()
+    calls = []
+    monkeypatch.setattr(N, "rms_norm", lambda *a: calls.append(1) or rms_norm(*a))
+    batch = collate(random_examples(3), packing=False, pad_id=0)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, want = model(**inputs).logits, ref(**inputs).logits
+    assert len(calls) == 5  # two per layer and the final one
+    assert torch.equal(out, want)
+    out.float().square().mean().backward()
+    want.float().square().mean().backward()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        rel = ((p.grad - q.grad).norm() / q.grad.norm()).item()
+        assert rel < 2.0 ** -5, (n, rel)  # a few bf16 roundings (2**-8 each) of the matmuls behind

@@ -1,4 +1,4 @@
-"""RMSNorm with a hand-written backward, for fp32 training on CPU.
+"""RMSNorm with a hand-written backward, for fp32 activations (fp32 training, and bf16 autocast).
 
 transformers' RMSNorm (`weight * (x * rsqrt(mean(x^2) + eps))`) leaves autograd about ten
 full-size passes for its backward (pow, mean, rsqrt, two products and their reductions); the
@@ -7,7 +7,9 @@ closed form needs five: with x̂ = x * r and r = rsqrt(mean(x^2) + eps),
     grad_x = r * (g*w - x̂ * mean(g*w * x̂)),    grad_w = sum over tokens of g * x̂.
 
 `fuse_rms_norms(model)` swaps each norm's class for a subclass whose forward uses this when input
-and weight are fp32 (the CPU default) and the original forward otherwise. A norm class is swapped
+and weight are fp32 and the original forward otherwise. Under bf16 autocast the residual stream stays
+fp32 (linear outputs are added to fp32 embeddings), and the norm's ops (pow, mean, rsqrt, products)
+are not low-precision autocast ops, so the closed form computes there too, with the same forward. A norm class is swapped
 only after its own forward, on a random input, matched the closed form (values and gradients):
 a variant such as Gemma's `(1 + weight)` fails that check and is left alone.
 """
@@ -47,7 +49,7 @@ def _eps(module) -> float | None:
 
 def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     w = self.weight
-    if hidden_states.dtype == w.dtype == torch.float32 and not torch.is_autocast_enabled(hidden_states.device.type):
+    if hidden_states.dtype == w.dtype == torch.float32:  # under autocast too: its ops stay fp32 there
         return rms_norm(hidden_states, w, _eps(self))
     return super(type(self), self).forward(hidden_states)
 

@@ -45,6 +45,16 @@ def _checkpointed(hidden, head, targets, chunk_tokens):
                for i in range(0, hidden.shape[0], chunk_tokens))
 
 
+def _in_autocast_dtype(weight: torch.Tensor) -> torch.Tensor:
+    """The head's weight as autocast would cast it for F.linear (the same rounding), cast once per
+    call: inside this function autocast caches nothing (grad mode is off), so F.linear would cast
+    the (V, d) matrix again for every chunk, and the gradient's matmul once more."""
+    dev = weight.device.type
+    if weight.dtype == torch.float32 and torch.is_autocast_enabled(dev):
+        return weight.to(torch.get_autocast_dtype(dev))
+    return weight
+
+
 class _FusedHeadCE(torch.autograd.Function):
     """hidden (N, d), weight (V, d), bias (V,) or None, targets (N,) -> scalar loss sum.
 
@@ -62,9 +72,10 @@ class _FusedHeadCE(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=acc) if need_b else None
         total = hidden.new_zeros((), dtype=acc)
+        w = _in_autocast_dtype(weight)
         for i in range(0, hidden.shape[0], chunk_tokens):
             h, y = hidden[i:i + chunk_tokens], targets[i:i + chunk_tokens]
-            out = F.linear(h, weight, bias)  # (n, V), in the dtype autocast picks (as head(h) would)
+            out = F.linear(h, w, bias)  # (n, V), in the dtype autocast picks (as head(h) would)
             logits, out_dtype = out.to(acc), out.dtype  # a fresh tensor: ours to overwrite
             del out  # under autocast a separate low-precision copy: not kept for the chunk
             target = logits.gather(1, y[:, None]).squeeze(1)
@@ -78,7 +89,7 @@ class _FusedHeadCE(torch.autograd.Function):
             logits[torch.arange(y.shape[0], device=y.device), y] -= 1
             g = logits.to(out_dtype)
             if need_h:
-                grad_h[i:i + chunk_tokens] = g.mm(weight.to(g.dtype))
+                grad_h[i:i + chunk_tokens] = g.mm(w.to(g.dtype))
             if need_w:
                 if g.dtype == h.dtype == acc:
                     grad_w.addmm_(g.t(), h)

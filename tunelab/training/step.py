@@ -49,14 +49,19 @@ def forward_backward(parallel: OneProcess, objective, micro: list[dict], opt, tc
     bound = max_tokens_per_forward_for(tc, device)
     pieces = [(i, b) for i, m in enumerate(micro)
               for b in (split_batch(m, bound) if bound and objective.per_token else [m])]
-    for n, (i, batch) in enumerate(pieces):
-        with autocast(tc.precision, device):
+    # One autocast context for the whole step: autocast caches its bf16 cast of each trained weight
+    # until the outermost context exits, so the weights are cast once per optimizer step instead of
+    # once per piece (a bf16 working copy refreshed once per step). The backward runs with autocast
+    # off, as it would outside the context.
+    with autocast(tc.precision, device):
+        for n, (i, batch) in enumerate(pieces):
             out = parallel.loss(batch, ctx.at_micro_batch(i), sync=n == len(pieces) - 1)
-        out.loss_sum.backward()
-        loss_sum += float(out.loss_sum.detach())
-        total += out.num_tokens
-        for k, v in out.metrics.items():
-            metrics[k] = metrics.get(k, 0.0) + v / len(pieces)
+            with torch.autocast(device.type, enabled=False):
+                out.loss_sum.backward()
+            loss_sum += float(out.loss_sum.detach())
+            total += out.num_tokens
+            for k, v in out.metrics.items():
+                metrics[k] = metrics.get(k, 0.0) + v / len(pieces)
     loss_sum, total, metrics = parallel.reduce(loss_sum, total, metrics)
     params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
     for p in params:
