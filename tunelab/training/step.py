@@ -56,7 +56,7 @@ def forward_backward(parallel: OneProcess, objective, micro: list[dict], opt, tc
     with autocast(tc.precision, device):
         for n, (i, batch) in enumerate(pieces):
             out = parallel.loss(batch, ctx.at_micro_batch(i), sync=n == len(pieces) - 1)
-            with torch.autocast(device.type, enabled=False):
+            with torch.autocast(torch.device(device).type, enabled=False):  # device: a torch.device or its name
                 out.loss_sum.backward()
             loss_sum += float(out.loss_sum.detach())
             total += out.num_tokens
