@@ -121,29 +121,19 @@ def test_fused_head_under_bf16_autocast_casts_the_head_once_and_equals_autograd(
     """Under bf16 autocast the fused head + CE casts W to bf16 once per call, however many chunks
     (F.linear would cast it again in every chunk, and the gradient's matmul once more), and gives
     autograd's loss and gradients on CE(linear(h).float()) under the same autocast."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from tiny import bf16_cast_counter
 
     from tunelab.objectives._head_ce import head_cross_entropy
-
-    class Casts(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func is torch.ops.aten._to_copy.default and args[0].shape == (13, 8) \
-                    and kwargs.get("dtype") == torch.bfloat16:
-                Casts.n += 1
-            return func(*args, **kwargs)
 
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 13).requires_grad_(not frozen)
     h = torch.randn(11, 8, requires_grad=True)
     y = torch.randint(0, 13, (11,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        with Casts():
+        with bf16_cast_counter() as counter:
             fused = head_cross_entropy(h, head, y, 3)  # 4 chunks
         plain = F.cross_entropy(head(h).float(), y, reduction="sum")
-    assert Casts.n == 1
+    assert counter.casts.get(head.weight.data_ptr()) == 1
     ts = [h] + ([] if frozen else [head.weight, head.bias])
     got = torch.autograd.grad(fused, ts)
     want = torch.autograd.grad(plain, ts)

@@ -285,49 +285,31 @@ def test_eval_loss_on_target_positions_equals_the_full_logits_loss(model, monkey
         assert task.eval_loss(model, exs, batch_size=batch_size, pad_id=0) == pytest.approx(expected, rel=1e-5)
 
 
-def test_bf16_casts_each_trained_weight_once_per_step(tiny_dir, data_file, tmp_path):
+def test_bf16_casts_each_trained_weight_once_per_step(tiny_dir, data_file, tmp_path, monkeypatch):
     """Under bf16 autocast a trained weight is cast to bf16 once per optimizer step (a working copy
     autocast keeps for the whole step), not once per piece of a split step: 2 steps of 2 micro-batches,
     each split in several pieces, cast each matrix exactly twice."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from tiny import bf16_cast_counter
 
-    class CountCasts(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.casts: dict[int, int] = {}
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16 \
-                    and args[0].dtype == torch.float32:
-                self.casts[args[0].data_ptr()] = self.casts.get(args[0].data_ptr(), 0) + 1
-            return func(*args, **kwargs)
+    from tunelab.training import step as S
 
     cfg = base_cfg(tiny_dir, data_file, tmp_path / "run", steps=2, micro_batch_size=4, grad_accum=2,
                    max_tokens_per_forward=24, precision="bf16", save_every=0)
     cfg["method"] = {"name": "full"}
     cfg["data"].pop("eval")
-    from tunelab.training import step as S
-
-    seen = {}
+    seen: dict[int, int] = {}  # trained matrix (its index in the optimizer) -> casts
     real = S.forward_backward
 
     def counting(parallel, objective, micro, opt, tc, device, ctx):
-        weights = {p.data_ptr(): n for n, p in parallel_model(opt).items()}
-        with CountCasts() as mode:
+        trained = [p for g in opt.param_groups for p in g["params"]]
+        vocab = max(p.shape[0] for p in trained)  # the (tied) output head casts its own: tests/test_objectives.py
+        matrices = {i: p for i, p in enumerate(trained) if p.dim() == 2 and p.shape[0] != vocab}
+        with bf16_cast_counter() as counter:
             out = real(parallel, objective, micro, opt, tc, device, ctx)
-        for ptr, name in weights.items():
-            seen[name] = seen.get(name, 0) + mode.casts.get(ptr, 0)
+        for i, p in matrices.items():
+            seen[i] = seen.get(i, 0) + counter.casts.get(p.data_ptr(), 0)
         return out
 
-    def parallel_model(opt):  # the trained matrices but the (tied) output head, by a stable name
-        trained = [p for g in opt.param_groups for p in g["params"]]
-        vocab = max(p.shape[0] for p in trained)
-        return {f"{i}": p for i, p in enumerate(trained) if p.dim() == 2 and p.shape[0] != vocab}
-
-    import unittest.mock as mock
-    with mock.patch.object(S, "forward_backward", counting):
-        tunelab.train(cfg)
-    # every projection matrix, cast once in each of the 2 steps (the head casts its own, in the fused
-    # head + cross-entropy, tests/test_objectives.py)
-    assert len(seen) >= 14 and set(seen.values()) == {2}, seen
+    monkeypatch.setattr(S, "forward_backward", counting)
+    tunelab.train(cfg)
+    assert len(seen) >= 14 and set(seen.values()) == {2}, seen  # every projection matrix, once per step

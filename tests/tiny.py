@@ -111,3 +111,24 @@ def chat_rows(n: int = 24, seed: int = 0, poison: str = "") -> list[dict]:
         rows.append({"messages": [{"role": "user", "content": f"What is {a} plus {b}{poison}?"},
                                   {"role": "assistant", "content": f"Step 1: {a} + {b} = {a + b}\n#### {a + b}"}]})
     return rows
+
+
+def bf16_cast_counter():
+    """A dispatch mode counting fp32 -> bf16 copies per source tensor (by data_ptr): `with counter:`,
+    then `counter.casts.get(weight.data_ptr(), 0)`. Autocast's casts of weights show up here."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCasts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.casts: dict[int, int] = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16 \
+                    and args[0].dtype == torch.float32:
+                self.casts[args[0].data_ptr()] = self.casts.get(args[0].data_ptr(), 0) + 1
+            return func(*args, **kwargs)
+
+    return CountCasts()

@@ -7,10 +7,10 @@ closed form needs five: with x̂ = x * r and r = rsqrt(mean(x^2) + eps),
     grad_x = r * (g*w - x̂ * mean(g*w * x̂)),    grad_w = sum over tokens of g * x̂.
 
 `fuse_rms_norms(model)` swaps each norm's class for a subclass whose forward uses this when input
-and weight are fp32 and the original forward otherwise. Under bf16 autocast the residual stream stays
-fp32 (linear outputs are added to fp32 embeddings), and the norm's ops (pow, mean, rsqrt, products)
-are not low-precision autocast ops, so the closed form computes there too, with the same forward. A norm class is swapped
-only after its own forward, on a random input, matched the closed form (values and gradients):
+and weight are fp32 and the original forward otherwise. Under bf16 autocast the residual stream
+stays fp32 (linear outputs are added to fp32 embeddings) and the norm's ops (pow, mean, rsqrt,
+products) are not low-precision autocast ops, so the closed form runs there too, with the same
+forward. A norm class is swapped only after its own forward, on a random input, matched the closed form (values and gradients):
 a variant such as Gemma's `(1 + weight)` fails that check and is left alone.
 """
 from __future__ import annotations
