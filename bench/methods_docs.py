@@ -8,8 +8,9 @@ accuracy (bench/compare_ood.py --base-only on the eval split).
         [--seed1 bench/results/methods-compare-seed1-<date>.json]
 
 Prints the markdown table; accuracies get 95% Wilson intervals (n = the problems scored). With --seed1
-(the compare.json of the rows trained again with train.seed=1), a column of their in-distribution
-accuracy, "—" for the rows not trained again.
+(the compare.json of the rows trained again with train.seed=1), two more columns: their in-distribution
+accuracy at seed 1, and both seeds pooled (2 x 200 answers, "—" for the rows not trained again); then,
+for the rows with both seeds, which of them the two seeds rank (`ranked`).
 """
 from __future__ import annotations
 
@@ -20,7 +21,27 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from objectives_docs import acc, figures  # noqa: E402
+from objectives_docs import acc, figures, wilson  # noqa: E402
+
+
+def ranked(a: tuple[int, int], b: tuple[int, int], n: int) -> bool:
+    """Does a (its correct answers at seeds 0 and 1, of n problems each) rank above b? Only when a is
+    ahead at both seeds and the 95% Wilson intervals of the two seeds pooled (2n answers) are disjoint.
+    The pooled interval counts each answer as independent; answers to the same problem at two seeds are
+    correlated, so it is narrower than a problem-level one, hence also the both-seeds condition."""
+    return a[0] > b[0] and a[1] > b[1] and wilson(sum(a), 2 * n)[0] > wilson(sum(b), 2 * n)[1]
+
+
+def ranking(counts: dict[str, tuple[int, int]], n: int) -> list[str]:
+    """One line per row (best pooled first): the rows it ranks above, and those it is not separated from."""
+    order = sorted(counts, key=lambda r: -sum(counts[r]))
+    lines = []
+    for r in order:
+        above = [s for s in order if ranked(counts[r], counts[s], n)]
+        tied = [s for s in order if s != r and s not in above and not ranked(counts[s], counts[r], n)]
+        lines.append(f"- {r} ({sum(counts[r]) / (2 * n):.1%}): above {', '.join(above) or 'none'}; "
+                     f"not separated from {', '.join(tied) or 'none'}")
+    return lines
 
 
 def main(compare: str, ood: str, base_id: str, seed1: str | None = None) -> None:
@@ -30,23 +51,39 @@ def main(compare: str, ood: str, base_id: str, seed1: str | None = None) -> None
     meta = {r["name"]: r for r in c["runs"]}
     o = json.loads(Path(ood).read_text())["runs"]
     b = json.loads(Path(base_id).read_text())["runs"]["base"]
-    again = figures(json.loads(Path(seed1).read_text())) if seed1 else None
-    col = (lambda name: f" {acc(again[name]['accuracy_after'], n) if name in again else '—'} |") if again else (lambda name: "")
+    again = {}
+    if seed1:
+        c1 = json.loads(Path(seed1).read_text())
+        if c1["reference"]["eval.num_examples"] != n:
+            raise SystemExit(f"{seed1}: eval.num_examples {c1['reference']['eval.num_examples']}, not {n} as in {compare}")
+        again = figures(c1)
+    counts = {r: (round(f[r]["accuracy_after"] * n), round(again[r]["accuracy_after"] * n)) for r in again if r in f}
+
+    def more(name: str) -> str:
+        if not seed1:
+            return ""
+        if name not in counts:
+            return " — | — |"
+        return f" {acc(again[name]['accuracy_after'], n)} | {acc(sum(counts[name]) / (2 * n), 2 * n)} |"
 
     def scored(res: dict | None) -> str:
         return acc(res["accuracy"], res["num_examples"]) if res else "—"
 
-    print("| method | lr | trainable params | exact match, in-dist. |" + (" in-dist., seed 1 |" if again else "") +
+    print("| method | lr | trainable params | exact match, in-dist. |" +
+          (" in-dist., seed 1 | in-dist., both seeds |" if seed1 else "") +
           " exact match, OOD | held-out loss | step s | general probes retained | KL drift | TuCo (eval, median) |")
-    print("|---|---|---|---|" + ("---|" if again else "") + "---|---|---|---|---|---|")
-    print(f"| base (no training) | — | 0 | {scored(b)} |" + (" — |" if again else "") +
+    print("|---|---|---|---|" + ("---|---|" if seed1 else "") + "---|---|---|---|---|---|")
+    print(f"| base (no training) | — | 0 | {scored(b)} |" + (" — | — |" if seed1 else "") +
           f" {scored(o.get('base'))} | {b['eval_loss']:.3f} | — | — | — | — |")
     for name, g in f.items():
         m = meta[name]
         lr = yaml.safe_load((Path(m["dir"]) / "config.yaml").read_text())["train"]["lr"]  # the kept run's config
-        print(f"| {name} | {lr:g} | {m['trainable_params']:,} | {acc(g['accuracy_after'], n)} |{col(name)} {scored(o.get(name))} "
+        print(f"| {name} | {lr:g} | {m['trainable_params']:,} | {acc(g['accuracy_after'], n)} |{more(name)} {scored(o.get(name))} "
               f"| {g['eval_loss_after']:.3f} | {g['step_s']:.2f} | {g['retained_accuracy']:.0%} of {g['num_probes_kept']:.0f} "
               f"| {g['kl_drift']:.3f} | {g['tuco_eval_median']:.3f} |")
+    if counts:
+        print(f"\nRanked by two seeds (ahead at both, pooled intervals disjoint; {len(counts)} rows with both):")
+        print("\n".join(ranking(counts, n)))
 
 
 if __name__ == "__main__":
