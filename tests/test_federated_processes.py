@@ -38,8 +38,10 @@ def _config(tmp_path, tiny_dir, **fed) -> Path:
     return path
 
 
-def _federate(path: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def _federate(path: Path, pause_at: str = "") -> subprocess.Popen:
+    """`tunelab federate path`; pause_at names the hook points (tunelab/run/signals.py) where a
+    party waits to be killed, so a kill lands where the test says whatever the machine's speed."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TUNELAB_TEST_PAUSE_AT=pause_at)
     return subprocess.Popen([sys.executable, "-m", "tunelab", "federate", str(path)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
@@ -82,6 +84,11 @@ def _replayed(run: Path, upto: int):
     for delta in arrays["deltas"][:upto]:
         K.replay_round(built.params(), arrays["seeds"], delta, cfg.train.lr)
     return built.named()
+
+
+def _paused(log: Path, point: str):
+    """A condition for _wait_for: the party whose output goes to `log` has stopped at `point`."""
+    return lambda: log.exists() and f"TUNELAB_PAUSED {point}" in log.read_text(errors="replace")
 
 
 def _kill_group(pid: int) -> None:
@@ -127,10 +134,11 @@ def test_a_run_in_the_papers_setting_measures_under_18_kilobytes_and_every_party
 @pytest.mark.slow
 def test_a_client_killed_mid_round_leaves_the_round_to_the_other(tmp_path, tiny_dir):
     run = tmp_path / "run"
-    proc = _federate(_config(tmp_path, tiny_dir))
-    cache1 = run / "clients" / "1" / "global" / "state.json"
-    # client 1 caches the global weights at the start of round 2's work: it is mid-round then
-    _wait_for(lambda: cache1.exists() and json.loads(cache1.read_text())["round"] >= 1, proc)
+    proc = _federate(_config(tmp_path, tiny_dir), pause_at="client-1:round-2")
+    # client 1 caches the global weights at the start of round 2's work, then waits there (the
+    # pause point) without replying: it is mid-round when killed, however fast the machine
+    _wait_for(_paused(run / "flower" / "supernode-1.log", "client-1:round-2"), proc)
+    assert json.loads((run / "clients" / "1" / "global" / "state.json").read_text())["round"] == 1
     _kill_group(json.loads((run / "flower" / "pids.json").read_text())["supernodes"][1])
     out = _finish(proc)
     assert proc.returncode == 0, out
@@ -149,8 +157,9 @@ def test_a_client_killed_mid_round_leaves_the_round_to_the_other(tmp_path, tiny_
 @pytest.mark.slow
 def test_a_server_killed_after_a_round_resumes_from_its_checkpoint(tmp_path, tiny_dir):
     run, path = tmp_path / "run", _config(tmp_path, tiny_dir, rounds=2)
-    proc = _federate(path)
-    _wait_for(lambda: (run / "federated" / "round-1").is_dir(), proc)
+    proc = _federate(path, pause_at="server:round-1")  # the server waits after round 1's checkpoint
+    _wait_for(_paused(run / "flower" / "run.log", "server:round-1"), proc)
+    assert (run / "federated" / "round-1").is_dir() and not (run / "federated" / "round-2").exists()
     first = _server_state(run)[0]["deltas"].copy()
     _kill_group(json.loads((run / "flower" / "pids.json").read_text())["superlink"])  # the server side dies
     out = _finish(proc)

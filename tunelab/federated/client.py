@@ -18,6 +18,7 @@ from tunelab import config as C
 from tunelab.federated import kseed as K
 from tunelab.federated.party import Built, ClientCache, build, partition_examples, require
 from tunelab.federated.protocol import Message, kseed_upload
+from tunelab.run.signals import pause_point
 
 
 def _stream(cfg: C.RunConfig, examples, tok, partition: int, round_: int):
@@ -51,6 +52,7 @@ def kseed_round(cfg: C.RunConfig, partition: int, num_partitions: int, message: 
             K.replay_round(params, seeds, delta, cfg.train.lr)
     synced = max(synced, first + len(arrays["deltas"]) - 1)
     cache.save(built, synced, seeds)
+    pause_point(f"client-{partition}:round-{round_}")  # mid-round: cached, nothing sent yet
     probs = arrays["probs"].astype(np.float64) if "probs" in arrays else None
     rng = np.random.default_rng([fc.seed, round_, partition])
     idx = K.sample_indices(len(seeds), fc.local_steps, rng, None if probs is None else probs / probs.sum())

@@ -21,6 +21,7 @@ from tunelab import config as C
 from tunelab.errors import TunelabError
 from tunelab.federated import kseed as K
 from tunelab.federated.party import Built, build, read_state, write_state
+from tunelab.run.signals import pause_point
 from tunelab.federated.protocol import Message, kseed_download, payload_bytes, seed_bytes, without_seeds
 
 
@@ -191,5 +192,6 @@ def run_rounds(server, transport: Transport, cfg: C.RunConfig, log_line, say=pri
         figures = one_round(server, transport, round_, cfg.federated, say)
         save_server(server, Path(cfg.output))
         log_line({"step": round_, **figures})
+        pause_point(f"server:round-{round_}")  # between rounds: this one checkpointed, the next not begun
         say(f"round {round_}: {figures['clients']} clients, loss {figures['loss']:.4f}, "
             f"{figures['bytes_per_client']} bytes per client, {figures['round_s']:.1f} s")
