@@ -142,6 +142,39 @@ def test_fused_head_under_bf16_autocast_casts_the_head_once_and_equals_autograd(
         torch.testing.assert_close(g, w, rtol=2.0 ** -7, atol=2.0 ** -7 * float(w.abs().max()))
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fused_head_writes_no_zeroed_or_scaled_copy_of_the_head_gradient(bf16):
+    """The head's (V, d) gradient is as large as the embedding: the first chunk's product becomes
+    it (no zero-filled buffer), later chunks add into it, and a loss back-propagated as is (incoming
+    gradient 1, the training loop's case) gets it back without a scaled copy. Non-unit incoming
+    gradients are scaled (test_fused_head_cross_entropy_equals_the_plain_formula)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tunelab.objectives._head_ce import head_cross_entropy
+
+    class HeadShaped(TorchDispatchMode):  # the ops whose result has the head's shape
+        def __init__(self):
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and tuple(out.shape) == (13, 8):
+                self.ops.append(func.__name__)
+            return out
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 13)
+    h = torch.randn(11, 8, requires_grad=True)
+    y = torch.randint(0, 13, (11,))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), HeadShaped() as seen:
+        loss = head_cross_entropy(h, head, y, 3)  # 4 chunks
+        (grad_w,) = torch.autograd.grad(loss, [head.weight])
+    assert not [op for op in seen.ops if op.split(".")[0] in ("zeros_like", "zeros", "zero_", "fill_", "mul", "mul_")], seen.ops
+    assert sum(op.startswith("mm") for op in seen.ops) == (4 if bf16 else 1), seen.ops  # fp32: addmm_ in place after the first
+    assert grad_w.dtype == torch.float32 and grad_w.shape == (13, 8)
+
+
 def _linear_with(head, weight, bias=None):
     """A plain nn.Linear sharing the given tensors (so gradcheck can perturb them)."""
     out = torch.nn.Linear(head.in_features, head.out_features, bias=bias is not None).to(weight.dtype)

@@ -69,7 +69,7 @@ class _FusedHeadCE(torch.autograd.Function):
         need_b = ctx is not None and bias is not None and bias.requires_grad
         acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
+        grad_w = None  # (V, d): the first chunk's product becomes it, so no zero-filled buffer is written
         grad_b = torch.zeros_like(bias, dtype=acc) if need_b else None
         total = hidden.new_zeros((), dtype=acc)
         w = _in_autocast_dtype(weight)
@@ -91,7 +91,9 @@ class _FusedHeadCE(torch.autograd.Function):
             if need_h:
                 grad_h[i:i + chunk_tokens] = g.mm(w.to(g.dtype))
             if need_w:
-                if g.dtype == h.dtype == acc:
+                if grad_w is None:  # in g's dtype, rounded as autograd's matmul would be
+                    grad_w = g.t().mm(h.to(g.dtype)).to(acc)
+                elif g.dtype == h.dtype == acc:
                     grad_w.addmm_(g.t(), h)
                 else:
                     grad_w += g.t().mm(h.to(g.dtype))
@@ -106,7 +108,16 @@ class _FusedHeadCE(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
-        return (None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
-                None if grad_w is None else (grad_w * grad_out).to(w_dtype),
-                None if grad_b is None else (grad_b * grad_out).to(b_dtype),
-                None, None)
+        return (None if grad_h is None else _scaled(grad_h, grad_out.to(grad_h.dtype), grad_h.dtype),
+                _scaled(grad_w, grad_out, w_dtype), _scaled(grad_b, grad_out, b_dtype), None, None)
+
+
+def _scaled(grad, grad_out: torch.Tensor, dtype):
+    """(grad * grad_out) in `dtype`. The loss is almost always back-propagated as is (grad_out = 1);
+    then the gradient computed in the forward is returned without a scaled copy, which for the
+    head's (V, d) gradient is as large as the model's embedding."""
+    if grad is None:
+        return None
+    if not grad_out.requires_grad and bool(grad_out == 1):
+        return grad.to(dtype)
+    return (grad * grad_out).to(dtype)
