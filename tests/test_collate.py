@@ -156,6 +156,36 @@ def test_packed_rows_reach_the_varlen_kernel_as_documented(kernel, monkeypatch):
         assert attention._varlen(q, k, v, cu, max(sizes), 0.5, torch.float32) is None
 
 
+@pytest.mark.parametrize("flags", [{"avx512_bf16"}, {"avx512_bf16", "amx_bf16"}])
+def test_cpu_bf16_attention_runs_in_fp32_without_amx(flags, monkeypatch):
+    """Under CPU bf16 autocast, a packed row's per-example attention runs in fp32 on a CPU without
+    AMX: the output (and the gradients of q, k, v) are those of fp32 SDPA on the same inputs, bit
+    for bit. With AMX-BF16 it is left to autocast: bf16, as plain autocast would run it."""
+    from tunelab.models import attention
+
+    monkeypatch.setattr(attention, "cpu_flags", lambda: frozenset(flags))
+    torch.manual_seed(0)
+    sizes = [3, 9, 1, 6]
+    cu = torch.tensor([0, *sizes]).cumsum(0)
+    module = torch.nn.Module().train()
+    q, k = torch.randn(1, 4, 19, 8, requires_grad=True), torch.randn(1, 2, 19, 8, requires_grad=True)
+    v = torch.randn(1, 2, 19, 8, dtype=torch.bfloat16, requires_grad=True)  # v_proj's output is bf16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = attention.packed_sdpa(module, q, k, v, None, cu_seq_lens_q=cu)
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    amx = "amx_bf16" in flags
+    assert out.dtype == (torch.bfloat16 if amx else torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amx):  # the reference: each example alone
+        ref = torch.cat([F.scaled_dot_product_attention(a, b, c.float() if not amx else c, is_causal=True,
+                                                        enable_gqa=True)
+                         for a, b, c in zip(q.split(sizes, 2), k.split(sizes, 2), v.split(sizes, 2))], 2)
+    ref = ref.transpose(1, 2)
+    want = torch.autograd.grad(ref.float().square().sum(), (q, k, v))
+    assert torch.equal(out, ref)
+    for g, w in zip(grads, want):
+        assert g.dtype == w.dtype and torch.equal(g, w)
+
+
 @pytest.mark.parametrize("packing", [True, False])
 @pytest.mark.parametrize("budget", [1, 9, 20, 1000])
 def test_split_batch_keeps_every_example_and_the_loss_sum(packing, budget, model):

@@ -22,11 +22,14 @@ attribute `KV` hands the call to the compressed cache (tunelab.models.h2o).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 
 import torch
 import torch.nn.functional as F
+
+from tunelab.run.device import cpu_flags
 
 NAME = "tunelab_sdpa"
 PATTERN = "tunelab_pattern"
@@ -93,12 +96,28 @@ def packed_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Ten
         if out is not None:
             return out, None
     gqa = query.shape[1] != key.shape[1]
-    # split (not slicing): its backward concatenates the pieces' gradients once, where slices
-    # would each build a zero-filled full-size gradient to be summed
-    parts = [F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa,
-                                            dropout_p=dropout if module.training else 0.0)
-             for q, k, v in zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2)) if q.shape[2]]
+    fp32 = cpu_attention_in_fp32(query)
+    with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
+        if fp32:
+            query, key, value = query.float(), key.float(), value.float()
+        # split (not slicing): its backward concatenates the pieces' gradients once, where slices
+        # would each build a zero-filled full-size gradient to be summed
+        parts = [F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa,
+                                                dropout_p=dropout if module.training else 0.0)
+                 for q, k, v in zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2)) if q.shape[2]]
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+def cpu_attention_in_fp32(query: torch.Tensor) -> bool:
+    """Whether the per-example attention of a CPU bf16-autocast step runs in fp32 rather than in
+    autocast's bf16: on a CPU without AMX tiles, PyTorch's CPU flash kernel is about twice as slow
+    in bf16 as in fp32 (SmolLM2's attention shapes, forward and backward; `python
+    bench/attention_precision.py`), and fp32 is the more exact of the two. With AMX-BF16 the bf16
+    kernel runs on the tiles; that was not measured, so autocast keeps bf16 there. The inputs are
+    cast up (RoPE already leaves queries and keys in fp32 under autocast) and the output is fp32,
+    which the output projection casts back down as autocast would."""
+    return query.device.type == "cpu" and torch.is_autocast_enabled("cpu") \
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16 and "amx_bf16" not in cpu_flags()
 
 
 def _plain_causal(kwargs: dict, longest: int) -> bool:
