@@ -186,6 +186,20 @@ def test_cpu_bf16_attention_runs_in_fp32_without_amx(flags, monkeypatch):
         assert g.dtype == w.dtype and torch.equal(g, w)
 
 
+def test_compiled_blocks_keep_autocast_bf16_attention(monkeypatch):
+    """Inside torch.compile (train.compile) the fp32 branch is not taken: torch 2.13's inductor
+    miscompiled it on SmolLM2 (`make bench`'s tunelab+compile row failed), so compiled blocks run
+    autocast's bf16 attention as before."""
+    from tunelab.models import attention
+
+    monkeypatch.setattr(attention, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    q = torch.randn(1, 4, 5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attention.cpu_attention_in_fp32(q)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert not attention.cpu_attention_in_fp32(q)
+
+
 @pytest.mark.parametrize("packing", [True, False])
 @pytest.mark.parametrize("budget", [1, 9, 20, 1000])
 def test_split_batch_keeps_every_example_and_the_loss_sum(packing, budget, model):

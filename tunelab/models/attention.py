@@ -115,7 +115,11 @@ def cpu_attention_in_fp32(query: torch.Tensor) -> bool:
     bench/attention_precision.py`), and fp32 is the more exact of the two. With AMX-BF16 the bf16
     kernel runs on the tiles; that was not measured, so autocast keeps bf16 there. The inputs are
     cast up (RoPE already leaves queries and keys in fp32 under autocast) and the output is fp32,
-    which the output projection casts back down as autocast would."""
+    which the output projection casts back down as autocast would. Not inside `torch.compile`
+    (`train.compile`): torch 2.13's inductor miscompiled the fp32 branch there (a NameError in its
+    generated wrapper on SmolLM2), so compiled blocks keep autocast's bf16."""
+    if torch.compiler.is_compiling():
+        return False
     return query.device.type == "cpu" and torch.is_autocast_enabled("cpu") \
         and torch.get_autocast_dtype("cpu") == torch.bfloat16 and "amx_bf16" not in cpu_flags()
 
