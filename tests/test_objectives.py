@@ -173,6 +173,8 @@ def test_fused_head_writes_no_zeroed_or_scaled_copy_of_the_head_gradient(bf16):
     assert not [op for op in seen.ops if op.split(".")[0] in ("zeros_like", "zeros", "zero_", "fill_", "mul", "mul_")], seen.ops
     assert sum(op.startswith("mm") for op in seen.ops) == (4 if bf16 else 1), seen.ops  # fp32: addmm_ in place after the first
     assert grad_w.dtype == torch.float32 and grad_w.shape == (13, 8)
+    (empty,) = torch.autograd.grad(head_cross_entropy(h[:0], head, y[:0], 3), [head.weight])  # no rows
+    assert torch.equal(empty, torch.zeros_like(head.weight))
 
 
 def _linear_with(head, weight, bias=None):

@@ -97,6 +97,8 @@ def packed_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Ten
             return out, None
     gqa = query.shape[1] != key.shape[1]
     fp32 = cpu_attention_in_fp32(query)
+    # one call site for both precisions: moving the loop into a helper called from two branches made
+    # torch 2.13's inductor miscompile compiled blocks (tests/test_train.py::test_compiled_and_eager_steps_agree)
     with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
         if fp32:
             query, key, value = query.float(), key.float(), value.float()

@@ -99,6 +99,8 @@ class _FusedHeadCE(torch.autograd.Function):
                     grad_w += g.t().mm(h.to(g.dtype))
             if need_b:
                 grad_b += logits.sum(0)
+        if need_w and grad_w is None:  # no rows: a zero gradient, as before
+            grad_w = torch.zeros_like(weight, dtype=acc)
         if ctx is not None:
             ctx.save_for_backward(grad_h, grad_w, grad_b)
             ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
