@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
 
 
 def run_one(tree: Path, mode: str, steps: int, warmup: int) -> dict:
@@ -29,13 +30,13 @@ def run_one(tree: Path, mode: str, steps: int, warmup: int) -> dict:
 
 
 def main(commit: str, modes: list[str], rounds: int, steps: int, warmup: int, out: str | None) -> dict:
-    from tunelab.run.device import cpu_isa, cpu_model
+    from common import machine_note
 
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "tunelab"], capture_output=True, text=True).stdout)
     res = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(["python bench/ab.py", *sys.argv[1:]]),
            "A": commit, "B": head + (" + uncommitted changes under tunelab/" if dirty else ""),
-           "machine": {"cpu": cpu_model(), "isa": cpu_isa(), "cores": os.cpu_count(), "load_avg_at_start": os.getloadavg()[0]},
+           "machine": machine_note(),
            "modes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "a"

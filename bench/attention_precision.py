@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -23,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main(reps: int, out: str | None) -> dict:
-    from common import Settings, examples
+    from common import Settings, examples, machine_note
     from tunelab.models import attention
-    from tunelab.run.device import cpu_flags, cpu_isa, cpu_model
+    from tunelab.run.device import cpu_flags
 
     _, exs = examples(Settings())
     sizes = [len(e.input_ids) for e in exs[:8]]
@@ -62,8 +61,7 @@ def main(reps: int, out: str | None) -> dict:
     err = {variant: float((o[:, :sizes[0]].float().transpose(1, 2) - ref).abs().max()) for variant, o in outs.items()}
     med = {variant: statistics.median(t) for variant, t in times.items()}
     res = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": "python bench/attention_precision.py --reps %d" % reps,
-           "machine": {"cpu": cpu_model(), "isa": cpu_isa(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-                       "torch": torch.__version__, "load_avg_at_start": os.getloadavg()[0]},
+           "machine": machine_note(),
            "example_lengths": sizes, "heads": [9, 3, 64],
            "one_layer_fwd_bwd_s_median": med, "one_layer_fwd_bwd_s": times,
            "fp32_speedup": med["bf16"] / med["fp32"],

@@ -14,6 +14,16 @@ MODEL = os.environ.get("BENCH_MODEL", "smollm2-135m")
 DATA = "builtin:arith?n=4000&split=train"
 
 
+def machine_note() -> dict:
+    """The machine a one-off benchmark ran on, for its results file: CPU model and ISA levels, cores,
+    torch's threads and version, and the load when it started (a busy neighbour shows there)."""
+    import torch
+
+    from tunelab.run.device import cpu_isa, cpu_model
+    return {"cpu": cpu_model(), "isa": cpu_isa(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "load_avg_at_start": os.getloadavg()[0]}
+
+
 def model_path():
     """The model's HF directory: the built-in's cache, or MODEL itself."""
     from pathlib import Path

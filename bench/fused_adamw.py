@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -26,8 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def main(steps: int, out: str | None) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from common import model_path
-    from tunelab.run.device import cpu_isa, cpu_model
+    from common import machine_note, model_path
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path()), dtype=torch.float32)
@@ -46,8 +44,7 @@ def main(steps: int, out: str | None) -> dict:
                 times[v].append(time.perf_counter() - t0)
     diff = max((a - b).abs().max().item() for a, b in zip(sets["foreach"], sets["fused"]))
     res = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": "python bench/fused_adamw.py --steps %d" % steps,
-           "machine": {"cpu": cpu_model(), "isa": cpu_isa(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-                       "torch": torch.__version__, "load_avg_at_start": os.getloadavg()[0]},
+           "machine": machine_note(),
            "params": sum(p.numel() for p in sets["fused"]), "tensors": len(sets["fused"]),
            "step_s_median": {v: statistics.median(t) for v, t in times.items()}, "step_s": times,
            "max_abs_weight_difference_after": diff}
