@@ -288,7 +288,8 @@ def test_eval_loss_on_target_positions_equals_the_full_logits_loss(model, monkey
 def test_bf16_casts_each_trained_weight_once_per_step(tiny_dir, data_file, tmp_path, monkeypatch):
     """Under bf16 autocast a trained weight is cast to bf16 once per optimizer step (a working copy
     autocast keeps for the whole step), not once per piece of a split step: 2 steps of 2 micro-batches,
-    each split in several pieces, cast each matrix exactly twice."""
+    each split in several pieces, cast each matrix exactly twice. The (tied) output head too, which
+    the fused head + CE casts itself (run/casts.py), not autocast."""
     from tiny import bf16_cast_counter
 
     from tunelab.training import step as S
@@ -298,12 +299,14 @@ def test_bf16_casts_each_trained_weight_once_per_step(tiny_dir, data_file, tmp_p
     cfg["method"] = {"name": "full"}
     cfg["data"].pop("eval")
     seen: dict[int, int] = {}  # trained matrix (its index in the optimizer) -> casts
-    real = S.forward_backward
+    pieces: list[int] = []
+    real, real_split = S.forward_backward, S.split_batch
+    monkeypatch.setattr(S, "split_batch", lambda m, bound: pieces.append(len(real_split(m, bound))) or real_split(m, bound))
 
     def counting(parallel, objective, micro, opt, tc, device, ctx):
         trained = [p for g in opt.param_groups for p in g["params"]]
-        vocab = max(p.shape[0] for p in trained)  # the (tied) output head casts its own: tests/test_objectives.py
-        matrices = {i: p for i, p in enumerate(trained) if p.dim() == 2 and p.shape[0] != vocab}
+        matrices = {i: p for i, p in enumerate(trained) if p.dim() == 2}
+        assert max(p.shape[0] for p in matrices.values()) == parallel.root.model.config.vocab_size  # the head is one
         with bf16_cast_counter() as counter:
             out = real(parallel, objective, micro, opt, tc, device, ctx)
         for i, p in matrices.items():
@@ -312,4 +315,41 @@ def test_bf16_casts_each_trained_weight_once_per_step(tiny_dir, data_file, tmp_p
 
     monkeypatch.setattr(S, "forward_backward", counting)
     tunelab.train(cfg)
-    assert len(seen) >= 14 and set(seen.values()) == {2}, seen  # every projection matrix, once per step
+    assert sum(pieces) >= 2 * len(pieces) > 0, pieces  # the steps were split: several pieces each
+    assert len(seen) >= 15 and set(seen.values()) == {2}, seen  # every projection matrix and the head, once per step
+
+
+def test_bf16_frozen_head_is_cast_once_per_step_into_one_buffer(tiny_dir, data_file, tmp_path, monkeypatch):
+    """LoRA under bf16: the frozen (tied) output head, which autocast never caches, is cast once per
+    optimizer step however many pieces the step has, always into the same buffer (no fresh (V, d)
+    tensor per piece), and that buffer holds the head as `.to(bf16)` rounds it."""
+    from tiny import bf16_cast_counter
+
+    from tunelab.training import step as S
+
+    cfg = base_cfg(tiny_dir, data_file, tmp_path / "run", steps=3, micro_batch_size=4, grad_accum=1,
+                   max_tokens_per_forward=24, precision="bf16", save_every=0)
+    cfg["data"].pop("eval")
+    per_step, buffers = [], set()
+    real = S.forward_backward
+
+    def counting(parallel, objective, micro, opt, tc, device, ctx):
+        head = parallel.root.model.get_output_embeddings().weight
+        assert not head.requires_grad and head.dtype == torch.float32
+        with bf16_cast_counter() as counter:
+            out = real(parallel, objective, micro, opt, tc, device, ctx)
+        per_step.append(counter.casts.get(head.data_ptr(), 0))
+        buffers.update(counter.into.get(head.data_ptr(), []))
+        from tunelab.run.casts import _kept
+        assert torch.equal(_kept[head], head.detach().to(torch.bfloat16))
+        return out
+
+    monkeypatch.setattr(S, "forward_backward", counting)
+    monkeypatch.setattr(S, "split_batch", lambda m, bound, real=S.split_batch: _at_least_two(real(m, bound)))
+    tunelab.train(cfg)
+    assert per_step == [1, 1, 1] and len(buffers) == 1, (per_step, buffers)
+
+
+def _at_least_two(pieces):
+    assert len(pieces) >= 2, "the step must be split for this test to mean anything"
+    return pieces

@@ -115,7 +115,8 @@ def chat_rows(n: int = 24, seed: int = 0, poison: str = "") -> list[dict]:
 
 def bf16_cast_counter():
     """A dispatch mode counting fp32 -> bf16 copies per source tensor (by data_ptr): `with counter:`,
-    then `counter.casts.get(weight.data_ptr(), 0)`. Autocast's casts of weights show up here."""
+    then `counter.casts.get(weight.data_ptr(), 0)`. Autocast's casts of weights show up here, and so
+    do copies into an existing bf16 tensor (`counter.into` records their destinations' data_ptr)."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -123,12 +124,17 @@ def bf16_cast_counter():
         def __init__(self):
             super().__init__()
             self.casts: dict[int, int] = {}
+            self.into: dict[int, list[int]] = {}  # source data_ptr -> destinations of copy_
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16 \
                     and args[0].dtype == torch.float32:
                 self.casts[args[0].data_ptr()] = self.casts.get(args[0].data_ptr(), 0) + 1
+            if func is torch.ops.aten.copy_.default and args[0].dtype == torch.bfloat16 \
+                    and args[1].dtype == torch.float32:
+                self.casts[args[1].data_ptr()] = self.casts.get(args[1].data_ptr(), 0) + 1
+                self.into.setdefault(args[1].data_ptr(), []).append(args[0].data_ptr())
             return func(*args, **kwargs)
 
     return CountCasts()

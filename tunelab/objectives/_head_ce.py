@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tunelab.run.casts import cast_once
+
 
 def head_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
                        chunk_tokens: int) -> torch.Tensor:
@@ -47,11 +49,12 @@ def _checkpointed(hidden, head, targets, chunk_tokens):
 
 def _in_autocast_dtype(weight: torch.Tensor) -> torch.Tensor:
     """The head's weight as autocast would cast it for F.linear (the same rounding), cast once per
-    call: inside this function autocast caches nothing (grad mode is off), so F.linear would cast
-    the (V, d) matrix again for every chunk, and the gradient's matmul once more."""
+    call, and once per optimizer step inside a training step (`run/casts.py`): inside this function
+    autocast caches nothing (grad mode is off), so F.linear would cast the (V, d) matrix again for
+    every chunk, and the gradient's matmul once more."""
     dev = weight.device.type
     if weight.dtype == torch.float32 and torch.is_autocast_enabled(dev):
-        return weight.to(torch.get_autocast_dtype(dev))
+        return cast_once(weight, torch.get_autocast_dtype(dev))
     return weight
 
 

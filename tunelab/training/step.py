@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tunelab.data.collate import split_batch
+from tunelab.run.casts import one_cast_per_step
 from tunelab.run.context import StepContext
 from tunelab.run.device import autocast
 from tunelab.run.signals import pause_point
@@ -52,8 +53,9 @@ def forward_backward(parallel: OneProcess, objective, micro: list[dict], opt, tc
     # One autocast context for the whole step: autocast caches its bf16 cast of each trained weight
     # until the outermost context exits, so the weights are cast once per optimizer step instead of
     # once per piece (a bf16 working copy refreshed once per step). The backward runs with autocast
-    # off, as it would outside the context.
-    with autocast(tc.precision, device):
+    # off, as it would outside the context. What autocast does not cache (the fused head's cast of
+    # the output head, frozen or not) is cast once per step too, into a buffer kept across steps.
+    with autocast(tc.precision, device), one_cast_per_step():
         for n, (i, batch) in enumerate(pieces):
             out = parallel.loss(batch, ctx.at_micro_batch(i), sync=n == len(pieces) - 1)
             with torch.autocast(torch.device(device).type, enabled=False):  # device: a torch.device or its name

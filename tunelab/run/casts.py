@@ -1,0 +1,54 @@
+"""Low-precision copies of large weights, made once per optimizer step into buffers kept across steps.
+
+Autocast keeps its bf16 cast of a trained weight for the whole step (`training/step.py` holds one
+autocast context per step), but it caches nothing for frozen weights, nor inside an autograd
+Function's forward (grad mode is off there). The fused head + cross-entropy
+(`objectives/_head_ce.py`) therefore cast the (V, d) output head itself once per call, i.e. once
+per piece of a split step: for SmolLM2 a fresh 56 MB bf16 tensor each time, above glibc's largest
+mmap threshold (32 MiB), so each one was mapped, page-faulted in and unmapped again. Profiled on a
+2-core AVX512-BF16 EPYC, that was 40-55 ms per cast of a ~2.5 s LoRA step, and about 14k of the
+~40k page faults of a step.
+
+Inside `one_cast_per_step()` (entered by the training step), `cast_once(weight, dtype)` writes the
+cast into a buffer kept for that weight (the same rounding as `weight.to(dtype)`) the first time the
+weight is asked for in the step, and returns that buffer for the rest of the step; the next step
+writes it again, so a weight changed by the optimizer, or in place by anyone, is re-read every step.
+Outside a step (evaluation, generation) it is a plain `weight.to(dtype)`. The buffer lives as long
+as the weight does.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+_kept = WeakIdKeyDictionary()  # weight -> its low-precision buffer
+_cast_this_step: set[int] | None = None  # ids of the weights written this step; None outside a step
+
+
+@contextmanager
+def one_cast_per_step():
+    """The scope of one optimizer step: each weight is cast at most once inside it (nested: one scope)."""
+    global _cast_this_step
+    outer = _cast_this_step
+    _cast_this_step = set() if outer is None else outer
+    try:
+        yield
+    finally:
+        _cast_this_step = outer
+
+
+@torch.no_grad()
+def cast_once(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`weight.to(dtype)`; inside a step, written at most once per step into a kept buffer."""
+    if _cast_this_step is None or weight.dtype == dtype:
+        return weight.to(dtype)
+    buf = _kept.get(weight)
+    if buf is None or buf.dtype != dtype or buf.shape != weight.shape or buf.device != weight.device:
+        buf = _kept[weight] = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+        _cast_this_step.discard(id(weight))
+    if id(weight) not in _cast_this_step:
+        buf.copy_(weight)  # round to nearest even, as .to(dtype)
+        _cast_this_step.add(id(weight))
+    return buf
