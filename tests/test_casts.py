@@ -39,3 +39,14 @@ def test_a_change_of_shape_or_dtype_gets_a_new_buffer():
     with one_cast_per_step():
         b = cast_once(w, torch.bfloat16)
     assert a.shape == (4, 2) and b.shape == (6, 2) and torch.equal(b, w.to(torch.bfloat16))
+
+
+def test_off_the_cpu_the_buffer_is_dropped_when_the_step_ends():
+    from tunelab.run import casts
+
+    cpu, meta = torch.randn(3, 2), torch.empty(3, 2, device="meta")
+    with one_cast_per_step():
+        cast_once(cpu, torch.bfloat16)
+        assert cast_once(meta, torch.bfloat16).device.type == "meta"
+        assert meta in casts._kept and cpu in casts._kept
+    assert meta not in casts._kept and cpu in casts._kept

@@ -13,8 +13,10 @@ Inside `one_cast_per_step()` (entered by the training step), `cast_once(weight, 
 cast into a buffer kept for that weight (the same rounding as `weight.to(dtype)`) the first time the
 weight is asked for in the step, and returns that buffer for the rest of the step; the next step
 writes it again, so a weight changed by the optimizer, or in place by anyone, is re-read every step.
-Outside a step (evaluation, generation) it is a plain `weight.to(dtype)`. The buffer lives as long
-as the weight does.
+Outside a step (evaluation, generation) it is a plain `weight.to(dtype)`. On the CPU the buffer lives
+as long as the weight does (the page faults are the cost saved); on other devices (CUDA's caching
+allocator reuses freed blocks without faults) it is dropped when the step ends, so a GPU, or an
+FSDP2 rank holding only a shard between steps, keeps no extra copy of the head between steps.
 """
 from __future__ import annotations
 
@@ -37,6 +39,9 @@ def one_cast_per_step():
         yield
     finally:
         _cast_this_step = outer
+        if outer is None:
+            for weight in [w for w, buf in _kept.items() if buf.device.type != "cpu"]:
+                del _kept[weight]
 
 
 @torch.no_grad()
