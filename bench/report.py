@@ -46,7 +46,8 @@ def markdown(res: dict) -> str:
                       f"TFLOP/s; {res['model_params'] / 1e6:.0f}M parameters): " + ", ".join(mfu) + "."]
     p = res.get("profile", {})
     if "by_category_pct" in p:
-        lines += ["", f"Profile of one tunelab LoRA step ({p['step_ms']:.0f} ms self CPU time):", "",
+        lines += ["", f"Profile of one tunelab LoRA step ({p.get('precision', 'fp32')}, the real training step; "
+                      f"{p['step_ms']:.0f} ms self CPU time):", "",
                   "| where | share |", "|---|---|"]
         lines += [f"| {k} | {v}% |" for k, v in p["by_category_pct"].items()]
     e = res.get("eval_speed", {})
