@@ -5,9 +5,9 @@ autocast context per step), but it caches nothing for frozen weights, nor inside
 Function's forward (grad mode is off there). The fused head + cross-entropy
 (`objectives/_head_ce.py`) therefore cast the (V, d) output head itself once per call, i.e. once
 per piece of a split step: for SmolLM2 a fresh 56 MB bf16 tensor each time, above glibc's largest
-mmap threshold (32 MiB), so each one was mapped, page-faulted in and unmapped again. Profiled on a
-2-core AVX512-BF16 EPYC, that was 40-55 ms per cast of a ~2.5 s LoRA step, and about 14k of the
-~40k page faults of a step.
+mmap threshold (32 MiB), so each one was mapped, page-faulted in and unmapped again (profiled on a
+2-core AVX512-BF16 EPYC: 18-20 ms per cast, and about a third of a LoRA step's page faults;
+bench/results/profile-lora-bf16-head-cast-2026-12-07.json).
 
 Inside `one_cast_per_step()` (entered by the training step), `cast_once(weight, dtype)` writes the
 cast into a buffer kept for that weight (the same rounding as `weight.to(dtype)`) the first time the
