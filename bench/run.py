@@ -92,14 +92,17 @@ def machine() -> dict:
     import torch
 
     from common import native_bf16
-    from tunelab.run.device import cpu_isa, cpu_model
+    from tunelab.run.device import AUTO_PRECISION_ENV, cpu_isa, cpu_model
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     isa = cpu_isa()
     kind = "gpu" if gpu else ("amx" if "AMX-BF16" in isa else "bf16" if "AVX512-BF16" in isa else "fp32")
     return {"name": (gpu or f"cpu{os.cpu_count()}").replace(" ", "-"), "gpu": gpu, "cpus": os.cpu_count(),
             "cpu_model": cpu_model(), "isa": isa, "machine_class": kind,
             "processor": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "native_bf16": native_bf16()}
+            "native_bf16": native_bf16(),
+            # `precision: auto` forced for every contender (tunelab's switch, read by bench/common.py): the
+            # run is not its machine class's default, so it replaces no docs table
+            "auto_precision_forced": os.environ.get(AUTO_PRECISION_ENV, "").strip() or None}
 
 
 def failures(res: dict) -> list[str]:
@@ -216,7 +219,11 @@ def main(plan_name: str) -> Path:
         print(md)
         raise SystemExit("bench: failed contenders (results in " + str(out.with_suffix(".json")) + "):\n  " +
                          "\n  ".join(failed))
-    write_docs(md, HERE.parent / "docs" / "results" / "performance.md", section_for(res))
+    if res["machine"].get("auto_precision_forced"):
+        print(f"bench: precision forced to {res['machine']['auto_precision_forced']}: results in "
+              f"{out.with_suffix('.json')} only, no docs table replaced", flush=True)
+    else:
+        write_docs(md, HERE.parent / "docs" / "results" / "performance.md", section_for(res))
     print(md)
     return out
 
