@@ -21,7 +21,8 @@ def markdown(res: dict) -> str:
     isa = ", ".join(m.get("isa", [])) or "-"
     lines = [f"Machine: {m['name']} ({m.get('cpu_model', m['processor'])}, {m['cpus']} CPUs, ISA {isa}, torch {m['torch']}, "
              f"native bf16: {m['native_bf16']}"
-             f"{'; precision auto forced to ' + m['auto_precision_forced'] if m.get('auto_precision_forced') else ''}); model {res.get('model', 'smollm2-135m')}; plan `{res['plan']}`, {res['date']}; "
+             f"{'; precision auto forced to ' + m['auto_precision_forced'] if m.get('auto_precision_forced') else ''}"
+             f"{'; ISA limited by ' + ', '.join(f'{k}={v}' for k, v in m['isa_limits'].items()) if m.get('isa_limits') else ''}); model {res.get('model', 'smollm2-135m')}; plan `{res['plan']}`, {res['date']}; "
              f"command `{res['command']}`; {res['bench_seconds'] / 60:.1f} min.", "",
              "| mode | contender | precision | real tokens/s (median) | per round | vs HF Trainer | vs faster HF path | peak memory MB "
              "| memory vs HF | start-up s | loss (last 3 steps) | of matmul ceiling |",

@@ -102,7 +102,17 @@ def machine() -> dict:
             "native_bf16": native_bf16(),
             # `precision: auto` forced for every contender (tunelab's switch, read by bench/common.py): the
             # run is not its machine class's default, so it replaces no docs table
-            "auto_precision_forced": os.environ.get(AUTO_PRECISION_ENV, "").strip() or None}
+            "auto_precision_forced": os.environ.get(AUTO_PRECISION_ENV, "").strip() or None,
+            # the ISA the libraries were limited to (an AVX2-only CPU emulated on a newer one): likewise
+            "isa_limits": {k: os.environ[k] for k in ISA_LIMITS if os.environ.get(k)} or None}
+
+
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+
+
+def not_its_class(res: dict) -> bool:
+    """Run with a forced precision or limited ISA: not the default of its machine class."""
+    return bool(res["machine"].get("auto_precision_forced") or res["machine"].get("isa_limits"))
 
 
 def failures(res: dict) -> list[str]:
@@ -219,9 +229,9 @@ def main(plan_name: str) -> Path:
         print(md)
         raise SystemExit("bench: failed contenders (results in " + str(out.with_suffix(".json")) + "):\n  " +
                          "\n  ".join(failed))
-    if res["machine"].get("auto_precision_forced"):
-        print(f"bench: precision forced to {res['machine']['auto_precision_forced']}: results in "
-              f"{out.with_suffix('.json')} only, no docs table replaced", flush=True)
+    if not_its_class(res):
+        print(f"bench: precision forced or ISA limited: results in {out.with_suffix('.json')} only, "
+              "no docs table replaced", flush=True)
     else:
         write_docs(md, HERE.parent / "docs" / "results" / "performance.md", section_for(res))
     print(md)

@@ -3,6 +3,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 from report import markdown  # noqa: E402
@@ -144,9 +146,12 @@ def test_each_machine_class_has_its_own_docs_section():
         ["bench", "bench-bf16", "bench-amx", "bench-gpu"]
 
 
-def test_a_run_with_forced_precision_replaces_no_docs_table(monkeypatch, tmp_path, tiny_dir):
-    """TUNELAB_AUTO_PRECISION=fp32 on a bf16 CPU runs every contender in fp32: not the machine class's
-    default, so the run keeps its results file (which says so) and leaves the docs tables alone."""
+@pytest.mark.parametrize("switch, says", [("TUNELAB_AUTO_PRECISION", "precision auto forced to fp32"),
+                                          ("MKL_ENABLE_INSTRUCTIONS", "ISA limited by MKL_ENABLE_INSTRUCTIONS=fp32")])
+def test_a_run_with_forced_precision_replaces_no_docs_table(monkeypatch, tmp_path, tiny_dir, switch, says):
+    """TUNELAB_AUTO_PRECISION=fp32 on a bf16 CPU runs every contender in fp32, and an ISA limit
+    (MKL_ENABLE_INSTRUCTIONS=AVX2 ...) emulates an older CPU: neither is the machine class's default,
+    so the run keeps its results file (which says so) and leaves the docs tables alone."""
     import json
 
     import run
@@ -155,7 +160,7 @@ def test_a_run_with_forced_precision_replaces_no_docs_table(monkeypatch, tmp_pat
         return _fake_contender(args[1], args[2], "fp32") if args[0] == "bench/contenders.py" else {}
 
     docs = []
-    monkeypatch.setenv("TUNELAB_AUTO_PRECISION", "fp32")
+    monkeypatch.setenv(switch, "fp32")
     monkeypatch.setattr(run, "child", child)
     monkeypatch.setattr(run, "ceiling", lambda model_dir, tokens: {"fp32_gflops": 100.0, "bf16_gflops": 400.0})
     monkeypatch.setattr(run, "startup", lambda model="": {"tunelab_help_s": 0.1, "builtin_model_load_s": 1.0})
@@ -164,8 +169,8 @@ def test_a_run_with_forced_precision_replaces_no_docs_table(monkeypatch, tmp_pat
     monkeypatch.setattr("report.write_docs", lambda *a: docs.append(a))
     run.main("quick")
     saved = json.loads((tmp_path / "result.json").read_text())
-    assert not docs and saved["machine"]["auto_precision_forced"] == "fp32"
-    assert "precision auto forced to fp32" in (tmp_path / "result.md").read_text()
-    monkeypatch.delenv("TUNELAB_AUTO_PRECISION")
+    assert not docs and (saved["machine"]["auto_precision_forced"] or saved["machine"]["isa_limits"][switch]) == "fp32"
+    assert says in (tmp_path / "result.md").read_text()
+    monkeypatch.delenv(switch)
     run.main("quick")
     assert len(docs) == 1  # the same run without the switch replaces its class's table
