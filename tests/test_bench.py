@@ -108,6 +108,20 @@ def _fake_contender(name, mode, precision="bf16"):
     return _round([9.0, 1.0, 1.0], [100] * 3, 1000, 5.0, 0.5) | {"contender": name, "precision": precision}
 
 
+def _bench_without_work(monkeypatch, child, tmp_path, tiny_dir) -> list:
+    """bench/run.py with its contenders answered by `child` and nothing timed; the docs writes it makes."""
+    import run
+
+    docs = []
+    monkeypatch.setattr(run, "child", child)
+    monkeypatch.setattr(run, "ceiling", lambda model_dir, tokens: {"fp32_gflops": 100.0, "bf16_gflops": 400.0})
+    monkeypatch.setattr(run, "startup", lambda model="": {"tunelab_help_s": 0.1, "builtin_model_load_s": 1.0})
+    monkeypatch.setattr(run, "result_stem", lambda res: tmp_path / "result")
+    monkeypatch.setattr("tunelab.models.pull", lambda name: tiny_dir)
+    monkeypatch.setattr("report.write_docs", lambda *a: docs.append(a))
+    return docs
+
+
 def test_a_failing_contender_fails_the_bench_with_its_reason(monkeypatch, tmp_path, tiny_dir):
     """Any contender that fails makes `make bench` exit non-zero naming it and its last error line;
     the results file keeps the failure and the docs table is left as it was."""
@@ -124,13 +138,7 @@ def test_a_failing_contender_fails_the_bench_with_its_reason(monkeypatch, tmp_pa
         return {"error": "Traceback ...\nValueError: Your setup doesn't support bf16/gpu."} if name == "trl" \
             else _fake_contender(name, mode)
 
-    docs = []
-    monkeypatch.setattr(run, "child", child)
-    monkeypatch.setattr(run, "ceiling", lambda model_dir, tokens: {"fp32_gflops": 100.0, "bf16_gflops": 400.0})
-    monkeypatch.setattr(run, "startup", lambda model="": {"tunelab_help_s": 0.1, "builtin_model_load_s": 1.0})
-    monkeypatch.setattr(run, "result_stem", lambda res: tmp_path / "result")
-    monkeypatch.setattr("tunelab.models.pull", lambda name: tiny_dir)
-    monkeypatch.setattr("report.write_docs", lambda *a: docs.append(a))
+    docs = _bench_without_work(monkeypatch, child, tmp_path, tiny_dir)
     with pytest.raises(SystemExit) as e:
         run.main("quick")
     assert "trl lora: ValueError: Your setup doesn't support bf16/gpu." in str(e.value)
@@ -159,14 +167,8 @@ def test_a_run_with_forced_precision_replaces_no_docs_table(monkeypatch, tmp_pat
     def child(args, **env):
         return _fake_contender(args[1], args[2], "fp32") if args[0] == "bench/contenders.py" else {}
 
-    docs = []
     monkeypatch.setenv(switch, "fp32")
-    monkeypatch.setattr(run, "child", child)
-    monkeypatch.setattr(run, "ceiling", lambda model_dir, tokens: {"fp32_gflops": 100.0, "bf16_gflops": 400.0})
-    monkeypatch.setattr(run, "startup", lambda model="": {"tunelab_help_s": 0.1, "builtin_model_load_s": 1.0})
-    monkeypatch.setattr(run, "result_stem", lambda res: tmp_path / "result")
-    monkeypatch.setattr("tunelab.models.pull", lambda name: tiny_dir)
-    monkeypatch.setattr("report.write_docs", lambda *a: docs.append(a))
+    docs = _bench_without_work(monkeypatch, child, tmp_path, tiny_dir)
     run.main("quick")
     saved = json.loads((tmp_path / "result.json").read_text())
     assert not docs and (saved["machine"]["auto_precision_forced"] or saved["machine"]["isa_limits"][switch]) == "fp32"
