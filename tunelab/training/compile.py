@@ -9,10 +9,32 @@ layers. Shapes vary from step to step (packed rows), so we compile with `dynamic
 per-example attention reads its sequence bounds on the host, which splits the graph there.
 Compilation happens during the first steps: its cost shows in the run's start-up and first step
 times (metrics.jsonl), and `bench/` reports it.
+
+Inductor's on-disk graph cache (torch 2.13) keys a compiled graph without the vector ISA it was
+generated for, which `ATEN_CPU_CAPABILITY` chooses. A graph cached under one capability and served
+under another ran with NaN losses (avx512 cached, avx2 served) or failed to build (`default`
+served); so a run that sets `ATEN_CPU_CAPABILITY` keeps its own cache, beside torch's default one.
 """
 from __future__ import annotations
 
+import os
+
 from tunelab.errors import TunelabError
+
+
+def keep_inductor_cache_per_isa() -> str | None:
+    """With `ATEN_CPU_CAPABILITY` set and the inductor cache at torch's default place, move the cache
+    to a sibling directory named after the capability; return the directory chosen (None: unchanged).
+    A cache directory the user chose (`TORCHINDUCTOR_CACHE_DIR`) is left as it is."""
+    capability = os.environ.get("ATEN_CPU_CAPABILITY", "").strip()
+    if not capability:
+        return None
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    default, chosen = os.path.abspath(default_cache_dir()), os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen is not None and os.path.abspath(chosen) != default:   # torch writes its default back
+        return None
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path = f"{default}-isa-{capability}"
+    return path
 
 
 def compile_blocks(model) -> int:
@@ -22,6 +44,7 @@ def compile_blocks(model) -> int:
     if not blocks:
         raise TunelabError(f"train.compile: found no transformer blocks in {type(model).__name__} "
                            "(it declares no _no_split_modules); set train.compile: false")
+    keep_inductor_cache_per_isa()
     for block in blocks:
         block.compile(dynamic=True)
     return len(blocks)
