@@ -167,6 +167,8 @@ def test_a_run_with_forced_precision_replaces_no_docs_table(monkeypatch, tmp_pat
     def child(args, **env):
         return _fake_contender(args[1], args[2], "fp32") if args[0] == "bench/contenders.py" else {}
 
+    for other in ("TUNELAB_AUTO_PRECISION", *run.ISA_LIMITS):  # the suite may itself run under one
+        monkeypatch.delenv(other, raising=False)
     monkeypatch.setenv(switch, "fp32")
     docs = _bench_without_work(monkeypatch, child, tmp_path, tiny_dir)
     run.main("quick")
