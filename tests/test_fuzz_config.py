@@ -5,6 +5,7 @@ exactly that value. Counts are printed as a `[reliability] config` line (pytest 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import re
 
@@ -106,9 +107,11 @@ def test_fuzzed_config_is_rejected_by_key_path_or_accepted_as_given(tmp_path, da
     try:
         _, cfg = load_yaml(tmp_path, yaml.safe_dump(doc))
     except ConfigError as e:
-        assert f"{named}:" in str(e) or f"{named}[" in str(e), (key, value, str(e))
+        # a mapping given to a section-typed key (model.rope_scaling) may be refused by its own key
+        sub = isinstance(value, dict) and re.search(rf"{re.escape(named)}\.[\w-]+: ", str(e))
+        assert f"{named}:" in str(e) or f"{named}[" in str(e) or sub, (key, value, str(e))
         # the YAML line too, except for a list item (`train.betas[0]`, which config.py cannot place)
-        assert re.search(rf"fuzz\.yaml:[1-{key.count('.') + 1}]: ", str(e)) or f"{named}[" in str(e), (key, value, str(e))
+        assert re.search(rf"fuzz\.yaml:[1-{key.count('.') + 1 + bool(sub)}]: ", str(e)) or f"{named}[" in str(e), (key, value, str(e))
         tally["clear_errors"] += 1
         return
     got = cfg
@@ -128,10 +131,32 @@ def same_value(got, given) -> bool:
     """A value the config kept as given (ints widen to floats, numeric strings parse as floats)."""
     if got == given or (isinstance(got, float) and got != got and given != given):
         return True
+    if dataclasses.is_dataclass(got) and isinstance(given, dict):  # a section: the given keys kept, defaults for the rest
+        return got == type(got)() if not given else all(same_value(getattr(got, k), v) for k, v in given.items())
     try:
         return isinstance(got, float) and not isinstance(given, bool) and got == float(given)
     except (TypeError, ValueError):
         return False
+
+
+@pytest.mark.parametrize("value, says", [("{'': 0}", "model.rope_scaling: unknown key ''"),
+                                          ("{'a b': 0}", "model.rope_scaling: unknown key 'a b'"),
+                                          ("{fator: 2}", "model.rope_scaling.fator: unknown key"),
+                                          ("{}", None), ("{factor: 4}", None)])
+def test_a_section_typed_key_names_its_bad_subkey_or_takes_defaults(tmp_path, value, says):
+    """What the fuzzer found: `model.rope_scaling` given a mapping. An odd subkey (empty, with a
+    space) is named quoted after its section's path, a plain one by its own path; both with the YAML
+    line. An empty mapping means the section with its defaults."""
+    from tunelab.models.config import RopeScaling
+    text = f"output: {tmp_path / 'run'}\nmodel:\n  rope_scaling: {value}\n"
+    if says is None:
+        import yaml
+        got = load_yaml(tmp_path, text)[1].model.rope_scaling
+        assert got == RopeScaling(**yaml.safe_load(value))
+        return
+    with pytest.raises(ConfigError) as e:
+        load_yaml(tmp_path, text)
+    assert f"fuzz.yaml:3: {says}; valid keys: attention_factor, " in str(e.value), str(e.value)
 
 
 def test_config_errors_come_before_any_model_load(tmp_path, monkeypatch):

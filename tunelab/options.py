@@ -186,7 +186,11 @@ def from_dict(cls, data, path: str = ""):
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(map(str, set(data) - fields))  # YAML keys may be ints
     if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; valid keys: {', '.join(sorted(fields))}")
+        valid = ", ".join(sorted(fields))
+        if re.fullmatch(r"[\w-]+", unknown[0]):
+            raise ConfigError(f"{prefix}{unknown[0]}: unknown key; valid keys: {valid}")
+        # an empty key, or one with a dot, colon or space, would garble the key path: name its parent
+        raise ConfigError(f"{path or 'config'}: unknown key {unknown[0]!r}; valid keys: {valid}")
     kwargs = {k: coerce(v, hints[k], prefix + k) for k, v in data.items()}
     try:
         return cls(**kwargs)
