@@ -13,6 +13,7 @@ def flags(monkeypatch):
     def set_flags(*names):
         monkeypatch.setattr(D, "cpu_flags", lambda: frozenset(names))
     monkeypatch.delenv(D.AUTO_PRECISION_ENV, raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)  # the suite may run under an ISA limit
     return set_flags
 
 
@@ -22,6 +23,20 @@ def test_auto_follows_native_bf16(flags, cpu, expected):
     flags(*cpu)
     assert D.resolve_precision("auto", CPU) == expected
     assert D.resolve_precision("fp32", CPU) == "fp32" and D.resolve_precision("bf16", CPU) == "bf16"
+
+
+@pytest.mark.parametrize("level, expected", [("AVX2", "fp32"), ("avx512_core", "fp32"), ("AVX512_CORE_VNNI", "fp32"),
+                                             ("AVX512_CORE_BF16", "bf16"), ("AVX512_CORE_AMX", "bf16"),
+                                             ("AVX10_1_512", "bf16"), ("DEFAULT", "bf16"), ("", "bf16")])
+def test_auto_follows_a_onednn_isa_limit(flags, monkeypatch, level, expected):
+    """ONEDNN_MAX_CPU_ISA below bf16 (an older CPU emulated) leaves bf16 matmuls emulated: auto is
+    fp32 there, and an explicit bf16 warns naming the limit."""
+    flags("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", level)
+    assert D.resolve_precision("auto", CPU) == expected
+    msg = D.precision_warning("bf16", CPU)
+    assert (msg is None) == (expected == "bf16")
+    assert msg is None or f"ONEDNN_MAX_CPU_ISA={level.upper()}" in msg
 
 
 def test_the_environment_switch_forces_auto_either_way(flags, monkeypatch):

@@ -51,8 +51,20 @@ def cpu_model() -> str:
 
 
 def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX-BF16 in /proc/cpuinfo (Linux); elsewhere assume not."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    """AVX512-BF16 or AMX-BF16 in /proc/cpuinfo (Linux; elsewhere assume not), unless oneDNN, which
+    runs PyTorch's bf16 matmuls on the CPU, is held below them (`bf16_isa_limit`)."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) and bf16_isa_limit() is None
+
+
+def bf16_isa_limit() -> str | None:
+    """'ONEDNN_MAX_CPU_ISA=<level>' when that variable holds oneDNN below its bf16 instructions (an
+    older CPU emulated): bf16 matmuls are emulated then (measured on an AVX512-BF16 EPYC, one thread:
+    197 GFLOP/s unlimited, 37 at AVX512_CORE, 19 at AVX2, 191 at AVX512_CORE_BF16). None otherwise.
+    ATEN_CPU_CAPABILITY does not reach those matmuls (199 GFLOP/s at avx2)."""
+    level = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if not level or level in ("ALL", "DEFAULT") or "BF16" in level or "AMX" in level or level.startswith("AVX10"):
+        return None
+    return f"ONEDNN_MAX_CPU_ISA={level}"
 
 
 def cpu_isa() -> list[str]:
@@ -83,6 +95,8 @@ def precision_warning(precision: str, device: torch.device) -> str | None:
     if precision != "bf16" or device.type != "cpu" or cpu_has_native_bf16():
         return None
     isa = ", ".join(cpu_isa()) or "no AVX2"
+    if bf16_isa_limit():
+        isa += f"; held below them by {bf16_isa_limit()}"
     return (f"train.precision: bf16 on a CPU without native bf16 ({cpu_model()}: {isa}): bf16 matmuls are "
             "emulated and can be tens of times slower than fp32 here; use precision: auto (fp32 on this CPU)")
 

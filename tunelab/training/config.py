@@ -42,7 +42,8 @@ class TrainConfig(Options):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Compute precision: bf16 autocast keeps fp32 master weights and optimizer state. `auto` picks
     bf16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX) and
-    fp32 elsewhere: on a CPU without them, bf16 matmuls run several times slower than fp32."""
+    fp32 elsewhere (also where ONEDNN_MAX_CPU_ISA holds oneDNN below them): on a CPU without them,
+    bf16 matmuls run several times slower than fp32."""
     grad_checkpointing: bool = False
     """Recompute activations in backward to save memory (slower)."""
     compile: bool = False
