@@ -95,8 +95,8 @@ def precision_warning(precision: str, device: torch.device) -> str | None:
     if precision != "bf16" or device.type != "cpu" or cpu_has_native_bf16():
         return None
     isa = ", ".join(cpu_isa()) or "no AVX2"
-    if bf16_isa_limit():
-        isa += f"; held below them by {bf16_isa_limit()}"
+    if limit := bf16_isa_limit():
+        isa += f"; held below them by {limit}"
     return (f"train.precision: bf16 on a CPU without native bf16 ({cpu_model()}: {isa}): bf16 matmuls are "
             "emulated and can be tens of times slower than fp32 here; use precision: auto (fp32 on this CPU)")
 
